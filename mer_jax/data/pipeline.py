@@ -1,0 +1,316 @@
+"""Grain input pipeline: dialogue records -> padded `jraph.GraphsTuple` batches of static shape.
+
+Every batch has the same node, edge and graph budgets, so a step compiles once. Two packings:
+
+* graph scope 'dialogue' (ours): whole dialogues, in a per-epoch seeded order, packed greedily
+  into the node/graph budget; each dialogue is one graph.
+* graph scope 'batch' (the authors'): utterances shuffled across dialogues, `utterances_per_batch`
+  per batch, the whole batch forming one graph (so "temporal" edges join batch neighbours).
+
+The plan of an epoch (which records go into which batch) is a pure function of (lengths, seed,
+epoch), so a Grain iterator over it is checkpointable by its position alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import grain
+import jraph
+import numpy as np
+
+from mer_jax.data.shards import DialogueRecord
+
+TEMPORAL_EDGE = 0
+SPEAKER_EDGE = 1
+PADDING_EDGE = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Static batch shape. Slot counts include jraph's padding node and padding graph."""
+  max_nodes: int
+  max_graphs: int
+
+  @property
+  def max_edges(self) -> int:
+    # Temporal edges: < 2 per node; same-speaker edges: < 2 per node.
+    return 4 * self.max_nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """The authors' per-utterance training augmentation (numbers from the config)."""
+  t_dropout: float
+  t_noise_std: float
+  t_shuffle_prob: float
+  t_shuffle_fraction: float
+  t_scale_prob: float
+  t_scale_range: tuple[float, float]
+  a_noise_std: float
+  v_scale_range: tuple[float, float]
+
+  @classmethod
+  def from_config(cls, cfg) -> 'Augmentation':
+    return cls(t_dropout=cfg.t_dropout, t_noise_std=cfg.t_noise_std,
+               t_shuffle_prob=cfg.t_shuffle_prob, t_shuffle_fraction=cfg.t_shuffle_fraction,
+               t_scale_prob=cfg.t_scale_prob, t_scale_range=tuple(cfg.t_scale_range),
+               a_noise_std=cfg.a_noise_std, v_scale_range=tuple(cfg.v_scale_range))
+
+  def apply(self, features: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray],
+            rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Augments [n, d] feature matrices; each utterance draws its own randomness."""
+    out = {}
+    for m, x in features.items():
+      x = x.astype(np.float32, copy=True)
+      n, d = x.shape
+      if m == 't':
+        x[rng.random((n, d)) < self.t_dropout] = 0.0
+        x += rng.normal(0.0, self.t_noise_std, size=(n, d)).astype(np.float32)
+        num_shuffled = int(self.t_shuffle_fraction * d)
+        for i in np.flatnonzero(rng.random(n) < self.t_shuffle_prob):
+          idx = rng.choice(d, size=num_shuffled, replace=False)
+          x[i, idx] = x[i, rng.permutation(idx)]
+        scale = np.where(rng.random(n) < self.t_scale_prob,
+                         rng.uniform(*self.t_scale_range, size=n), 1.0)
+        x *= scale[:, None].astype(np.float32)
+      elif m == 'a':
+        x += rng.normal(0.0, self.a_noise_std, size=(n, d)).astype(np.float32)
+      elif m == 'v':
+        x *= rng.uniform(*self.v_scale_range, size=(n, 1)).astype(np.float32)
+      out[m] = np.where(present[m][:, None], x, 0.0).astype(np.float32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Batch plans: which (record, utterance) goes where. Pure functions of their inputs.
+# ------------------------------------------------------------------------------------------
+
+def epoch_order(num_items: int, seed: int | None, epoch: int) -> np.ndarray:
+  if seed is None:
+    return np.arange(num_items)
+  return np.random.default_rng([seed, epoch]).permutation(num_items)
+
+
+def plan_dialogue_batches(lengths: np.ndarray, budget: Budget, order: np.ndarray) -> list[np.ndarray]:
+  """Greedy packing of whole dialogues, in `order`, into the node and graph budget."""
+  max_real_nodes, max_real_graphs = budget.max_nodes - 1, budget.max_graphs - 1
+  batches, current, used = [], [], 0
+  for r in order:
+    n = int(lengths[r])
+    if n > max_real_nodes:
+      raise ValueError(
+          f'dialogue record {r} has {n} utterances; batch.max_nodes={budget.max_nodes} fits at most '
+          f'{max_real_nodes} (one slot is padding). Raise --config.batch.max_nodes.')
+    if current and (used + n > max_real_nodes or len(current) == max_real_graphs):
+      batches.append(np.asarray(current, np.int64))
+      current, used = [], 0
+    current.append(int(r))
+    used += n
+  if current:
+    batches.append(np.asarray(current, np.int64))
+  return batches
+
+
+def plan_utterance_batches(lengths: np.ndarray, per_batch: int, seed: int | None,
+                           epoch: int) -> list[np.ndarray]:
+  """The authors' batches: utterances (record, index) shuffled across dialogues, `per_batch` each."""
+  pairs = np.array([(r, u) for r, n in enumerate(lengths) for u in range(int(n))], np.int64)
+  pairs = pairs[epoch_order(len(pairs), seed, epoch)]
+  return [pairs[i:i + per_batch] for i in range(0, len(pairs), per_batch)]
+
+
+# ------------------------------------------------------------------------------------------
+# Collation: a list of (record index, record) dialogues -> one padded GraphsTuple.
+# ------------------------------------------------------------------------------------------
+
+def _structural_edges(speakers_per_graph: Sequence[np.ndarray], offsets: Sequence[int],
+                      speaker_edges: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  senders, receivers, kinds, n_edge = [], [], [], []
+  for spk, off in zip(speakers_per_graph, offsets):
+    n = len(spk)
+    idx = np.arange(n - 1) + off
+    s = [idx, idx + 1]
+    r = [idx + 1, idx]
+    k = [np.full(2 * (n - 1), TEMPORAL_EDGE)]
+    if speaker_edges:
+      prev = _previous_same_speaker(spk)
+      has = np.flatnonzero(prev >= 0)
+      s += [prev[has] + off, has + off]
+      r += [has + off, prev[has] + off]
+      k.append(np.full(2 * len(has), SPEAKER_EDGE))
+    senders.append(np.concatenate(s))
+    receivers.append(np.concatenate(r))
+    kinds.append(np.concatenate(k))
+    n_edge.append(len(kinds[-1]))
+  return (np.concatenate(senders).astype(np.int32), np.concatenate(receivers).astype(np.int32),
+          np.concatenate(kinds).astype(np.int32), np.asarray(n_edge, np.int32))
+
+
+def _previous_same_speaker(speakers: np.ndarray) -> np.ndarray:
+  prev = np.full(len(speakers), -1, np.int64)
+  last: dict[int, int] = {}
+  for i, s in enumerate(speakers.tolist()):
+    prev[i] = last.get(s, -1)
+    last[s] = i
+  return prev
+
+
+def collate_graphs(graphs: Sequence[dict[str, Any]], budget: Budget, modalities: Sequence[str],
+                   dims: Mapping[str, int], speaker_edges: bool) -> jraph.GraphsTuple:
+  """Packs graphs (dicts of per-node arrays) into one padded GraphsTuple of static shape.
+
+  Each graph dict has 'features', 'present' (per modality), 'label', 'speaker', 'position',
+  'record' (int, -1 if mixed) and 'utterance' (utterance ids, for reports).
+  """
+  n_node = np.asarray([len(g['label']) for g in graphs], np.int32)
+  total = int(n_node.sum())
+  if total > budget.max_nodes - 1 or len(graphs) > budget.max_graphs - 1:
+    raise ValueError(f'batch of {len(graphs)} graphs / {total} nodes exceeds the budget {budget}')
+  offsets = np.concatenate([[0], np.cumsum(n_node)[:-1]]).astype(int)
+  senders, receivers, kinds, n_edge = _structural_edges(
+      [g['speaker'] for g in graphs], offsets, speaker_edges)
+
+  def cat(key):
+    return np.concatenate([g[key] for g in graphs])
+
+  nodes = {
+      'features': {m: np.concatenate([g['features'][m] for g in graphs]).astype(np.float32)
+                   for m in modalities},
+      'present': {m: np.concatenate([g['present'][m] for g in graphs]).astype(bool)
+                  for m in modalities},
+      'label': cat('label').astype(np.int32),
+      'speaker': cat('speaker').astype(np.int32),
+      'position': cat('position').astype(np.int32),
+      'mask': np.ones(total, bool),
+      'utterance': cat('utterance').astype(np.int32),
+      'record': cat('node_record').astype(np.int32),
+  }
+  graph = jraph.GraphsTuple(
+      nodes=nodes, edges={'kind': kinds}, senders=senders, receivers=receivers,
+      n_node=n_node, n_edge=n_edge,
+      globals={'record': np.asarray([g['record'] for g in graphs], np.int32)})
+  return _pad(graph, budget, modalities, dims)
+
+
+def _pad(graph: jraph.GraphsTuple, budget: Budget, modalities, dims) -> jraph.GraphsTuple:
+  """jraph-style padding, done in numpy with explicit fill values (labels -1, masks False)."""
+  n_real, e_real, g_real = len(graph.nodes['label']), len(graph.senders), len(graph.n_node)
+  pn, pe, pg = budget.max_nodes - n_real, budget.max_edges - e_real, budget.max_graphs - g_real
+
+  def pad(x, count, value):
+    return np.concatenate([x, np.full((count,) + x.shape[1:], value, x.dtype)])
+
+  nodes = graph.nodes
+  padded_nodes = {
+      'features': {m: pad(nodes['features'][m], pn, 0.0) for m in modalities},
+      'present': {m: pad(nodes['present'][m], pn, False) for m in modalities},
+      'label': pad(nodes['label'], pn, -1),
+      'speaker': pad(nodes['speaker'], pn, 0),
+      'position': pad(nodes['position'], pn, 0),
+      'mask': pad(nodes['mask'], pn, False),
+      'utterance': pad(nodes['utterance'], pn, -1),
+      'record': pad(nodes['record'], pn, -1),
+  }
+  # Padding edges connect the first padding node to itself; all padding nodes and edges belong
+  # to the first padding graph, as `jraph.pad_with_graphs` lays them out.
+  n_node = np.concatenate([graph.n_node, [pn], np.zeros(pg - 1, np.int32)]).astype(np.int32)
+  n_edge = np.concatenate([graph.n_edge, [pe], np.zeros(pg - 1, np.int32)]).astype(np.int32)
+  return jraph.GraphsTuple(
+      nodes=padded_nodes,
+      edges={'kind': pad(graph.edges['kind'], pe, PADDING_EDGE)},
+      senders=pad(graph.senders, pe, n_real), receivers=pad(graph.receivers, pe, n_real),
+      n_node=n_node, n_edge=n_edge,
+      globals={'record': pad(graph.globals['record'], pg, -1)})
+
+
+def dialogue_graph(record: DialogueRecord, index: int, features: Mapping[str, np.ndarray],
+                   modalities: Sequence[str], dims: Mapping[str, int],
+                   sel: np.ndarray) -> dict[str, Any]:
+  """Per-node arrays of the utterances `sel` of one dialogue; `features` are already [len(sel), d]."""
+  feats, present = {}, {}
+  for m in modalities:
+    if m in features:
+      feats[m] = features[m]
+      present[m] = record.present[m][sel]
+    else:
+      feats[m] = np.zeros((len(sel), dims[m]), np.float32)
+      present[m] = np.zeros(len(sel), bool)
+  return {'features': feats, 'present': present, 'label': record.labels[sel],
+          'speaker': record.speaker_ids[sel], 'position': sel.astype(np.int32),
+          'utterance': record.utterance_ids[sel], 'record': index,
+          'node_record': np.full(len(sel), index, np.int32)}
+
+
+@dataclasses.dataclass
+class BatchLoader:
+  """Grain transform: a plan entry (record indices, or (record, utterance) pairs) -> batch."""
+  source: Any
+  budget: Budget
+  modalities: tuple[str, ...]
+  dims: Mapping[str, int]
+  speaker_edges: bool
+  scope: str
+  augmentation: Augmentation | None
+
+  def __call__(self, plan_entry: np.ndarray, rng: np.random.Generator | None = None):
+    if self.scope == 'dialogue':
+      graphs = [self._graph(r, None, rng) for r in plan_entry.tolist()]
+    else:
+      graphs = [_merge_as_one_graph([self._graph(r, u, rng) for r, u in plan_entry.tolist()],
+                                    self.modalities)]
+    return collate_graphs(graphs, self.budget, self.modalities, self.dims, self.speaker_edges)
+
+  def _graph(self, index: int, utterance: int | None, rng) -> dict[str, Any]:
+    record = self.source[index]
+    n = len(record.labels)
+    sel = np.arange(n) if utterance is None else np.asarray([utterance])
+    feats = {m: record.features[m][sel] for m in self.modalities if m in record.features}
+    if self.augmentation is not None and rng is not None:
+      present = {m: record.present[m][sel] for m in feats}
+      feats = self.augmentation.apply(feats, present, rng)
+    return dialogue_graph(record, index, feats, self.modalities, self.dims, sel)
+
+
+def _merge_as_one_graph(parts: Sequence[dict[str, Any]], modalities) -> dict[str, Any]:
+  """Utterances from different dialogues as one graph (the authors' batch-scope graph)."""
+  merged = {
+      'features': {m: np.concatenate([p['features'][m] for p in parts]) for m in modalities},
+      'present': {m: np.concatenate([p['present'][m] for p in parts]) for m in modalities},
+      'record': -1,
+  }
+  for key in ('label', 'speaker', 'position', 'utterance', 'node_record'):
+    merged[key] = np.concatenate([p[key] for p in parts])
+  # Speakers of different dialogues are different people: keep same-speaker edges within a
+  # dialogue by making ranks unique per record.
+  merged['speaker'] = merged['speaker'] + 1000 * merged['node_record']
+  return merged
+
+
+def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int,
+                 seed: int) -> grain.MapDataset:
+  """The batches of one epoch as a Grain MapDataset (augmented and shuffled when training)."""
+  lengths = np.asarray(source.dialogue_lengths)
+  shuffle_seed = seed if train else None
+  if config.graph.scope == 'dialogue':
+    plan = plan_dialogue_batches(lengths, budget, epoch_order(len(lengths), shuffle_seed, epoch))
+  else:
+    plan = plan_utterance_batches(lengths, config.batch.utterances_per_batch, shuffle_seed, epoch)
+  loader = BatchLoader(
+      source=source, budget=budget, modalities=tuple(config.data.modalities),
+      dims=dict(config.data.dims), speaker_edges=config.graph.speaker_edges,
+      scope=config.graph.scope,
+      augmentation=(Augmentation.from_config(config.augment)
+                    if train and config.augment.enabled else None))
+  ds = grain.MapDataset.source(plan)
+  if loader.augmentation is not None:
+    return ds.random_map(loader, seed=int(np.random.default_rng([seed, epoch, 7]).integers(2**31)))
+  return ds.map(loader)
+
+
+def budget_from_config(config) -> Budget:
+  if config.graph.scope == 'batch':
+    # One graph per batch; node budget covers the batch plus a padding slot.
+    return Budget(max_nodes=config.batch.max_nodes, max_graphs=2)
+  return Budget(max_nodes=config.batch.max_nodes, max_graphs=config.batch.max_graphs)

@@ -1,0 +1,97 @@
+"""Opens the train/dev/test splits a config names, generating the synthetic corpus if asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+from absl import logging
+
+from mer_jax.data import shards
+from mer_jax.data import synthetic
+
+
+@dataclasses.dataclass
+class SplitSources:
+  train: shards.DialogueShardSource
+  dev: shards.DialogueShardSource
+  test: shards.DialogueShardSource
+  shard_dir: str
+  test_name: str
+
+  @property
+  def class_counts(self) -> np.ndarray:
+    """Train class counts of the records actually used (skipped records excluded)."""
+    return np.asarray(shards.class_counts(self.train, self.train.split), np.int64)
+
+
+def synthetic_dir(config, workdir: str) -> str:
+  """A folder per generator setting, so changing the corpus config never reuses stale shards."""
+  s = config.data.synthetic
+  key = json.dumps({'seed': s.seed, 'n': s.num_dialogues.to_dict(), 'dims': config.data.dims.to_dict(),
+                    'labels': list(config.label_names),
+                    'story': dataclasses.asdict(synthetic.CorpusStory())},
+                   sort_keys=True, default=str)
+  return os.path.join(workdir, 'data', 'synthetic-' + hashlib.sha1(key.encode()).hexdigest()[:10])
+
+
+def ensure_synthetic(config, workdir: str) -> str:
+  out = synthetic_dir(config, workdir)
+  if not os.path.exists(os.path.join(out, 'manifest.json')):
+    s = config.data.synthetic
+    logging.info('generating the synthetic corpus into %s', out)
+    synthetic.generate_corpus(out, seed=s.seed, num_dialogues=s.num_dialogues.to_dict(),
+                              num_shards=s.num_shards.to_dict(), dims=config.data.dims.to_dict(),
+                              label_names=tuple(config.label_names))
+  return out
+
+
+def check_manifest_matches_config(manifest: shards.Manifest, config, shard_dir: str) -> None:
+  where = os.path.join(shard_dir, 'manifest.json')
+  if tuple(manifest.label_names) != tuple(config.label_names):
+    raise ValueError(f'{where}: label_names {list(manifest.label_names)} differ from '
+                     f'config.label_names {list(config.label_names)}')
+  for m in config.data.modalities:
+    if m not in manifest.dims:
+      raise ValueError(f'{where}: has no modality {m!r} (has {list(manifest.dims)}); '
+                       f'set config.data.modalities accordingly')
+    if int(manifest.dims[m]) != int(config.data.dims[m]):
+      raise ValueError(f'{where}: modality {m!r} has dim {manifest.dims[m]}, config.data.dims.{m} '
+                       f'is {config.data.dims[m]}')
+  for split in (config.data.train_split, config.data.dev_split, config.data.test_split):
+    if split not in manifest.splits:
+      raise ValueError(f'{where}: no split {split!r} (has {sorted(manifest.splits)})')
+
+
+def open_source(shard_dir: str, split: str, config) -> shards.DialogueShardSource:
+  return shards.DialogueShardSource(
+      shard_dir, split, modalities=tuple(config.data.modalities),
+      verify_checksums=config.data.verify_checksums, on_bad_record=config.data.on_bad_record)
+
+
+def open_splits(config, workdir: str) -> SplitSources:
+  if config.data.source == 'synthetic':
+    shard_dir = ensure_synthetic(config, workdir)
+  else:
+    shard_dir = config.data.shard_dir
+  manifest = shards.load_manifest(shard_dir)
+  check_manifest_matches_config(manifest, config, shard_dir)
+  opened = {}
+  for role in ('train', 'dev', 'test'):
+    split = config.data[f'{role}_split']
+    src = open_source(shard_dir, split, config)
+    if getattr(src, 'num_skipped', 0):
+      logging.warning('%s/%s: skipped %d bad records (see the log above)', shard_dir, split,
+                      src.num_skipped)
+    longest = int(np.max(src.dialogue_lengths)) if len(src) else 0
+    if config.graph.scope == 'dialogue' and longest > config.batch.max_nodes - 1:
+      raise ValueError(
+          f'{shard_dir}/{split}: the longest dialogue has {longest} utterances but '
+          f'config.batch.max_nodes={config.batch.max_nodes} fits {config.batch.max_nodes - 1}; '
+          f'raise --config.batch.max_nodes')
+    opened[role] = src
+  return SplitSources(train=opened['train'], dev=opened['dev'], test=opened['test'],
+                      shard_dir=shard_dir, test_name=config.data.test_split)

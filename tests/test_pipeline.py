@@ -1,0 +1,168 @@
+"""Input pipeline: packing plans, collation into padded GraphsTuples, augmentation, resumption."""
+
+import jraph
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from mer_jax.data import pipeline
+from mer_jax.data.shards import DialogueRecord, speaker_ranks
+from mer_jax.predict import InMemorySource
+
+DIMS = {'t': 6, 'a': 4, 'v': 3}
+
+
+def make_record(i: int, n: int, rng) -> DialogueRecord:
+  speakers = [f's{int(x)}' for x in rng.integers(0, 3, size=n)]
+  present = {m: np.ones(n, bool) for m in DIMS}
+  present['v'][::3] = False
+  feats = {m: rng.normal(size=(n, d)).astype(np.float32) * present[m][:, None]
+           for m, d in DIMS.items()}
+  return DialogueRecord(
+      dialogue_id=str(i), utterance_ids=np.arange(n, dtype=np.int32), speakers=speakers,
+      speaker_ids=speaker_ranks(speakers), labels=rng.integers(0, 7, size=n).astype(np.int32),
+      transcripts=['x'] * n, features=feats, present=present)
+
+
+def small_config(**overrides) -> ml_collections.ConfigDict:
+  c = default.get_config()
+  c.data.dims = ml_collections.ConfigDict(DIMS)
+  c.batch.max_nodes = 16
+  c.batch.max_graphs = 4
+  c.batch.utterances_per_batch = 5
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture
+def source():
+  rng = np.random.default_rng(0)
+  lengths = [3, 7, 1, 5, 15, 2, 4, 6, 8]
+  return InMemorySource([make_record(i, n, rng) for i, n in enumerate(lengths)])
+
+
+def test_plan_covers_every_dialogue_once_within_budget(source):
+  budget = pipeline.Budget(16, 4)
+  lengths = source.dialogue_lengths
+  for epoch in range(3):
+    plan = pipeline.plan_dialogue_batches(lengths, budget,
+                                          pipeline.epoch_order(len(lengths), 5, epoch))
+    flat = np.concatenate(plan)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    for b in plan:
+      assert lengths[b].sum() <= 15 and len(b) <= 3
+
+
+def test_epoch_order_is_seeded_and_changes_per_epoch():
+  a = pipeline.epoch_order(50, 3, 0)
+  assert np.array_equal(a, pipeline.epoch_order(50, 3, 0))
+  assert not np.array_equal(a, pipeline.epoch_order(50, 3, 1))
+  assert np.array_equal(pipeline.epoch_order(5, None, 4), np.arange(5))
+
+
+def test_dialogue_longer_than_budget_is_a_clear_error():
+  with pytest.raises(ValueError, match='dialogue record 1 has 20 utterances.*max_nodes'):
+    pipeline.plan_dialogue_batches(np.array([3, 20]), pipeline.Budget(16, 4), np.arange(2))
+
+
+def test_collated_batch_is_a_padded_graphs_tuple(source):
+  config = small_config(**{'graph.speaker_edges': True})
+  ds = pipeline.make_dataset(source, config=config, budget=pipeline.budget_from_config(config),
+                             train=False, epoch=0, seed=0)
+  batch = ds[0]
+  assert isinstance(batch, jraph.GraphsTuple)
+  n, e, g = 16, 64, 4
+  assert batch.nodes['features']['t'].shape == (n, 6)
+  assert batch.senders.shape == (e,) and batch.n_node.shape == (g,)
+  # jraph's own padding masks agree with ours.
+  np.testing.assert_array_equal(jraph.get_node_padding_mask(batch), batch.nodes['mask'])
+  edge_mask = np.asarray(jraph.get_edge_padding_mask(batch))
+  np.testing.assert_array_equal(edge_mask, batch.edges['kind'] >= 0)
+  assert batch.n_node.sum() == n and batch.n_edge.sum() == e
+  # Eval order follows the records: first batch holds dialogues 0, 1, 2 (3 + 7 + 1 nodes) ...
+  first = batch.globals['record'][batch.globals['record'] >= 0]
+  np.testing.assert_array_equal(first, [0, 1, 2])
+  # ... and its temporal edges join consecutive utterances of the same dialogue only.
+  kinds = batch.edges['kind']
+  s, r = batch.senders[kinds == 0], batch.receivers[kinds == 0]
+  assert np.all(np.abs(s - r) == 1)
+  rec = batch.nodes['record']
+  assert np.all(rec[s] == rec[r])
+  assert (kinds == 0).sum() == 2 * (2 + 6 + 0)
+  # Same-speaker edges connect an utterance to the same speaker's previous utterance.
+  s, r = batch.senders[kinds == 1], batch.receivers[kinds == 1]
+  spk = batch.nodes['speaker']
+  assert np.all(spk[s] == spk[r]) and np.all(rec[s] == rec[r])
+  # Missing modality rows are zero and flagged absent; padding labels are -1.
+  pres = batch.nodes['present']['v']
+  assert np.all(batch.nodes['features']['v'][~pres] == 0)
+  assert np.all(batch.nodes['label'][~batch.nodes['mask']] == -1)
+
+
+def test_batch_scope_puts_shuffled_utterances_into_one_graph(source):
+  config = small_config(**{'graph.scope': 'batch'})
+  budget = pipeline.budget_from_config(config)
+  ds = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=0, seed=1)
+  total = int(source.dialogue_lengths.sum())
+  assert len(ds) == -(-total // 5)
+  batch = ds[0]
+  assert batch.n_node[0] == 5 and batch.globals['record'][0] == -1
+  # Temporal edges join consecutive batch slots even across dialogues (the authors' semantics).
+  kinds = batch.edges['kind']
+  assert (kinds == 0).sum() == 8
+  assert len(set(batch.nodes['record'][:5].tolist())) > 1
+
+
+def test_augmentation_is_seeded_and_only_in_training(source):
+  config = small_config()
+  budget = pipeline.budget_from_config(config)
+  a = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=0, seed=0)[0]
+  b = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=0, seed=0)[0]
+  np.testing.assert_array_equal(a.nodes['features']['t'], b.nodes['features']['t'])
+  ev = pipeline.make_dataset(source, config=config, budget=budget, train=False, epoch=0, seed=0)[0]
+  rec = ev.globals['record'][ev.globals['record'] >= 0]
+  raw = np.concatenate([source[r].features['t'] for r in rec])
+  np.testing.assert_array_equal(ev.nodes['features']['t'][:len(raw)], raw)
+  # Training features differ from the raw ones (noise), absent modalities stay zero.
+  m = a.nodes['mask']
+  assert not np.allclose(a.nodes['features']['t'][m], 0)
+  assert np.all(a.nodes['features']['v'][~a.nodes['present']['v']] == 0)
+
+
+def test_augmentation_statistics_match_the_recipe():
+  aug = pipeline.Augmentation(t_dropout=0.2, t_noise_std=0.0, t_shuffle_prob=0.0,
+                              t_shuffle_fraction=0.1, t_scale_prob=0.0, t_scale_range=(1, 1),
+                              a_noise_std=0.05, v_scale_range=(0.95, 1.05))
+  rng = np.random.default_rng(0)
+  x = {'t': np.ones((200, 100), np.float32), 'a': np.zeros((200, 100), np.float32),
+       'v': np.ones((200, 10), np.float32)}
+  present = {m: np.ones(200, bool) for m in x}
+  out = aug.apply(x, present, rng)
+  assert abs((out['t'] == 0).mean() - 0.2) < 0.01
+  assert abs(out['a'].std() - 0.05) < 0.002
+  v_scales = out['v'][:, 0]
+  assert v_scales.min() >= 0.95 and v_scales.max() <= 1.05
+  np.testing.assert_allclose(out['v'], v_scales[:, None] * np.ones((1, 10)), rtol=1e-6)
+
+
+def test_iterator_state_resumes_mid_epoch(source):
+  config = small_config()
+  budget = pipeline.budget_from_config(config)
+  ds = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=2, seed=0)
+  it = iter(ds.to_iter_dataset())
+  next(it)
+  state = it.get_state()
+  expected = [b.nodes['features']['t'] for b in it]
+  it2 = iter(pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=2,
+                                   seed=0).to_iter_dataset())
+  it2.set_state(state)
+  resumed = [b.nodes['features']['t'] for b in it2]
+  assert len(resumed) == len(expected) > 0
+  for x, y in zip(expected, resumed):
+    np.testing.assert_array_equal(x, y)

@@ -1,0 +1,179 @@
+"""Tests for the synthetic MELD-shaped corpus (mer_jax/data/synthetic.py)."""
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+import threadpoolctl
+
+from mer_jax.data import shards
+from mer_jax.data import synthetic
+
+SMALL_DIMS = {'t': 16, 'a': 16, 'v': 16}
+MELD_PRIOR = (np.asarray(synthetic.MELD_TRAIN_CLASS_COUNTS)
+              / sum(synthetic.MELD_TRAIN_CLASS_COUNTS))
+
+
+@pytest.fixture(scope='module')
+def big_sample():
+  return synthetic.generate_records(
+      seed=5, num_dialogues={'train': 2500}, dims=SMALL_DIMS)['train']
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
+  kwargs = dict(num_dialogues={'train': 12, 'test': 4}, num_shards=2,
+                dims={'t': 24, 'a': 20, 'v': 16})
+  first = synthetic.generate_corpus(tmp_path / 'a', seed=7, **kwargs)
+  again = synthetic.generate_corpus(tmp_path / 'b', seed=7, **kwargs)
+  other = synthetic.generate_corpus(tmp_path / 'c', seed=8, **kwargs)
+  assert first == again
+  for split in ('train', 'test'):
+    for entry in first.splits[split].files:
+      assert (tmp_path / 'a' / entry.name).read_bytes() == (
+          tmp_path / 'b' / entry.name).read_bytes()
+    assert ([f.sha256 for f in first.splits[split].files]
+            != [f.sha256 for f in other.splits[split].files])
+  a = shards.DialogueShardSource(tmp_path / 'a', 'train')[0]
+  c = shards.DialogueShardSource(tmp_path / 'c', 'train')[0]
+  assert a.features['t'].tobytes() != c.features['t'][:len(a.labels)].tobytes()
+
+
+def test_default_size_is_fast_and_meld_shaped(tmp_path):
+  start = time.perf_counter()
+  manifest = synthetic.generate_corpus(tmp_path / 'c', seed=1234)
+  assert time.perf_counter() - start < 10.0
+  assert manifest.dims == {'t': 1024, 'a': 1024, 'v': 768}
+  assert manifest.label_names == synthetic.MELD_LABELS
+  assert {s: i.num_dialogues for s, i in manifest.splits.items()} == {
+      'train': 360, 'dev': 60, 'test': 120}
+  train = manifest.splits['train']
+  assert 3000 < train.num_utterances < 4200  # MELD: 9.6 utterances/dialogue
+  assert train.max_dialogue_len <= 33
+
+
+def test_class_prior_is_meld_like(big_sample):
+  labels = np.concatenate([r.labels for r in big_sample])
+  assert labels.min() >= 0  # every utterance is labelled
+  frequencies = np.bincount(labels, minlength=7) / len(labels)
+  np.testing.assert_allclose(frequencies, MELD_PRIOR, atol=0.03)
+  assert np.argmax(frequencies) == 0  # neutral dominates, as in MELD
+  assert frequencies[0] > 0.4
+
+
+def test_dialogue_lengths_and_speakers_are_meld_like(big_sample):
+  lengths = np.array([r.num_utterances for r in big_sample])
+  assert lengths.min() == 1 and lengths.max() <= 33
+  assert 8.5 < lengths.mean() < 11.0  # MELD train: 9.6
+  assert np.mean(lengths <= 24) > 0.98
+  assert np.mean((lengths >= 5) & (lengths <= 12)) > 0.4
+  speakers = collections.Counter(len(set(r.speakers)) for r in big_sample
+                                 if r.num_utterances > 1)
+  total = sum(speakers.values())
+  assert max(speakers) <= 9
+  assert sum(speakers[k] for k in (2, 3, 4)) / total > 0.85
+  assert all(len(set(r.speakers)) == 1 for r in big_sample
+             if r.num_utterances == 1)
+  # Zipf-like turn taking: the most active speaker takes about half the turns.
+  top_share = np.mean([collections.Counter(r.speakers).most_common(1)[0][1]
+                       / r.num_utterances for r in big_sample
+                       if r.num_utterances >= 6])
+  assert 0.4 < top_share < 0.7
+  for r in big_sample[:50]:
+    np.testing.assert_array_equal(r.speaker_ids,
+                                  shards.speaker_ranks(r.speakers))
+    assert all(isinstance(t, str) and t for t in r.transcripts)
+
+
+def test_missing_modality_rates(big_sample):
+  for m, rate in (('t', 0.0), ('a', 0.05), ('v', 0.12)):
+    present = np.concatenate([r.present[m] for r in big_sample])
+    assert abs((1 - present.mean()) - rate) < 0.01, m
+    features = np.concatenate([r.features[m] for r in big_sample])
+    assert not np.any(features[~present])
+    assert np.all(np.abs(features[present]).sum(axis=1) > 0)
+
+
+def test_emotions_persist_per_speaker(big_sample):
+  agree = []
+  for r in big_sample:
+    last = {}
+    for speaker, label in zip(r.speaker_ids, r.labels):
+      if speaker in last:
+        agree.append(last[speaker] == label)
+      last[speaker] = label
+  chance = np.sum(MELD_PRIOR ** 2)  # about 0.29
+  assert np.mean(agree) > chance + 0.3
+
+
+def test_label_noise_rate():
+  kwargs = dict(seed=3, num_dialogues={'train': 800}, dims=SMALL_DIMS)
+  clean = synthetic.generate_records(
+      story=dataclasses.replace(synthetic.CorpusStory(), label_noise=0.0),
+      **kwargs)['train']
+  noisy = synthetic.generate_records(**kwargs)['train']
+  clean_labels = np.concatenate([r.labels for r in clean])
+  noisy_labels = np.concatenate([r.labels for r in noisy])
+  # Emotions are drawn before the noise, so only the flips differ.
+  assert abs(np.mean(clean_labels != noisy_labels) - 0.08) < 0.01
+
+
+def _graph_neighbours(z, speaker_ids):
+  """Concatenates z with its temporal and same-speaker neighbours (or 0)."""
+  zero = np.zeros_like(z[:1])
+  previous = np.concatenate([zero, z[:-1]])
+  following = np.concatenate([z[1:], zero])
+  same_previous, same_following = np.zeros_like(z), np.zeros_like(z)
+  last = {}
+  for i, speaker in enumerate(speaker_ids):
+    if speaker in last:
+      same_previous[i] = z[last[speaker]]
+      same_following[last[speaker]] = z[i]
+    last[speaker] = i
+  return np.concatenate(
+      [z, previous, following, same_previous, same_following], axis=1)
+
+
+def _oracle_views(records, maps):
+  """Per-utterance class-subspace projections, plus text with context."""
+  views = {m: np.concatenate([r.features[m] @ maps[m].T for r in records])
+           for m in maps}
+  views['tav'] = np.concatenate([views[m] for m in 'tav'], axis=1)
+  views['t+context'] = np.concatenate([
+      _graph_neighbours(r.features['t'] @ maps['t'].T, r.speaker_ids)
+      for r in records])
+  return views, np.concatenate([r.labels for r in records])
+
+
+def test_modalities_are_complementary_and_context_helps():
+  # A linear probe on the true class subspaces: what a model could reach.
+  corpus = synthetic.generate_records(
+      seed=11, num_dialogues={'train': 360, 'test': 120})
+  maps = synthetic.class_subspaces(seed=11)
+  assert all(np.allclose(w @ w.T, np.eye(16), atol=1e-5)
+             for w in maps.values())
+  train, y = _oracle_views(corpus['train'], maps)
+  test, y_test = _oracle_views(corpus['test'], maps)
+  scores = {}
+  with threadpoolctl.threadpool_limits(1):  # tiny fits; threads only contend
+    for view in train:
+      model = LogisticRegression(max_iter=1000).fit(train[view], y)
+      scores[view] = f1_score(y_test, model.predict(test[view]),
+                              average='weighted')
+  majority = f1_score(y_test, np.zeros_like(y_test), average='weighted')
+  assert majority + 0.1 < min(scores['a'], scores['v'])
+  assert max(scores['a'], scores['v']) + 0.1 < scores['t'] < 0.8
+  assert scores['tav'] > scores['t'] + 0.05
+  assert scores['t+context'] > scores['t'] + 0.02
+
+
+def test_rejects_unknown_modalities_and_small_dims():
+  with pytest.raises(ValueError, match=r"no story for modalities \['x'\]"):
+    synthetic.generate_records(seed=0, dims={'t': 16, 'x': 16})
+  with pytest.raises(ValueError, match=r"dims\['v'\] = 8 is below"):
+    synthetic.generate_records(seed=0, dims={'t': 16, 'v': 8})
+  with pytest.raises(ValueError, match='7 MELD classes; got 3'):
+    synthetic.generate_records(seed=0, label_names=('a', 'b', 'c'))
