@@ -1,0 +1,139 @@
+"""Throughput of every stage's train step and of the input pipeline, at the authors' MELD sizes.
+
+  python -m mer_jax.bench [--config configs/default.py] [--steps 30] [--moe both]
+
+Prints, per stage: examples (utterances) per second, model FLOPs per step from XLA's cost
+analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, and the input
+pipeline's batches per second against the step's. Then projects a full MELD run (9,989 training
+utterances, 30 epochs, every stage, no early stopping).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Base config.')
+_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per stage (after warm-up).')
+_MOE = flags.DEFINE_enum('moe', 'both', ['off', 'on', 'both'], 'Fusion MoE setting(s) to time.')
+_DIALOGUES = flags.DEFINE_integer('dialogues', 120, 'Synthetic training dialogues to sample from.')
+
+MELD_TRAIN_UTTERANCES = 9989
+MELD_EPOCHS = 30
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 20) -> float:
+  """fp32 FLOP/s of a large square matmul, median over repeats."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get('flops', float('nan')))
+
+
+def bench_stage(stage: str, ctx, trained, steps: int) -> dict:
+  """Times the jitted train step of `stage` on real batches from the pipeline."""
+  from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mer_jax.train import sharding
+  from mer_jax.train import trainer
+  config = ctx.config
+  budget = pipeline.budget_from_config(config)
+  run = trainer.StageRunner(stage, ctx, trained)
+  ds = pipeline.make_dataset(ctx.data.train, config=config, budget=budget, train=True, epoch=0,
+                             seed=config.seed)
+  # Input pipeline alone: batches per second, host side.
+  t0 = time.perf_counter()
+  host_batches = [ds[i % len(ds)] for i in range(steps)]
+  pipeline_time = (time.perf_counter() - t0) / steps
+
+  batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh)
+  device_batches = [sharding.put_batch(b, batch_sh) for b in host_batches]
+  step_fn = run.jitted_train_step(batch_sh)
+  compiled = step_fn.lower(run.state, device_batches[0], run.frozen_states,
+                           ctx.class_weights).compile()
+  flops = _flops(compiled)
+  state = run.state
+  for b in device_batches[:3]:  # warm-up
+    state, m = compiled(state, b, run.frozen_states, ctx.class_weights)
+  jax.block_until_ready(state)
+  times = []
+  for b in device_batches:
+    t0 = time.perf_counter()
+    state, m = compiled(state, b, run.frozen_states, ctx.class_weights)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_time = statistics.median(times)
+  utts = statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches)
+  # A trained stage for the next ones (fusion reads the teacher and students).
+  trained[stage] = trainer.FrozenModel(run.graphdef, (state.params, state.model_state,
+                                                      run.rng_state))
+  return {'stage': stage, 'step_ms': 1e3 * step_time, 'utterances_per_step': utts,
+          'examples_per_s': utts / step_time, 'flops_per_step': flops,
+          'flops_per_s': flops / step_time, 'pipeline_ms': 1e3 * pipeline_time,
+          'pipeline_vs_step': step_time / pipeline_time}
+
+
+def main(argv):
+  del argv
+  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  base = _CONFIG.value
+  peak = measure_matmul_peak()
+  print(f'devices: {jax.devices()}')
+  print(f'fp32 matmul peak (1024^3, median of 20): {peak / 1e9:.1f} GFLOP/s')
+  settings = {'off': [False], 'on': [True], 'both': [False, True]}[_MOE.value]
+  rows, projected = [], {}
+  with tempfile.TemporaryDirectory() as workdir:
+    for use_moe in settings:
+      config = base.copy_and_resolve_references()
+      config.unlock()
+      config.data.synthetic.num_dialogues.train = _DIALOGUES.value
+      config.data.synthetic.num_dialogues.dev = 4
+      config.data.synthetic.num_dialogues.test = 4
+      config.model.fusion.use_moe = use_moe
+      config.train.progress_bar = False
+      ctx = trainer.prepare(config, workdir)
+      trained = {}
+      total = 0.0
+      for stage in config.train.stages:
+        r = bench_stage(stage, ctx, trained, _STEPS.value)
+        r['moe'] = use_moe
+        rows.append(r)
+        # Steps of a full MELD epoch at this batch fill, 30 epochs.
+        total += MELD_EPOCHS * MELD_TRAIN_UTTERANCES / r['utterances_per_step'] * r['step_ms'] / 1e3
+      projected[use_moe] = total
+  print()
+  print(f'{"stage":8} {"moe":4} {"step ms":>8} {"utt/step":>8} {"utt/s":>8} {"GFLOP/step":>10} '
+        f'{"GFLOP/s":>8} {"% peak":>7} {"input ms":>8} {"input x":>8}')
+  for r in rows:
+    print(f'{r["stage"]:8} {str(r["moe"]):4} {r["step_ms"]:8.2f} {r["utterances_per_step"]:8.1f} '
+          f'{r["examples_per_s"]:8.0f} {r["flops_per_step"] / 1e9:10.3f} '
+          f'{r["flops_per_s"] / 1e9:8.1f} {100 * r["flops_per_s"] / peak:7.1f} '
+          f'{r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:8.1f}')
+  for use_moe, seconds in projected.items():
+    print(f'projected full MELD run (all stages, {MELD_EPOCHS} epochs, moe={use_moe}, train steps '
+          f'only): {seconds / 60:.1f} min')
+
+
+if __name__ == '__main__':
+  app.run(main)

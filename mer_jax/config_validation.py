@@ -1,0 +1,103 @@
+"""Checks a config once at start-up; every problem is reported in one message naming its key."""
+
+from __future__ import annotations
+
+import os
+
+MODALITIES = ('t', 'a', 'v')
+STAGES = ('teacher', 'audio', 'visual', 'fusion')
+STAGE_MODALITY = {'teacher': 't', 'audio': 'a', 'visual': 'v'}
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def validate_config(config) -> None:
+  errors: list[str] = []
+
+  def need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+      errors.append(f'{key}: {msg}')
+
+  d = config.data
+  need(d.source in ('synthetic', 'shards'), 'data.source', f"{d.source!r} is not 'synthetic' or 'shards'")
+  if d.source == 'shards':
+    need(bool(d.shard_dir), 'data.shard_dir', 'is empty; point it at a folder with manifest.json')
+    if d.shard_dir:
+      need(os.path.isfile(os.path.join(d.shard_dir, 'manifest.json')), 'data.shard_dir',
+           f'{d.shard_dir!r} has no manifest.json (a shard folder written by mer_jax)')
+  mods = tuple(d.modalities)
+  need(len(mods) > 0 and len(set(mods)) == len(mods) and set(mods) <= set(MODALITIES),
+       'data.modalities', f'{mods!r} must be distinct entries of {MODALITIES}')
+  for m in mods:
+    need(m in d.dims and int(d.dims[m]) > 0, f'data.dims.{m}', 'must be a positive dimension')
+  need(d.on_bad_record in ('error', 'skip'), 'data.on_bad_record', "must be 'error' or 'skip'")
+  need(len(config.label_names) >= 2 and len(set(config.label_names)) == len(config.label_names),
+       'label_names', 'needs at least two distinct names')
+
+  b = config.batch
+  need(b.max_nodes >= 2, 'batch.max_nodes', 'must be >= 2 (one slot is padding)')
+  need(b.max_graphs >= 2, 'batch.max_graphs', 'must be >= 2 (one slot is padding)')
+  need(1 <= b.utterances_per_batch <= b.max_nodes - 1, 'batch.utterances_per_batch',
+       f'must be in [1, batch.max_nodes - 1 = {b.max_nodes - 1}]')
+
+  g = config.graph
+  need(g.scope in ('dialogue', 'batch'), 'graph.scope', f"{g.scope!r} is not 'dialogue' or 'batch'")
+  need(g.gat_edge_weights in ('bias', 'none'), 'graph.gat_edge_weights', "must be 'bias' or 'none'")
+  for m in mods:
+    need(int(g.k[m]) >= 1, f'graph.k.{m}', 'must be >= 1')
+
+  f = config.model.fusion
+  need(f.input in ('graph', 'raw'), 'model.fusion.input', "must be 'graph' or 'raw'")
+  need(f.dim % f.heads == 0, 'model.fusion.dim', f'{f.dim} is not divisible by heads={f.heads}')
+  need(1 <= f.top_k <= f.num_experts, 'model.fusion.top_k', f'must be in [1, num_experts={f.num_experts}]')
+  need(0.0 <= f.alignment_mix <= 1.0, 'model.fusion.alignment_mix', 'must be in [0, 1]')
+
+  stages = tuple(config.train.stages)
+  need(len(stages) > 0 and set(stages) <= set(STAGES) and len(set(stages)) == len(stages),
+       'train.stages', f'{stages!r} must be distinct entries of {STAGES}')
+  for s in stages:
+    if s in STAGE_MODALITY:
+      need(STAGE_MODALITY[s] in mods, 'train.stages',
+           f'stage {s!r} needs modality {STAGE_MODALITY[s]!r} in data.modalities')
+  order = [s for s in STAGES if s in stages]
+  need(list(stages) == order, 'train.stages', f'must run in the order {order}')
+  if 'fusion' in stages and f.input == 'graph':
+    for m in mods:
+      enc = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}[m]
+      need(enc in stages, 'train.stages',
+           f"fusion on graph representations needs the {enc!r} stage (or model.fusion.input='raw')")
+  need(config.train.epochs >= 1, 'train.epochs', 'must be >= 1')
+
+  for s in STAGES:
+    o = config.optim[s]
+    need(o.lr > 0, f'optim.{s}.lr', 'must be > 0')
+    need(o.weight_decay >= 0, f'optim.{s}.weight_decay', 'must be >= 0')
+    need(o.schedule in ('constant', 'warmup_cosine'), f'optim.{s}.schedule',
+         "must be 'constant' or 'warmup_cosine'")
+    need(0.0 <= o.warmup_fraction < 1.0, f'optim.{s}.warmup_fraction', 'must be in [0, 1)')
+    need(o.grad_accum_steps >= 1, f'optim.{s}.grad_accum_steps', 'must be >= 1')
+    need(0.0 <= o.ema_decay < 1.0, f'optim.{s}.ema_decay', 'must be in [0, 1)')
+    need(0.0 < o.lr_reduce_factor <= 1.0, f'optim.{s}.lr_reduce_factor', 'must be in (0, 1]')
+    need(o.early_stopping_patience >= 1, f'optim.{s}.early_stopping_patience', 'must be >= 1')
+
+  l = config.loss
+  need(l.class_weights in ('balanced', 'none'), 'loss.class_weights', "must be 'balanced' or 'none'")
+  need(l.distill_temperature > 0, 'loss.distill_temperature', 'must be > 0')
+  need(0.0 <= l.distill_alpha <= 1.0, 'loss.distill_alpha', 'must be in [0, 1]')
+  need(0.0 <= l.label_smoothing < 1.0, 'loss.label_smoothing', 'must be in [0, 1)')
+  need(0.0 <= l.main_focal_share <= 1.0, 'loss.main_focal_share', 'must be in [0, 1]')
+
+  shape = dict(config.mesh.shape)
+  need(set(shape) >= {'data', 'model'}, 'mesh.shape', f'needs a data and a model axis, got {shape}')
+  if errors:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+
+
+def check_mesh_fits_batch(config, data_axis: int) -> None:
+  if config.batch.max_nodes % data_axis:
+    raise ConfigError(f'batch.max_nodes={config.batch.max_nodes} must be divisible by the data '
+                      f'axis size {data_axis} (nodes are split over it)')
+  if (4 * config.batch.max_nodes) % data_axis:
+    raise ConfigError(f'edge budget 4*batch.max_nodes must be divisible by {data_axis}')

@@ -1,0 +1,31 @@
+"""Trains and evaluates every stage: `python -m mer_jax.main --config configs/default.py --workdir W`.
+
+Rerunning with the same workdir resumes from its checkpoints.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mer_jax.config_validation import validate_config
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where shards, checkpoints and reports go.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  validate_config(config)
+  # Imported after validation so a bad config fails before JAX starts.
+  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  logging.info('config:\n%s', config)
+  trainer.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

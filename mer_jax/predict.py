@@ -1,0 +1,207 @@
+"""Labels new dialogues with a trained workdir's best checkpoints.
+
+  python -m mer_jax.predict --workdir W --input dialogues.jsonl [--output predictions.jsonl]
+
+Each input line is one dialogue:
+  {"dialogue_id": "d1", "utterances": [
+     {"speaker": "Joey", "text": "...", "features": {"t": [...], "a": [...], "v": [...]}}, ...]}
+A modality that is null or absent is treated as missing for that utterance. The config and label
+names are read from the checkpoints, so only the workdir is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir trained by mer_jax.main.')
+_INPUT = flags.DEFINE_string('input', None, 'JSONL file of dialogues.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Optional JSONL file for the predictions.')
+
+
+class PredictInputError(ValueError):
+  pass
+
+
+def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[str, int]):
+  """One JSON dialogue -> DialogueRecord (labels -1); errors name the line and key."""
+  from mer_jax.data import shards  # pylint: disable=g-import-not-at-top
+  if not isinstance(obj, dict):
+    raise PredictInputError(f'{where}: expected a JSON object, got {type(obj).__name__}')
+  utts = obj.get('utterances')
+  if not isinstance(utts, list) or not utts:
+    raise PredictInputError(f'{where}: "utterances" must be a non-empty list')
+  dialogue_id = str(obj.get('dialogue_id', where))
+  speakers, texts, uids = [], [], []
+  feats = {m: np.zeros((len(utts), dims[m]), np.float32) for m in modalities}
+  present = {m: np.zeros(len(utts), bool) for m in modalities}
+  for i, u in enumerate(utts):
+    key = f'{where}: utterances[{i}]'
+    if not isinstance(u, dict):
+      raise PredictInputError(f'{key}: expected an object')
+    speakers.append(str(u.get('speaker', 'unknown')))
+    texts.append(str(u.get('text', '')))
+    uids.append(int(u.get('utterance_id', i)))
+    given = u.get('features') or {}
+    unknown = set(given) - set(modalities) - {'t', 'a', 'v'}
+    if unknown:
+      raise PredictInputError(f'{key}.features: unknown modality keys {sorted(unknown)}')
+    for m in modalities:
+      value = given.get(m)
+      if value is None:
+        continue
+      try:
+        arr = np.asarray(value, np.float32)
+      except (TypeError, ValueError) as e:
+        raise PredictInputError(f'{key}.features.{m}: not a list of numbers ({e})') from None
+      if arr.shape != (dims[m],):
+        raise PredictInputError(f'{key}.features.{m}: expected {dims[m]} numbers, got shape '
+                                f'{arr.shape}')
+      if not np.all(np.isfinite(arr)):
+        raise PredictInputError(f'{key}.features.{m}: contains NaN or Inf')
+      feats[m][i] = arr
+      present[m][i] = True
+  if not any(present[m].any() for m in modalities):
+    raise PredictInputError(f'{where}: no utterance has any features')
+  return shards.DialogueRecord(
+      dialogue_id=dialogue_id, utterance_ids=np.asarray(uids, np.int32), speakers=speakers,
+      speaker_ids=shards.speaker_ranks(speakers), labels=np.full(len(utts), -1, np.int32),
+      transcripts=texts, features=feats, present=present)
+
+
+@dataclasses.dataclass
+class InMemorySource:
+  """A random-access source over records already in memory (the pipeline's source protocol)."""
+  records: list
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i: int):
+    return self.records[i]
+
+  @property
+  def dialogue_lengths(self) -> np.ndarray:
+    return np.asarray([len(r.labels) for r in self.records], np.int32)
+
+
+class Predictor:
+  """The final stage of a trained workdir (and the frozen stages it reads), restored."""
+
+  def __init__(self, workdir: str, stage: str | None = None):
+    from mer_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+    from mer_jax.train import sharding
+    from mer_jax.train import trainer
+    self.workdir = workdir
+    stages = _trained_stages(workdir)
+    if not stages:
+      raise FileNotFoundError(f'{workdir}: no trained stage checkpoints under checkpoints/')
+    self.stage = stage or stages[-1]
+    meta = checkpointing.StageCheckpoints(workdir, self.stage, read_only=True).best_meta()
+    self.config = ml_collections.ConfigDict(meta['config'])
+    self.label_names = tuple(meta['label_names'])
+    self.mesh = sharding.make_mesh(self.config)
+    needed = [self.stage] if self.stage in ('teacher',) else _needed_for(self.stage, self.config)
+    self.models = {}
+    for name in needed:
+      ckpt = checkpointing.StageCheckpoints(workdir, name, read_only=True)
+      graphdef, params, batch_stats, rng_state = trainer.build_sharded_model(
+          name, self.config, self.mesh, seed=0)
+      params, batch_stats, _ = ckpt.restore_best(params, batch_stats)
+      self.models[name] = trainer.FrozenModel(graphdef, (params, batch_stats, rng_state))
+    self._predict_fn = trainer.stage_predict_fn(self.stage, self.models[self.stage], self.config,
+                                                self.models)
+
+  def probabilities(self, records: list) -> list[np.ndarray]:
+    """Per dialogue, [n_utterances, C] class probabilities."""
+    from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from mer_jax.train import trainer
+    source = InMemorySource(records)
+    budget = pipeline.budget_from_config(self.config)
+    pred = trainer.predict_split(source, self.config, budget, self._predict_fn, self.mesh)
+    out = [np.zeros((len(r.labels), len(self.label_names)), np.float32) for r in records]
+    # Utterance rows come back in batch order; put them back by (record, position).
+    positions = {}
+    for rec_index, record in enumerate(records):
+      for pos, uid in enumerate(record.utterance_ids.tolist()):
+        positions[(rec_index, uid)] = pos
+    for p, r, u in zip(pred['probs'], pred['records'], pred['utterances']):
+      out[int(r)][positions[(int(r), int(u))]] = p
+    return out
+
+  def read_jsonl(self, path: str) -> list:
+    records = []
+    dims = {m: int(self.config.data.dims[m]) for m in self.config.data.modalities}
+    try:
+      with open(path, encoding='utf-8') as f:
+        for line_no, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          where = f'{path}:{line_no}'
+          try:
+            obj = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise PredictInputError(f'{where}: invalid JSON ({e.msg})') from None
+          records.append(parse_dialogue(obj, where, tuple(self.config.data.modalities), dims))
+    except UnicodeDecodeError as e:
+      raise PredictInputError(f'{path}: not UTF-8 text ({e})') from None
+    if not records:
+      raise PredictInputError(f'{path}: no dialogues')
+    longest = max(len(r.labels) for r in records)
+    if longest > self.config.batch.max_nodes - 1:
+      raise PredictInputError(f'{path}: a dialogue has {longest} utterances; this model was '
+                              f'configured for at most {self.config.batch.max_nodes - 1}')
+    return records
+
+
+def _trained_stages(workdir: str) -> list[str]:
+  import os  # pylint: disable=g-import-not-at-top
+  order = ('teacher', 'audio', 'visual', 'fusion')
+  return [s for s in order if os.path.isdir(os.path.join(workdir, 'checkpoints', s, 'best'))]
+
+
+def _needed_for(stage: str, config) -> list[str]:
+  if stage != 'fusion' or config.model.fusion.input == 'raw':
+    return [stage]
+  enc = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}
+  return [enc[m] for m in config.data.modalities] + ['fusion']
+
+
+def format_predictions(records: Iterable, probs: Iterable[np.ndarray],
+                       label_names: Sequence[str]) -> list[dict]:
+  rows = []
+  for record, p in zip(records, probs):
+    for i in range(len(record.labels)):
+      rows.append({
+          'dialogue_id': record.dialogue_id, 'utterance_id': int(record.utterance_ids[i]),
+          'speaker': record.speakers[i], 'emotion': label_names[int(np.argmax(p[i]))],
+          'probabilities': {name: round(float(v), 4) for name, v in zip(label_names, p[i])}})
+  return rows
+
+
+def main(argv):
+  del argv
+  predictor = Predictor(_WORKDIR.value)
+  records = predictor.read_jsonl(_INPUT.value)
+  rows = format_predictions(records, predictor.probabilities(records), predictor.label_names)
+  for row in rows:
+    top = sorted(row['probabilities'].items(), key=lambda kv: -kv[1])[:3]
+    print(f'{row["dialogue_id"]}\t{row["utterance_id"]}\t{row["speaker"]}\t{row["emotion"]}\t'
+          + ' '.join(f'{k}={v:.3f}' for k, v in top))
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
+      for row in rows:
+        f.write(json.dumps(row) + '\n')
+    print(f'wrote {len(rows)} predictions to {_OUTPUT.value}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'input'])
+  app.run(main)

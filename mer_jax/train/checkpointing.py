@@ -1,0 +1,104 @@
+"""All Orbax calls of the project.
+
+Per stage, two CheckpointManagers under `workdir/checkpoints/<stage>/`:
+  latest/  the last `keep` epochs: train state (params, batch statistics, optimizer, EMA, step,
+           lr scale, rng), the data-iterator state and the loop's bookkeeping (for resuming);
+  best/    the evaluation weights (EMA where the stage has it) of the best dev weighted F1, with
+           the config and label names (for prediction).
+Orbax writes each step into a temporary folder and renames it when complete, so a crash during a
+save leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: str, keep: int, items: tuple[str, ...],
+             read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         enable_async_checkpointing=False, read_only=read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=items)
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+class StageCheckpoints:
+  """latest-k (resume) and best-by-dev-F1 (predict) checkpoints of one training stage."""
+
+  LATEST_ITEMS = ('state', 'data', 'meta')
+  BEST_ITEMS = ('weights', 'meta')
+
+  def __init__(self, workdir: str, stage: str, keep: int = 2, read_only: bool = False):
+    root = os.path.join(workdir, 'checkpoints', stage)
+    self.stage = stage
+    self.root = root
+    self._latest = _manager(os.path.join(root, 'latest'), keep, self.LATEST_ITEMS, read_only)
+    self._best = _manager(os.path.join(root, 'best'), 1, self.BEST_ITEMS, read_only)
+
+  # --- resume -------------------------------------------------------------------------------
+  def latest_step(self) -> int | None:
+    return self._latest.latest_step()
+
+  def save_latest(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    self._latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    self._latest.wait_until_finished()
+
+  def latest_meta(self) -> dict | None:
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    return self._latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore_latest(self, like_state: Any) -> tuple[Any, dict, dict] | None:
+    """Restores onto the shardings of `like_state` (concrete or abstract arrays)."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    out = self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return out['state'], out['data'], out['meta']
+
+  # --- best (for evaluation and prediction) ---------------------------------------------------
+  def save_best(self, step: int, params: Any, batch_stats: Any, meta: dict) -> None:
+    # One item: a model without batch norm has empty batch statistics, which Orbax cannot
+    # save as an item of its own.
+    weights = {'params': params, 'batch_stats': batch_stats}
+    self._best.save(step, args=ocp.args.Composite(
+        weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)), force=True)
+    self._best.wait_until_finished()
+
+  def has_best(self) -> bool:
+    return self._best.latest_step() is not None
+
+  def best_meta(self) -> dict:
+    step = self._require_best()
+    return self._best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore_best(self, like_params: Any, like_batch_stats: Any) -> tuple[Any, Any, dict]:
+    step = self._require_best()
+    like = {'params': like_params, 'batch_stats': like_batch_stats}
+    out = self._best.restore(step, args=ocp.args.Composite(
+        weights=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
+    return out['weights']['params'], out['weights']['batch_stats'], out['meta']
+
+  def _require_best(self) -> int:
+    step = self._best.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no best checkpoint for stage {self.stage!r} under '
+                              f'{os.path.join(self.root, "best")}; train the stage first')
+    return step
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()

@@ -1,0 +1,368 @@
+"""Stage loops: teacher -> students (distilled from the frozen teacher) -> fusion.
+
+`train_and_evaluate(config, workdir)` is the whole job. Each stage trains with early stopping on
+dev weighted F1 and reduce-on-plateau, checkpoints every epoch (resumable), keeps its best
+evaluation weights, and writes a test report. A finished stage is not trained again: rerunning a
+workdir resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from mer_jax import config_validation
+from mer_jax import evaluate
+from mer_jax import losses
+from mer_jax import models
+from mer_jax.data import pipeline
+from mer_jax.data import sources
+from mer_jax.train import checkpointing
+from mer_jax.train import optim
+from mer_jax.train import sharding
+from mer_jax.train import steps
+from mer_jax.train.metrics_writer import MetricsWriter
+
+STAGE_TO_MODALITY = steps.MODALITY_OF_STAGE
+
+
+@dataclasses.dataclass
+class FrozenModel:
+  """A trained stage ready for inference: graphdef + (params, batch_stats, rng_state)."""
+  graphdef: Any
+  states: tuple[Any, Any, Any]
+
+
+@dataclasses.dataclass
+class Context:
+  config: Any
+  workdir: str
+  mesh: Any
+  data: sources.SplitSources
+  class_weights: jax.Array
+
+
+# ------------------------------------------------------------------------------------------
+# Model construction, sharded from the start.
+# ------------------------------------------------------------------------------------------
+
+def stage_in_dims(stage: str, config) -> dict[str, int]:
+  dims = dict(config.data.dims)
+  if stage in STAGE_TO_MODALITY:
+    m = STAGE_TO_MODALITY[stage]
+    return {m: dims[m]}
+  if config.model.fusion.input == 'raw':
+    return {m: dims[m] for m in config.data.modalities}
+  return {m: models.representation_dim(steps.ENCODER_OF_MODALITY[m], config)
+          for m in config.data.modalities}
+
+
+def build_sharded_model(stage: str, config, mesh, seed: int):
+  """(graphdef, params, batch_stats, rng_state), created directly in their sharded layout."""
+  num_classes = len(config.label_names)
+  in_dims = stage_in_dims(stage, config)
+
+  def create():
+    model = models.build_model(stage, config, in_dims=in_dims, num_classes=num_classes,
+                               rngs=nnx.Rngs(seed))
+    return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+  graphdef, *abstract = nnx.eval_shape(create)
+  shardings = [sharding.state_shardings(a, mesh, config.mesh.rules) for a in abstract]
+
+  @functools.partial(jax.jit, out_shardings=tuple(shardings))
+  def init():
+    return tuple(create()[1:])
+
+  params, batch_stats, rng_state = init()
+  return graphdef, params, batch_stats, rng_state
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation over a split.
+# ------------------------------------------------------------------------------------------
+
+def predict_split(source, config, budget, predict_fn, mesh, desc: str = 'eval',
+                  progress: bool = False) -> dict[str, np.ndarray]:
+  """Runs `predict_fn(batch) -> probs` over a split in order; returns per-utterance arrays."""
+  ds = pipeline.make_dataset(source, config=config, budget=budget, train=False, epoch=0,
+                             seed=config.seed)
+  probs, labels, records, utterances = [], [], [], []
+  batch_sh = None
+  for batch in tqdm(ds, desc=desc, leave=False, disable=not progress):
+    if batch_sh is None:
+      batch_sh = sharding.batch_shardings(batch, mesh)
+    p = np.asarray(jax.device_get(predict_fn(sharding.put_batch(batch, batch_sh))))
+    mask = batch.nodes['mask']
+    probs.append(p[mask])
+    labels.append(batch.nodes['label'][mask])
+    records.append(batch.nodes['record'][mask])
+    utterances.append(batch.nodes['utterance'][mask])
+  return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels),
+          'records': np.concatenate(records), 'utterances': np.concatenate(utterances)}
+
+
+def split_metrics(pred: dict[str, np.ndarray], label_names) -> dict:
+  return evaluate.classification_metrics(pred['labels'], pred['probs'].argmax(-1), label_names)
+
+
+# ------------------------------------------------------------------------------------------
+# One stage.
+# ------------------------------------------------------------------------------------------
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+
+
+class StageRunner:
+  """One stage: its sharded model, optimizer and jitted steps, and the epoch loop (`fit`)."""
+
+  def __init__(self, stage: str, ctx: Context, frozen: dict[str, FrozenModel]):
+    config = ctx.config
+    self.stage, self.ctx, self.config = stage, ctx, config
+    self.scfg = scfg = config.optim[stage]
+    self.budget = pipeline.budget_from_config(config)
+    self.seed = config.seed + {'teacher': 0, 'audio': 1, 'visual': 2, 'fusion': 3}[stage]
+    self.graphdef, params, batch_stats, self.rng_state = build_sharded_model(
+        stage, config, ctx.mesh, self.seed)
+    self.statics = steps.StageStatics(
+        stage=stage, modalities=tuple(config.data.modalities),
+        fusion_input=config.model.fusion.input, loss=config.loss,
+        distill=bool(config.loss.distill) and 'teacher' in frozen,
+        ema_decay=float(scfg.ema_decay))
+    needed = _frozen_needed(stage, self.statics, config)
+    missing = [n for n in needed if n not in frozen]
+    if missing:
+      raise ValueError(f'stage {stage!r} needs the trained {missing} stage(s); add them to '
+                       f'config.train.stages before {stage!r}')
+    self.frozen_states = {n: frozen[n].states for n in needed}
+    self.frozen_graphdefs = {n: frozen[n].graphdef for n in needed}
+
+    self.plan_lengths = [
+        len(pipeline.make_dataset(ctx.data.train, config=config, budget=self.budget, train=True,
+                                  epoch=e, seed=config.seed))
+        for e in range(config.train.epochs)]
+    total_updates = max(1, sum(self.plan_lengths) // max(1, scfg.grad_accum_steps))
+    self.tx = optim.make_optimizer(scfg, params, total_updates,
+                                   group_of=models.param_group if stage == 'fusion' else None)
+
+    def init_state(params, batch_stats):
+      return steps.TrainState(
+          step=jnp.zeros((), jnp.int32), params=params, model_state=batch_stats,
+          opt_state=self.tx.init(params),
+          ema_params=jax.tree.map(jnp.copy, params) if scfg.ema_decay > 0 else None,
+          lr_scale=jnp.ones((), jnp.float32), rng=jax.random.PRNGKey(self.seed))
+
+    self.state = jax.jit(init_state)(params, batch_stats)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    self.predict_fn = jax.jit(functools.partial(
+        steps.predict_step, graphdef=self.graphdef, rng_state=self.rng_state,
+        frozen_graphdefs=self.frozen_graphdefs, statics=self.statics))
+
+  def jitted_train_step(self, batch_shardings):
+    rep = sharding.replicated(self.ctx.mesh)
+    fn = functools.partial(
+        steps.train_step, graphdef=self.graphdef, rng_state=self.rng_state,
+        frozen_graphdefs=self.frozen_graphdefs, tx=self.tx, statics=self.statics)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen_states)
+    return jax.jit(fn, in_shardings=(self.state_shardings, batch_shardings, frozen_sh, rep),
+                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+  def evaluate(self, source, params, batch_stats) -> dict:
+    pred = predict_split(source, self.config, self.budget,
+                         lambda b: self.predict_fn(params, batch_stats, b, self.frozen_states),
+                         self.ctx.mesh)
+    return split_metrics(pred, self.config.label_names)
+
+  def fit(self) -> FrozenModel:
+    """Trains (or resumes, or skips if finished) and returns the best evaluation weights."""
+    stage, config, scfg = self.stage, self.config, self.scfg
+    ckpt = checkpointing.StageCheckpoints(self.ctx.workdir, stage,
+                                          keep=config.train.checkpoint_keep)
+    state = self.state
+    meta = ckpt.latest_meta()
+    if meta is not None and meta.get('finished'):
+      logging.info('stage %s: already finished in %s; restoring its best weights', stage,
+                   ckpt.root)
+      params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
+      ckpt.close()
+      return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state))
+    loop = {'epoch': 0, 'best_f1': -1.0, 'best_epoch': -1, 'bad_epochs': 0,
+            'plateau_epochs': 0, 'history': []}
+    data_state = {'epoch': 0, 'iterator': None}
+    if meta is not None:
+      state, data_state, meta = ckpt.restore_latest(state)
+      loop = meta['loop']
+      logging.info('stage %s: resuming at epoch %d, step %d', stage, data_state['epoch'] + 1,
+                   int(state.step))
+
+    writer = MetricsWriter(os.path.join(self.ctx.workdir, 'tensorboard', stage))
+    train_step = None
+    epochs = config.train.epochs
+    epoch = data_state['epoch']
+    stop = False
+    while epoch < epochs and not stop:
+      ds = pipeline.make_dataset(self.ctx.data.train, config=config, budget=self.budget,
+                                 train=True, epoch=epoch, seed=config.seed)
+      it = iter(ds.to_iter_dataset())
+      if data_state.get('iterator') is not None and data_state['epoch'] == epoch:
+        it.set_state(data_state['iterator'])
+      pending: list[dict] = []
+      t0 = time.time()
+      host_step = int(state.step)  # tracked on the host so the loop never waits on the device
+      bar = tqdm(total=len(ds), desc=f'{stage} epoch {epoch + 1}/{epochs}',
+                 disable=not config.train.progress_bar, leave=False)
+      bar.update(host_step - sum(self.plan_lengths[:epoch]))
+      for batch in it:
+        if train_step is None:
+          batch_sh = sharding.batch_shardings(batch, self.ctx.mesh)
+          train_step = self.jitted_train_step(batch_sh)
+        state, metrics = train_step(state, sharding.put_batch(batch, batch_sh),
+                                    self.frozen_states, self.ctx.class_weights)
+        host_step += 1
+        pending.append(metrics)
+        bar.update(1)
+        if len(pending) >= config.train.log_every_steps:
+          _log_train(pending, host_step, stage, writer, bar)
+          pending = []
+        every = config.train.checkpoint_every_steps
+        if every and host_step % every == 0:
+          ckpt.save_latest(host_step, state, {'epoch': epoch, 'iterator': it.get_state()},
+                           _jsonable({'loop': loop, 'finished': False, 'stage': stage}))
+      bar.close()
+      if pending:
+        _log_train(pending, host_step, stage, writer, None)
+
+      eval_params = state.ema_params if state.ema_params is not None else state.params
+      dev = self.evaluate(self.ctx.data.dev, eval_params, state.model_state)
+      f1 = float(dev['weighted_f1'])
+      writer.scalars(host_step, {'dev/weighted_f1': f1, 'dev/macro_f1': dev['macro_f1'],
+                                 'dev/accuracy': dev['accuracy']})
+      if f1 > loop['best_f1'] + config.train.early_stopping_min_delta:
+        loop.update(best_f1=f1, best_epoch=epoch, bad_epochs=0, plateau_epochs=0)
+        ckpt.save_best(host_step, eval_params, state.model_state,
+                       _jsonable({'stage': stage, 'epoch': epoch, 'dev': dev,
+                                  'label_names': list(config.label_names),
+                                  'config': config.to_dict()}))
+      else:
+        loop['bad_epochs'] += 1
+        loop['plateau_epochs'] += 1
+        if loop['plateau_epochs'] >= scfg.lr_reduce_patience:
+          loop['plateau_epochs'] = 0
+          state = state.replace(lr_scale=state.lr_scale * scfg.lr_reduce_factor)
+          logging.info('stage %s: dev F1 plateaued; lr scale -> %.4g', stage,
+                       float(state.lr_scale))
+        stop = loop['bad_epochs'] >= scfg.early_stopping_patience
+      loop['history'].append({'epoch': epoch, 'dev_weighted_f1': f1,
+                              'seconds': time.time() - t0})
+      logging.info('stage %s epoch %d: dev weighted F1 %.2f (best %.2f at epoch %d)%s', stage,
+                   epoch + 1, 100 * f1, 100 * loop['best_f1'], loop['best_epoch'] + 1,
+                   ' - early stop' if stop else '')
+      epoch += 1
+      loop['epoch'] = epoch
+      ckpt.save_latest(host_step, state, {'epoch': epoch, 'iterator': None},
+                       _jsonable({'loop': loop, 'finished': stop or epoch >= epochs,
+                                  'stage': stage}))
+    writer.close()
+    self.state = state
+    params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
+    ckpt.close()
+    return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state))
+
+
+def run_stage(stage: str, ctx: Context, frozen: dict[str, FrozenModel]) -> FrozenModel:
+  return StageRunner(stage, ctx, frozen).fit()
+
+
+def _frozen_needed(stage: str, statics: steps.StageStatics, config) -> tuple[str, ...]:
+  if stage == 'teacher':
+    return ()
+  if stage in ('audio', 'visual'):
+    return ('teacher',) if statics.distill else ()
+  if config.model.fusion.input == 'raw':
+    return ()
+  return tuple(steps.ENCODER_OF_MODALITY[m] for m in config.data.modalities)
+
+
+def _log_train(pending: list[dict], step: int, stage: str, writer: MetricsWriter, bar) -> None:
+  """Fetches the metrics of the last steps (one host sync) and stops on NaN/Inf."""
+  fetched = jax.device_get(pending)
+  mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  losses_seen = np.array([m['loss'] for m in fetched])
+  if not np.all(np.isfinite(losses_seen)):
+    first = int(np.flatnonzero(~np.isfinite(losses_seen))[0])
+    raise FloatingPointError(
+        f'stage {stage}: non-finite loss at step {step - len(fetched) + first + 1} '
+        f'(grad norm {fetched[first]["grad_norm"]}); stopping. Lower the learning rate or check '
+        f'the input features.')
+  writer.scalars(step, {f'train/{k}': v for k, v in mean.items()})
+  if bar is not None:
+    bar.set_postfix(loss=f'{mean["loss"]:.4f}', acc=f'{mean["accuracy"]:.3f}')
+
+
+# ------------------------------------------------------------------------------------------
+# The whole job.
+# ------------------------------------------------------------------------------------------
+
+def prepare(config, workdir: str, mesh=None) -> Context:
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config)
+  config_validation.check_mesh_fits_batch(config, sharding.data_axis_size(mesh))
+  data = sources.open_splits(config, workdir)
+  class_weights = (losses.balanced_class_weights(data.class_counts)
+                   if config.loss.class_weights == 'balanced'
+                   else np.ones(len(config.label_names), np.float32))
+  class_weights = jax.device_put(jnp.asarray(class_weights, jnp.float32), sharding.replicated(mesh))
+  return Context(config=config, workdir=workdir, mesh=mesh, data=data,
+                 class_weights=class_weights)
+
+
+def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, FrozenModel]):
+  statics = steps.StageStatics(stage=stage, modalities=tuple(config.data.modalities),
+                               fusion_input=config.model.fusion.input, loss=config.loss,
+                               distill=False, ema_decay=0.0)
+  needed = _frozen_needed(stage, statics, config)
+  fn = jax.jit(functools.partial(
+      steps.predict_step, graphdef=model.graphdef, rng_state=model.states[2],
+      frozen_graphdefs={n: frozen[n].graphdef for n in needed}, statics=statics))
+  frozen_states = {n: frozen[n].states for n in needed}
+  return lambda batch: fn(model.states[0], model.states[1], batch, frozen_states)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains every stage in config.train.stages, then reports test metrics of each."""
+  ctx = prepare(config, workdir)
+  budget = pipeline.budget_from_config(config)
+  logging.info('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
+               len(ctx.data.train), len(ctx.data.dev), len(ctx.data.test))
+  trained: dict[str, FrozenModel] = {}
+  results = {}
+  for stage in config.train.stages:
+    t0 = time.time()
+    trained[stage] = run_stage(stage, ctx, trained)
+    pred = predict_split(ctx.data.test, config, budget,
+                         stage_predict_fn(stage, trained[stage], config, trained), ctx.mesh)
+    test = split_metrics(pred, config.label_names)
+    name = f'{stage}_test'
+    evaluate.write_report(test, os.path.join(workdir, 'reports'), name,
+                          png=config.eval.confusion_png)
+    print(evaluate.format_report(test, title=f'{stage} — test ({ctx.data.test_name})'))
+    results[stage] = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
+                      'test_accuracy': test['accuracy'], 'seconds': time.time() - t0}
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
+  print(f'test weighted F1 — {summary}')
+  return results

@@ -1,0 +1,54 @@
+"""Run as a subprocess by test_sharding.py: one train step of every stage on a 1-device mesh and
+on a 4x2 (data x model) mesh of 8 fake CPU devices; prints both results as JSON."""
+
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+
+import json  # pylint: disable=g-import-not-at-top
+
+import jax
+import numpy as np
+from flax import nnx
+
+from configs import default
+from mer_jax.data import pipeline
+from mer_jax.train import sharding
+from mer_jax.train import trainer
+
+
+def run(workdir: str, devices, shape) -> dict:
+  config = default.get_config('tiny')
+  config.model.fusion.use_moe = True  # experts split over 'model' on the 8-device mesh
+  config.optim.fusion.grad_accum_steps = 1
+  config.mesh.shape = shape
+  mesh = sharding.make_mesh(config, devices)
+  ctx = trainer.prepare(config, workdir, mesh=mesh)
+  budget = pipeline.budget_from_config(config)
+  trained, out = {}, {}
+  for stage in config.train.stages:
+    runner = trainer.StageRunner(stage, ctx, trained)
+    batch = pipeline.make_dataset(ctx.data.train, config=config, budget=budget, train=True,
+                                  epoch=0, seed=config.seed)[0]
+    batch_sh = sharding.batch_shardings(batch, mesh)
+    step = runner.jitted_train_step(batch_sh)
+    state, metrics = step(runner.state, sharding.put_batch(batch, batch_sh),
+                          runner.frozen_states, ctx.class_weights)
+    params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+    shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+    out[stage] = {'loss': float(metrics['loss']), 'grad_norm': float(metrics['grad_norm']),
+                  'params': params[:: max(1, len(params) // 4000)].tolist(),
+                  'specs': sorted(shardings)}
+    trained[stage] = trainer.FrozenModel(runner.graphdef,
+                                         (state.params, state.model_state, runner.rng_state))
+  return out
+
+
+if __name__ == '__main__':
+  workdir = sys.argv[1]
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  one = run(os.path.join(workdir, 'one'), devices[:1], {'data': 1, 'model': 1})
+  eight = run(os.path.join(workdir, 'eight'), devices, {'data': 4, 'model': 2})
+  print('RESULT ' + json.dumps({'one': one, 'eight': eight}))
