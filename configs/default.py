@@ -88,7 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.batchnorm_momentum = 0.9
 
   c.model.fusion = ml_collections.ConfigDict()
-  c.model.fusion.input = 'graph'  # 'graph' (teacher/student representations) or 'raw'.
+  # What fusion reads per modality: 'stacked' (cross-fitted log-probabilities of the teacher and
+  # students: out-of-fold on train, see mer_jax/train/stacking.py), 'graph' (the frozen encoders'
+  # representations, computed in the step; leaks on train) or 'raw' (features, as the authors).
+  c.model.fusion.input = 'stacked'
+  c.model.fusion.stacking_folds = 3
   c.model.fusion.dim = 256
   c.model.fusion.layers = 3
   c.model.fusion.heads = 8

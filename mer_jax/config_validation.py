@@ -49,7 +49,9 @@ def validate_config(config) -> None:
     need(int(g.k[m]) >= 1, f'graph.k.{m}', 'must be >= 1')
 
   f = config.model.fusion
-  need(f.input in ('graph', 'raw'), 'model.fusion.input', "must be 'graph' or 'raw'")
+  need(f.input in ('stacked', 'graph', 'raw'), 'model.fusion.input',
+       "must be 'stacked', 'graph' or 'raw'")
+  need(f.stacking_folds >= 2, 'model.fusion.stacking_folds', 'must be >= 2')
   need(f.dim % f.heads == 0, 'model.fusion.dim', f'{f.dim} is not divisible by heads={f.heads}')
   need(1 <= f.top_k <= f.num_experts, 'model.fusion.top_k', f'must be in [1, num_experts={f.num_experts}]')
   need(0.0 <= f.alignment_mix <= 1.0, 'model.fusion.alignment_mix', 'must be in [0, 1]')
@@ -63,11 +65,11 @@ def validate_config(config) -> None:
            f'stage {s!r} needs modality {STAGE_MODALITY[s]!r} in data.modalities')
   order = [s for s in STAGES if s in stages]
   need(list(stages) == order, 'train.stages', f'must run in the order {order}')
-  if 'fusion' in stages and f.input == 'graph':
+  if 'fusion' in stages and f.input in ('graph', 'stacked'):
     for m in mods:
       enc = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}[m]
       need(enc in stages, 'train.stages',
-           f"fusion on graph representations needs the {enc!r} stage (or model.fusion.input='raw')")
+           f"fusion on encoder outputs needs the {enc!r} stage (or model.fusion.input='raw')")
   need(config.train.epochs >= 1, 'train.epochs', 'must be >= 1')
 
   for s in STAGES:

@@ -11,7 +11,6 @@ names are read from the checkpoints, so only the workdir is needed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from typing import Any, Iterable, Sequence
@@ -76,28 +75,13 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
       transcripts=texts, features=feats, present=present)
 
 
-@dataclasses.dataclass
-class InMemorySource:
-  """A random-access source over records already in memory (the pipeline's source protocol)."""
-  records: list
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def __getitem__(self, i: int):
-    return self.records[i]
-
-  @property
-  def dialogue_lengths(self) -> np.ndarray:
-    return np.asarray([len(r.labels) for r in self.records], np.int32)
-
-
 class Predictor:
   """The final stage of a trained workdir (and the frozen stages it reads), restored."""
 
   def __init__(self, workdir: str, stage: str | None = None):
     from mer_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
     from mer_jax.train import sharding
+    from mer_jax.train import stacking
     from mer_jax.train import trainer
     self.workdir = workdir
     stages = _trained_stages(workdir)
@@ -108,33 +92,33 @@ class Predictor:
     self.config = ml_collections.ConfigDict(meta['config'])
     self.label_names = tuple(meta['label_names'])
     self.mesh = sharding.make_mesh(self.config)
-    needed = [self.stage] if self.stage in ('teacher',) else _needed_for(self.stage, self.config)
+    self.stacked = self.stage == 'fusion' and self.config.model.fusion.input == 'stacked'
+    # The config the final stage itself was trained with (stacked fusion reads log-probabilities).
+    self.stage_config = stacking.fusion_config(self.config) if self.stacked else self.config
     self.models = {}
-    for name in needed:
+    for name in _needed_for(self.stage, self.config):
       ckpt = checkpointing.StageCheckpoints(workdir, name, read_only=True)
+      cfg = self.stage_config if name == self.stage else self.config
       graphdef, params, batch_stats, rng_state = trainer.build_sharded_model(
-          name, self.config, self.mesh, seed=0)
+          name, cfg, self.mesh, seed=0)
       params, batch_stats, _ = ckpt.restore_best(params, batch_stats)
       self.models[name] = trainer.FrozenModel(graphdef, (params, batch_stats, rng_state))
-    self._predict_fn = trainer.stage_predict_fn(self.stage, self.models[self.stage], self.config,
-                                                self.models)
+    self._predict_fn = trainer.stage_predict_fn(self.stage, self.models[self.stage],
+                                                self.stage_config, self.models)
 
   def probabilities(self, records: list) -> list[np.ndarray]:
     """Per dialogue, [n_utterances, C] class probabilities."""
     from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from mer_jax.data import sources
+    from mer_jax.train import stacking
     from mer_jax.train import trainer
-    source = InMemorySource(records)
-    budget = pipeline.budget_from_config(self.config)
-    pred = trainer.predict_split(source, self.config, budget, self._predict_fn, self.mesh)
-    out = [np.zeros((len(r.labels), len(self.label_names)), np.float32) for r in records]
-    # Utterance rows come back in batch order; put them back by (record, position).
-    positions = {}
-    for rec_index, record in enumerate(records):
-      for pos, uid in enumerate(record.utterance_ids.tolist()):
-        positions[(rec_index, uid)] = pos
-    for p, r, u in zip(pred['probs'], pred['records'], pred['utterances']):
-      out[int(r)][positions[(int(r), int(u))]] = p
-    return out
+    source = sources.InMemorySource(records)
+    if self.stacked:
+      source = sources.InMemorySource(stacking.stacked_records(
+          source, stacking.encoder_log_probs(source, self.models, self.config, self.mesh)))
+    budget = pipeline.budget_from_config(self.stage_config)
+    pred = trainer.predict_split(source, self.stage_config, budget, self._predict_fn, self.mesh)
+    return trainer.per_record_outputs(pred, source, 'probs')
 
   def read_jsonl(self, path: str) -> list:
     records = []
@@ -168,6 +152,7 @@ def _trained_stages(workdir: str) -> list[str]:
 
 
 def _needed_for(stage: str, config) -> list[str]:
+  """The stage and the frozen encoders whose outputs it reads at prediction time."""
   if stage != 'fusion' or config.model.fusion.input == 'raw':
     return [stage]
   enc = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}

@@ -270,3 +270,174 @@ def test_graph_convolution_matches_numpy():
               + aggregated @ np.asarray(layer.neighbour.kernel[...])
               + np.asarray(layer.bias[...]))
   np.testing.assert_allclose(layer(jnp.asarray(x), edges), expected, rtol=1e-5, atol=1e-5)
+
+
+def dense_of(edges, num_nodes):
+  """{(sender, receiver): weight} of a DenseGraph (stored [receiver, sender])."""
+  mask = np.asarray(edges.mask)
+  receivers, senders = np.nonzero(mask)
+  return dict(zip(zip(senders, receivers), np.asarray(edges.weights)[mask]))
+
+
+@pytest.mark.parametrize('k', [1, 3, 20])
+@pytest.mark.parametrize('speaker_edges', [False, True])
+@pytest.mark.parametrize('self_loops', [False, True])
+def test_adjacency_matches_edge_list_and_reference(k, speaker_edges, self_loops):
+  batch = random_batch(seed=10 + k)
+  options = dict(k=k, temporal_weight=1.65, speaker_weight=0.4,
+                 speaker_edges=speaker_edges, self_loops=self_loops)
+  x = jnp.asarray(batch.nodes['features'])
+  candidate = jnp.asarray(batch.nodes['present'] & batch.nodes['mask'])
+  adjacency = graph_lib.build_modality_adjacency(
+      x, jax.tree.map(jnp.asarray, batch), candidate_mask=candidate, **options)
+  assert adjacency.weights.shape == adjacency.mask.shape == (16, 16)
+  from_list = graph_lib.dense_adjacency(build(batch, **options), 16)
+  np.testing.assert_array_equal(adjacency.mask, from_list.mask)
+  np.testing.assert_array_equal(adjacency.weights, from_list.weights)
+  expected = reference_edges(batch.nodes['features'], batch, **options)
+  got = dense_of(adjacency, 16)
+  assert set(got) == set(expected)
+  for pair, weight in expected.items():
+    np.testing.assert_allclose(got[pair], weight, rtol=1e-5, atol=1e-6)
+  # Padding rows and columns stay empty; absent-modality nodes send only their self loop.
+  padding = ~np.asarray(batch.nodes['mask'])
+  mask = np.asarray(adjacency.mask)
+  assert not mask[padding].any() and not mask[:, padding].any()
+  absent = ~padding & ~np.asarray(batch.nodes['present'])
+  assert absent.any()
+  assert not (mask & ~np.eye(16, dtype=bool))[:, absent].any()
+
+
+def test_adjacency_rejects_bad_budgets():
+  batch = jax.tree.map(jnp.asarray, random_batch())
+  x = jnp.asarray(batch.nodes['features'])
+  with pytest.raises(ValueError, match='build_modality_adjacency: k must be >= 1'):
+    graph_lib.build_modality_adjacency(x, batch, k=0, temporal_weight=1.0,
+                                       speaker_weight=1.0, candidate_mask=batch.nodes['mask'])
+
+
+def test_dense_adjacency_sums_duplicates_and_drops_masked_edges():
+  edges = graph_lib.GraphEdges(
+      senders=jnp.array([0, 0, 2, 1, 3, 0], jnp.int32),
+      receivers=jnp.array([1, 1, 2, 0, 3, 1], jnp.int32),
+      weights=jnp.array([0.5, 0.25, 1.0, -2.0, 7.0, 9.0], jnp.float32),
+      mask=jnp.array([True, True, True, True, False, False]))
+  adjacency = graph_lib.dense_adjacency(edges, 4)
+  expected = np.zeros((4, 4), np.float32)  # [receiver, sender]
+  expected[1, 0] = 0.75
+  expected[2, 2] = 1.0
+  expected[0, 1] = -2.0
+  np.testing.assert_array_equal(adjacency.weights, expected)
+  np.testing.assert_array_equal(adjacency.mask, expected != 0)
+
+
+def unique_edges(edges):
+  """The edge list with each valid ordered pair once, weights summed; masked edges kept."""
+  merged = {}
+  for s, r, w, valid in zip(*(np.asarray(a) for a in edges)):
+    if valid:
+      merged[(s, r)] = merged.get((s, r), 0.0) + w
+  masked = ~np.asarray(edges.mask)
+  senders = [s for s, _ in merged] + list(np.asarray(edges.senders)[masked])
+  receivers = [r for _, r in merged] + list(np.asarray(edges.receivers)[masked])
+  weights = list(merged.values()) + list(np.asarray(edges.weights)[masked])
+  mask = [True] * len(merged) + [False] * int(masked.sum())
+  return graph_lib.GraphEdges(jnp.asarray(senders, jnp.int32), jnp.asarray(receivers, jnp.int32),
+                              jnp.asarray(weights, jnp.float32), jnp.asarray(mask))
+
+
+def attention_layer(edge_weights, concat, seed=0):
+  layer = graph_lib.GraphAttention(4, 3, 2, concat=concat, edge_weights=edge_weights,
+                                   rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  if edge_weights == 'bias':
+    layer.edge_scale[...] = jnp.asarray([0.7, -1.3], jnp.float32)
+  layer.bias[...] = jnp.asarray(rng.normal(size=layer.bias.shape), jnp.float32)
+  return layer
+
+
+def value_and_grads(layer, x, edges):
+  """Output and d(sum(out * probe))/d(params, x): checks the backward pass too."""
+  graphdef, params = nnx.split(layer)
+  probe = jnp.cos(jnp.arange(layer.output_width * x.shape[0], dtype=jnp.float32)).reshape(
+      x.shape[0], -1)
+
+  def loss(params, x):
+    out = nnx.merge(graphdef, params)(x, edges)
+    return jnp.sum(out * probe), out
+
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  return out, grads
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize('edge_weights', ['bias', 'none'])
+@pytest.mark.parametrize('concat', [True, False])
+def test_graph_attention_dense_matches_segment_and_reference(edge_weights, concat):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  edges = unique_edges(explicit_edges(rng))  # masked edges kept, pointing anywhere
+  layer = attention_layer(edge_weights, concat)
+  segment, segment_grads = value_and_grads(layer, x, edges)
+  dense, dense_grads = value_and_grads(layer, x, graph_lib.dense_adjacency(edges, 6))
+  np.testing.assert_allclose(dense, segment, rtol=1e-5, atol=1e-6)
+  assert_trees_close(dense_grads, segment_grads)
+  expected = reference_attention(
+      np.asarray(x), edges, np.asarray(layer.projection.kernel[...]),
+      np.asarray(layer.attend_sender[...]), np.asarray(layer.attend_receiver[...]),
+      np.asarray(layer.bias[...]), 2, 3, concat,
+      np.asarray(layer.edge_scale[...]) if edge_weights == 'bias' else None)
+  np.testing.assert_allclose(dense, expected, rtol=1e-4, atol=1e-5)
+  # Node 5 has no valid incoming edge: only the bias.
+  assert not np.asarray(edges.mask & (edges.receivers == 5)).any()
+  np.testing.assert_allclose(dense[5], layer.bias[...], rtol=1e-6)
+
+
+def test_graph_attention_dense_merges_duplicate_edges_into_one():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  edges = explicit_edges(rng)
+  pairs = list(zip(np.asarray(edges.senders)[np.asarray(edges.mask)],
+                   np.asarray(edges.receivers)[np.asarray(edges.mask)]))
+  assert len(pairs) > len(set(pairs))  # the draw has duplicate pairs
+  layer = attention_layer('bias', True)
+  np.testing.assert_allclose(layer(x, graph_lib.dense_adjacency(edges, 6)),
+                             layer(x, unique_edges(edges)), rtol=1e-5, atol=1e-6)
+
+
+def test_graph_convolution_dense_matches_segment_with_duplicates():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  edges = explicit_edges(rng)  # duplicate pairs and masked edges with nonzero weights
+  layer = graph_lib.GraphConvolution(4, 5, rngs=nnx.Rngs(0))
+  layer.bias[...] = jnp.asarray(rng.normal(size=5), jnp.float32)
+  segment, segment_grads = value_and_grads(layer, x, edges)
+  dense, dense_grads = value_and_grads(layer, x, graph_lib.dense_adjacency(edges, 6))
+  np.testing.assert_allclose(dense, segment, rtol=1e-5, atol=1e-5)
+  assert_trees_close(dense_grads, segment_grads)
+  # Masked entries of a DenseGraph are ignored whatever weight they hold.
+  adjacency = graph_lib.dense_adjacency(edges, 6)
+  noisy = adjacency._replace(weights=jnp.where(adjacency.mask, adjacency.weights, 50.0))
+  np.testing.assert_allclose(layer(x, noisy), dense, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('edge_weights', ['bias', 'none'])
+def test_layers_agree_on_built_edges_with_padding_and_absent_nodes(edge_weights):
+  batch = random_batch(seed=7, dim=4)
+  x = jnp.asarray(batch.nodes['features'])
+  candidate = jnp.asarray(batch.nodes['present'] & batch.nodes['mask'])
+  options = dict(k=3, temporal_weight=1.65, speaker_weight=0.4, speaker_edges=True,
+                 candidate_mask=candidate)
+  graph = jax.tree.map(jnp.asarray, batch)
+  attention = attention_layer(edge_weights, False)
+  conv = graph_lib.GraphConvolution(4, 5, rngs=nnx.Rngs(1))
+  for layer, self_loops in ((attention, True), (conv, False)):
+    edges = graph_lib.build_modality_edges(x, graph, self_loops=self_loops, **options)
+    adjacency = graph_lib.build_modality_adjacency(x, graph, self_loops=self_loops, **options)
+    segment, segment_grads = value_and_grads(layer, x, edges)
+    dense, dense_grads = value_and_grads(layer, x, adjacency)
+    np.testing.assert_allclose(dense, segment, rtol=1e-5, atol=1e-5)
+    assert_trees_close(dense_grads, segment_grads)

@@ -8,7 +8,7 @@ import pytest
 from configs import default
 from mer_jax.data import pipeline
 from mer_jax.data.shards import DialogueRecord, speaker_ranks
-from mer_jax.predict import InMemorySource
+from mer_jax.data.sources import InMemorySource
 
 DIMS = {'t': 6, 'a': 4, 'v': 3}
 

@@ -95,3 +95,42 @@ def open_splits(config, workdir: str) -> SplitSources:
     opened[role] = src
   return SplitSources(train=opened['train'], dev=opened['dev'], test=opened['test'],
                       shard_dir=shard_dir, test_name=config.data.test_split)
+
+
+@dataclasses.dataclass
+class InMemorySource:
+  """Random access over records held in memory (the pipeline's source protocol)."""
+  records: list
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i: int):
+    return self.records[i]
+
+  @property
+  def dialogue_lengths(self) -> np.ndarray:
+    return np.asarray([len(r.labels) for r in self.records], np.int32)
+
+
+@dataclasses.dataclass
+class SubsetSource:
+  """The records `indices` of a source, renumbered 0..n-1 (a cross-fitting fold)."""
+  base: object
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.base[int(self.indices[i])]
+
+  @property
+  def dialogue_lengths(self) -> np.ndarray:
+    return np.asarray(self.base.dialogue_lengths)[self.indices]
+
+
+def fold_indices(num_records: int, num_folds: int, seed: int) -> list[np.ndarray]:
+  """Dialogue indices of each fold: a seeded permutation cut into near-equal parts."""
+  order = np.random.default_rng([seed, 991]).permutation(num_records)
+  return [np.sort(part) for part in np.array_split(order, num_folds)]

@@ -114,6 +114,21 @@ def predict_split(source, config, budget, predict_fn, mesh, desc: str = 'eval',
           'records': np.concatenate(records), 'utterances': np.concatenate(utterances)}
 
 
+def per_record_outputs(pred: dict[str, np.ndarray], source, key: str = 'probs') -> list[np.ndarray]:
+  """Regroups predict_split's per-utterance rows into one [n_utterances, ...] array per record."""
+  out = [None] * len(source)
+  lengths = np.asarray(source.dialogue_lengths)
+  for r in range(len(source)):
+    out[r] = np.zeros((int(lengths[r]),) + pred[key].shape[1:], pred[key].dtype)
+  positions = {}
+  for r in range(len(source)):
+    for pos, uid in enumerate(source[r].utterance_ids.tolist()):
+      positions[(r, uid)] = pos
+  for row, r, u in zip(pred[key], pred['records'], pred['utterances']):
+    out[int(r)][positions[(int(r), int(u))]] = row
+  return out
+
+
 def split_metrics(pred: dict[str, np.ndarray], label_names) -> dict:
   return evaluate.classification_metrics(pred['labels'], pred['probs'].argmax(-1), label_names)
 
@@ -129,9 +144,14 @@ def _jsonable(x):
 class StageRunner:
   """One stage: its sharded model, optimizer and jitted steps, and the epoch loop (`fit`)."""
 
-  def __init__(self, stage: str, ctx: Context, frozen: dict[str, FrozenModel]):
+  def __init__(self, stage: str, ctx: Context, frozen: dict[str, FrozenModel],
+               name: str | None = None, meta_config=None):
+    """`name` is the checkpoint folder (default: the stage); `meta_config` is saved with the best
+    checkpoint for prediction (default: ctx.config)."""
     config = ctx.config
     self.stage, self.ctx, self.config = stage, ctx, config
+    self.name = name or stage
+    self.meta_config = meta_config if meta_config is not None else config
     self.scfg = scfg = config.optim[stage]
     self.budget = pipeline.budget_from_config(config)
     self.seed = config.seed + {'teacher': 0, 'audio': 1, 'visual': 2, 'fusion': 3}[stage]
@@ -189,7 +209,7 @@ class StageRunner:
   def fit(self) -> FrozenModel:
     """Trains (or resumes, or skips if finished) and returns the best evaluation weights."""
     stage, config, scfg = self.stage, self.config, self.scfg
-    ckpt = checkpointing.StageCheckpoints(self.ctx.workdir, stage,
+    ckpt = checkpointing.StageCheckpoints(self.ctx.workdir, self.name,
                                           keep=config.train.checkpoint_keep)
     state = self.state
     meta = ckpt.latest_meta()
@@ -208,7 +228,7 @@ class StageRunner:
       logging.info('stage %s: resuming at epoch %d, step %d', stage, data_state['epoch'] + 1,
                    int(state.step))
 
-    writer = MetricsWriter(os.path.join(self.ctx.workdir, 'tensorboard', stage))
+    writer = MetricsWriter(os.path.join(self.ctx.workdir, 'tensorboard', self.name))
     train_step = None
     epochs = config.train.epochs
     epoch = data_state['epoch']
@@ -255,7 +275,7 @@ class StageRunner:
         ckpt.save_best(host_step, eval_params, state.model_state,
                        _jsonable({'stage': stage, 'epoch': epoch, 'dev': dev,
                                   'label_names': list(config.label_names),
-                                  'config': config.to_dict()}))
+                                  'config': self.meta_config.to_dict()}))
       else:
         loop['bad_epochs'] += 1
         loop['plateau_epochs'] += 1
@@ -267,7 +287,7 @@ class StageRunner:
         stop = loop['bad_epochs'] >= scfg.early_stopping_patience
       loop['history'].append({'epoch': epoch, 'dev_weighted_f1': f1,
                               'seconds': time.time() - t0})
-      logging.info('stage %s epoch %d: dev weighted F1 %.2f (best %.2f at epoch %d)%s', stage,
+      logging.info('stage %s epoch %d: dev weighted F1 %.2f (best %.2f at epoch %d)%s', self.name,
                    epoch + 1, 100 * f1, 100 * loop['best_f1'], loop['best_epoch'] + 1,
                    ' - early stop' if stop else '')
       epoch += 1
@@ -344,25 +364,39 @@ def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, F
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains every stage in config.train.stages, then reports test metrics of each."""
   ctx = prepare(config, workdir)
-  budget = pipeline.budget_from_config(config)
   logging.info('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
                len(ctx.data.train), len(ctx.data.dev), len(ctx.data.test))
   trained: dict[str, FrozenModel] = {}
   results = {}
   for stage in config.train.stages:
     t0 = time.time()
-    trained[stage] = run_stage(stage, ctx, trained)
-    pred = predict_split(ctx.data.test, config, budget,
-                         stage_predict_fn(stage, trained[stage], config, trained), ctx.mesh)
+    if stage == 'fusion' and config.model.fusion.input == 'stacked':
+      stage_ctx, stage_config = stacked_fusion_context(ctx, trained)
+      trained[stage] = StageRunner(stage, stage_ctx, trained, meta_config=config).fit()
+    else:
+      stage_ctx, stage_config = ctx, config
+      trained[stage] = run_stage(stage, ctx, trained)
+    pred = predict_split(stage_ctx.data.test, stage_config,
+                         pipeline.budget_from_config(stage_config),
+                         stage_predict_fn(stage, trained[stage], stage_config, trained), ctx.mesh)
     test = split_metrics(pred, config.label_names)
     name = f'{stage}_test'
     evaluate.write_report(test, os.path.join(workdir, 'reports'), name,
                           png=config.eval.confusion_png)
-    print(evaluate.format_report(test, title=f'{stage} — test ({ctx.data.test_name})'))
+    print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
     results[stage] = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
                       'test_accuracy': test['accuracy'], 'seconds': time.time() - t0}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
   summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
-  print(f'test weighted F1 — {summary}')
+  print(f'test weighted F1 - {summary}')
   return results
+
+
+def stacked_fusion_context(ctx: Context, trained: dict[str, FrozenModel]):
+  """The fusion stage's context and config when it trains on cross-fitted log-probabilities."""
+  from mer_jax.train import stacking  # pylint: disable=g-import-not-at-top
+  train, dev, test = stacking.stacked_splits(ctx, trained)
+  config = stacking.fusion_config(ctx.config)
+  data = dataclasses.replace(ctx.data, train=train, dev=dev, test=test)
+  return dataclasses.replace(ctx, config=config, data=data), config

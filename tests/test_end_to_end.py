@@ -1,0 +1,363 @@
+"""The whole job through its command lines: train, rerun, predict, kill and resume.
+
+One tiny workdir is trained once for the module (3 epochs, periodic checkpoints, a fusion lr that
+plateaus so reduce-on-plateau acts) and shared by the tests. Subprocesses share a persistent XLA
+compilation cache, so only the first run pays for compiling.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default
+from mer_jax import predict
+from mer_jax.data import pipeline
+from mer_jax.data import shards
+from mer_jax.data import sources
+from mer_jax.train import checkpointing
+from mer_jax.train import sharding
+from mer_jax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ('teacher', 'audio', 'visual', 'fusion')
+METRICS = ('test_weighted_f1', 'test_macro_f1', 'test_accuracy')
+EPOCHS = 3
+TIMEOUT = 600
+
+
+def tiny_config(every: int):
+  """The tiny config with the command-line overrides of `run_args` applied."""
+  config = default.get_config('tiny')
+  config.train.epochs = EPOCHS
+  config.train.checkpoint_every_steps = every
+  # No epoch after the first counts as an improvement, so fusion's lr is cut after epoch 2.
+  config.train.early_stopping_min_delta = 1.0
+  config.optim.fusion.lr_reduce_patience = 1
+  return config
+
+
+def run_args(workdir, every: int) -> list[str]:
+  return [sys.executable, '-m', 'mer_jax.main', '--config', 'configs/default.py:tiny',
+          '--workdir', str(workdir), f'--config.train.epochs={EPOCHS}',
+          f'--config.train.checkpoint_every_steps={every}',
+          '--config.train.early_stopping_min_delta=1.0',
+          '--config.optim.fusion.lr_reduce_patience=1']
+
+
+def subprocess_env(cache_dir, **extra) -> dict:
+  return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', JAX_PLATFORMS='cpu',
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', **extra)
+
+
+def run(args, env) -> tuple[subprocess.CompletedProcess, float]:
+  t0 = time.time()
+  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=TIMEOUT)
+  return proc, time.time() - t0
+
+
+def results_of(workdir) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def latest_steps(workdir, stage) -> list[int]:
+  folder = os.path.join(workdir, 'checkpoints', stage, 'latest')
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def latest_checkpoint(workdir, stage) -> tuple[dict, dict]:
+  """(train state as arrays, loop metadata) of a stage's newest latest checkpoint."""
+  step_dir = os.path.join(workdir, 'checkpoints', stage, 'latest',
+                          str(latest_steps(workdir, stage)[-1]))
+  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  return jax.device_get(state), meta
+
+
+def without_seconds(loop: dict) -> dict:
+  return dict(loop, history=[{k: v for k, v in h.items() if k != 'seconds'}
+                             for h in loop['history']])
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('xla_cache')
+
+
+@pytest.fixture(scope='module')
+def plan(tmp_path_factory):
+  """Epoch ends (in steps) and a checkpoint period that never lands on one.
+
+  Orbax refuses to save a step twice; a period dividing an epoch end would save that step
+  mid-loop and again at the end of the epoch (see test_checkpoint_period_dividing_an_epoch).
+  """
+  workdir = tmp_path_factory.mktemp('reference')
+  config = tiny_config(every=0)
+  data = sources.open_splits(config, str(workdir))  # main reuses this synthetic corpus
+  budget = pipeline.budget_from_config(config)
+  lengths = [len(pipeline.make_dataset(data.train, config=config, budget=budget, train=True,
+                                       epoch=e, seed=config.seed)) for e in range(EPOCHS)]
+  ends = np.cumsum(lengths).tolist()
+  every = next(k for k in range(2, 50) if all(e % k for e in ends))
+  # The first periodic checkpoint inside the last epoch: where the resume test kills the run.
+  kill_step = next(s for s in range(every, ends[-1], every) if s > ends[-2])
+  return {'workdir': workdir, 'ends': ends, 'every': every, 'kill_step': kill_step,
+          'config': tiny_config(every)}
+
+
+@pytest.fixture(scope='module')
+def reference(plan, cache_dir):
+  """The uninterrupted run every test compares with (compile traces logged)."""
+  proc, seconds = run(run_args(plan['workdir'], plan['every']),
+                      subprocess_env(cache_dir, JAX_LOG_COMPILES='1'))
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  return {'workdir': str(plan['workdir']), 'seconds': seconds, 'stderr': proc.stderr,
+          'results': results_of(plan['workdir'])}
+
+
+def test_training_writes_results_reports_events_and_checkpoints(reference):
+  workdir, results = reference['workdir'], reference['results']
+  assert list(results) == list(STAGES)
+  for stage in STAGES:
+    for key in METRICS:
+      assert 0.0 <= results[stage][key] <= 1.0, (stage, key)
+    with open(os.path.join(workdir, 'reports', f'{stage}_test.json')) as f:
+      report = json.load(f)
+    assert report['weighted_f1'] == pytest.approx(results[stage]['test_weighted_f1'], abs=1e-9)
+    assert os.path.getsize(os.path.join(workdir, 'reports', f'{stage}_test_confusion.png')) > 0
+    assert glob.glob(os.path.join(workdir, 'tensorboard', stage, 'events.out.tfevents.*'))
+    best = os.path.join(workdir, 'checkpoints', stage, 'best')
+    assert [n for n in os.listdir(best) if n.isdigit()], best
+    assert latest_steps(workdir, stage), stage
+
+
+def test_steps_trace_once_per_stage_over_the_whole_run(reference):
+  """3 epochs of every stage: one train-step trace per stage; one predict-step trace per stage
+  for its dev evaluations and one for its test report."""
+  stderr = reference['stderr']
+  assert len(re.findall(r'Finished tracing train_step for jit', stderr)) == len(STAGES)
+  assert len(re.findall(r'Finished tracing predict_step for jit', stderr)) == 2 * len(STAGES)
+
+
+def test_fusion_lr_was_reduced_on_plateau(reference, plan):
+  state, meta = latest_checkpoint(reference['workdir'], 'fusion')
+  factor = plan['config'].optim.fusion.lr_reduce_factor
+  assert meta['finished'] and meta['loop']['epoch'] == EPOCHS
+  np.testing.assert_allclose(float(state['lr_scale']), factor ** 2, rtol=1e-6)
+
+
+def test_rerun_of_a_finished_workdir_trains_nothing(reference, plan, cache_dir):
+  workdir = reference['workdir']
+
+  def files(sub):
+    return sorted(glob.glob(os.path.join(workdir, sub, '**', '*'), recursive=True))
+
+  before = {sub: files(sub) for sub in ('checkpoints', 'tensorboard')}
+  proc, seconds = run(run_args(workdir, plan['every']), subprocess_env(cache_dir))
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  for stage in STAGES:
+    assert f'stage {stage}: already finished' in proc.stderr, stage
+  assert {sub: files(sub) for sub in before} == before
+  again = results_of(workdir)
+  for stage in STAGES:
+    for key in METRICS:
+      assert again[stage][key] == pytest.approx(reference['results'][stage][key], abs=1e-9)
+  assert seconds < reference['seconds'], (seconds, reference['seconds'])
+
+
+# --- prediction from the trained workdir --------------------------------------------------
+
+@pytest.fixture(scope='module')
+def dialogues(reference, plan, tmp_path_factory):
+  """Two test-split dialogues (one with a missing modality) as predict's JSONL input."""
+  config = plan['config']
+  test = shards.DialogueShardSource(sources.synthetic_dir(config, reference['workdir']), 'test',
+                                    modalities=tuple(config.data.modalities))
+  lengths = test.dialogue_lengths
+  with_missing = next(i for i in range(len(test)) if lengths[i] >= 2 and not all(
+      test[i].present[m].all() for m in config.data.modalities))
+  other = next(i for i in range(len(test)) if i != with_missing and lengths[i] >= 2)
+  chosen = [with_missing, other]
+  path = tmp_path_factory.mktemp('predict') / 'dialogues.jsonl'
+  with open(path, 'w', encoding='utf-8') as f:
+    for i in chosen:
+      r = test[i]
+      utterances = [{
+          'utterance_id': int(r.utterance_ids[j]), 'speaker': r.speakers[j],
+          'text': r.transcripts[j],
+          'features': {m: (r.features[m][j].tolist() if r.present[m][j] else None)
+                       for m in config.data.modalities}} for j in range(len(r.labels))]
+      f.write(json.dumps({'dialogue_id': r.dialogue_id, 'utterances': utterances}) + '\n')
+  return {'path': str(path), 'indices': chosen, 'records': [test[i] for i in chosen],
+          'source': test}
+
+
+@pytest.fixture(scope='module')
+def predictor(reference):
+  return predict.Predictor(reference['workdir'])
+
+
+def test_predict_cli_matches_the_in_process_predictor(reference, dialogues, predictor,
+                                                      cache_dir, tmp_path):
+  out = tmp_path / 'out.jsonl'
+  proc, _ = run([sys.executable, '-m', 'mer_jax.predict', '--workdir', reference['workdir'],
+                 '--input', dialogues['path'], '--output', str(out)], subprocess_env(cache_dir))
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  num_utterances = sum(len(r.labels) for r in dialogues['records'])
+  printed = proc.stdout.strip().splitlines()
+  assert len(printed) == num_utterances, proc.stdout
+  ids = [r.dialogue_id for r in dialogues['records']]
+  assert [line.split('\t')[0] for line in printed] == [
+      d for d, r in zip(ids, dialogues['records']) for _ in r.labels]
+  with open(out, encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == num_utterances
+  names = list(predictor.label_names)
+  cli = np.asarray([[row['probabilities'][n] for n in names] for row in rows])
+  np.testing.assert_allclose(cli.sum(-1), 1.0, atol=1e-5)
+  assert [row['emotion'] for row in rows] == [names[k] for k in cli.argmax(-1)]
+
+  records = predictor.read_jsonl(dialogues['path'])
+  in_process = np.concatenate(predictor.probabilities(records))
+  np.testing.assert_allclose(cli, in_process, atol=1e-5)
+
+
+def test_restored_models_reproduce_the_training_run_predictions(reference, plan, dialogues,
+                                                                predictor):
+  """save -> restore -> identical predictions: the trainer's own evaluation (predict_split on
+  the test shards) with the restored best checkpoints reproduces results.json, and its fusion
+  probabilities for the two dialogues equal the Predictor's on their JSONL form."""
+  config, workdir = plan['config'], reference['workdir']
+  mesh = sharding.make_mesh(config)
+  budget = pipeline.budget_from_config(config)
+  restored = {}
+  for stage in STAGES:
+    graphdef, params, batch_stats, rng_state = trainer.build_sharded_model(
+        stage, config, mesh, seed=123)  # any seed: every weight comes from the checkpoint
+    ckpt = checkpointing.StageCheckpoints(workdir, stage, read_only=True)
+    params, batch_stats, _ = ckpt.restore_best(params, batch_stats)
+    ckpt.close()
+    restored[stage] = trainer.FrozenModel(graphdef, (params, batch_stats, rng_state))
+    pred = trainer.predict_split(dialogues['source'], config, budget,
+                                 trainer.stage_predict_fn(stage, restored[stage], config,
+                                                          restored), mesh)
+    metrics = trainer.split_metrics(pred, config.label_names)
+    with open(os.path.join(workdir, 'reports', f'{stage}_test.json')) as f:
+      report = json.load(f)
+    assert np.asarray(metrics['confusion']).tolist() == report['confusion'], stage
+    for key in METRICS:
+      assert metrics[key[len('test_'):]] == pytest.approx(reference['results'][stage][key],
+                                                         abs=1e-9), (stage, key)
+  fusion_pred = pred  # the last stage's
+  expected = predictor.probabilities(predictor.read_jsonl(dialogues['path']))
+  for index, want in zip(dialogues['indices'], expected):
+    rows = np.flatnonzero(fusion_pred['records'] == index)
+    order = np.argsort(fusion_pred['utterances'][rows])
+    got = fusion_pred['probs'][rows][order]
+    ids = dialogues['source'][index].utterance_ids
+    np.testing.assert_allclose(got, want[np.argsort(ids)], atol=1e-5)
+
+
+# --- kill and resume ----------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def killed_and_resumed(reference, plan, cache_dir, tmp_path_factory):
+  """The reference command in a new workdir, SIGKILLed right after fusion's first periodic
+  checkpoint in the last epoch, then rerun to completion."""
+  workdir = tmp_path_factory.mktemp('killed')
+  env = subprocess_env(cache_dir)
+  target = os.path.join(workdir, 'checkpoints', 'fusion', 'latest', str(plan['kill_step']))
+  with open(workdir / 'killed.log', 'w') as log:
+    proc = subprocess.Popen(run_args(workdir, plan['every']), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + TIMEOUT
+    while proc.poll() is None and not os.path.isdir(target) and time.time() < deadline:
+      time.sleep(0.01)
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+  killed_log = (workdir / 'killed.log').read_text()
+  assert proc.returncode == -signal.SIGKILL, killed_log[-6000:]
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  resumed, _ = run(run_args(workdir, plan['every']), env)
+  assert resumed.returncode == 0, resumed.stderr[-6000:]
+  return {'workdir': str(workdir), 'stderr': resumed.stderr}
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(reference, plan, killed_and_resumed):
+  stderr = killed_and_resumed['stderr']
+  for stage in ('teacher', 'audio', 'visual'):
+    assert f'stage {stage}: already finished' in stderr, stage
+  resumed_at = re.search(r'stage fusion: resuming at epoch (\d+), step (\d+)', stderr)
+  assert resumed_at, stderr[-6000:]
+  # Killed inside the last epoch, after the lr had been cut: the resume restores mid-epoch
+  # data position, Adam/accumulation state, EMA, lr scale and loop bookkeeping.
+  assert int(resumed_at.group(1)) == EPOCHS
+  assert plan['ends'][-2] < int(resumed_at.group(2)) < plan['ends'][-1]
+
+  resumed = results_of(killed_and_resumed['workdir'])
+  for stage in STAGES:
+    for key in METRICS:
+      assert resumed[stage][key] == pytest.approx(reference['results'][stage][key], abs=1e-6), (
+          stage, key)
+  for stage in STAGES:
+    want_state, want_meta = latest_checkpoint(reference['workdir'], stage)
+    got_state, got_meta = latest_checkpoint(killed_and_resumed['workdir'], stage)
+    assert without_seconds(got_meta['loop']) == without_seconds(want_meta['loop']), stage
+    want_leaves = jax.tree_util.tree_leaves_with_path(want_state)
+    got_leaves = jax.tree_util.tree_leaves_with_path(got_state)
+    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves], stage
+    for (path, want), (_, got) in zip(want_leaves, got_leaves):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6,
+                                 err_msg=f'{stage} {jax.tree_util.keystr(path)}')
+
+
+# --- checkpoint steps that are saved twice ------------------------------------------------
+
+def teacher_only_config(**train):
+  config = default.get_config('tiny')
+  config.train.stages = ('teacher',)
+  config.train.epochs = 1
+  config.train.update(train)
+  return config
+
+
+def test_checkpoint_period_dividing_an_epoch(tmp_path):
+  """A periodic checkpoint on an epoch's last step is followed by the end-of-epoch checkpoint of
+  the same step; that must overwrite it, not stop the run."""
+  config = teacher_only_config(checkpoint_every_steps=2)
+  ctx = trainer.prepare(config, str(tmp_path))
+  steps = len(pipeline.make_dataset(ctx.data.train, config=config,
+                                    budget=pipeline.budget_from_config(config), train=True,
+                                    epoch=0, seed=config.seed))
+  assert steps % 2 == 0
+  results = trainer.train_and_evaluate(config, str(tmp_path))
+  assert list(results) == ['teacher']
+  assert latest_steps(tmp_path, 'teacher')[-1] == steps
+
+
+def test_resume_after_a_crash_between_the_best_and_the_latest_save(tmp_path):
+  """A crash after the epoch's best checkpoint is written but before its latest checkpoint:
+  the resumed run redoes the epoch and saves best at the same step again."""
+  config = teacher_only_config()
+  first = trainer.train_and_evaluate(config, str(tmp_path))
+  last = latest_steps(tmp_path, 'teacher')[-1]
+  shutil.rmtree(os.path.join(tmp_path, 'checkpoints', 'teacher', 'latest', str(last)))
+  again = trainer.train_and_evaluate(config, str(tmp_path))
+  assert again['teacher']['test_weighted_f1'] == pytest.approx(
+      first['teacher']['test_weighted_f1'], abs=1e-6)

@@ -1,0 +1,284 @@
+"""Jitted train/predict steps: compile once per stage; schedules, lr groups, accumulation,
+reduce-on-plateau scale and EMA against hand-computed numbers."""
+
+import collections
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import default
+from mer_jax import models
+from mer_jax.data import pipeline
+from mer_jax.train import optim
+from mer_jax.train import sharding
+from mer_jax.train import steps
+from mer_jax.train import trainer
+
+STAGES = ('teacher', 'audio', 'visual')  # fusion's loop is counted in test_end_to_end.py
+EMA_DECAY = 0.9
+
+
+def fresh_copy(tree, shardings):
+  """New device buffers (the jitted train step donates its state)."""
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+
+
+def shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+@pytest.fixture(scope='module')
+def runners(tmp_path_factory):
+  """StageRunners of the tiny config, with trace counters on their train and predict steps.
+
+  The teacher accumulates 2 micro-batches and the audio student does not; both keep an EMA
+  (constant lr), so each code path of the step runs on a real model. Frozen models are the
+  untrained initial weights: the steps' mechanics do not depend on what they learned.
+  """
+  config = default.get_config('tiny')
+  config.optim.teacher.update(grad_accum_steps=2, ema_decay=EMA_DECAY, schedule='constant')
+  config.optim.audio.update(ema_decay=EMA_DECAY)
+  ctx = trainer.prepare(config, str(tmp_path_factory.mktemp('steps_workdir')))
+  budget = pipeline.budget_from_config(config)
+  traces = {'train': collections.Counter(), 'predict': collections.Counter()}
+  original_train, original_predict = steps.train_step, steps.predict_step
+
+  def counted_train(*args, **kwargs):
+    traces['train'][kwargs['statics'].stage] += 1
+    return original_train(*args, **kwargs)
+
+  def counted_predict(*args, **kwargs):
+    traces['predict'][kwargs['statics'].stage] += 1
+    return original_predict(*args, **kwargs)
+
+  def batches(epoch, count):
+    ds = pipeline.make_dataset(ctx.data.train, config=config, budget=budget, train=True,
+                               epoch=epoch, seed=config.seed)
+    assert len(ds) >= count
+    return [ds[i] for i in range(count)]
+
+  host_batches = batches(0, 3) + batches(1, 2)
+  batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh)
+  out, frozen = {}, {}
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(steps, 'train_step', counted_train)
+    mp.setattr(steps, 'predict_step', counted_predict)
+    for stage in STAGES:
+      runner = trainer.StageRunner(stage, ctx, frozen)
+      runner.step_fn = runner.jitted_train_step(batch_sh)
+      runner.initial_state = fresh_copy(runner.state, runner.state_shardings)
+      out[stage] = runner
+      params, batch_stats = runner.initial_state.params, runner.initial_state.model_state
+      frozen[stage] = trainer.FrozenModel(runner.graphdef, (
+          fresh_copy(params, shardings_of(params)),
+          fresh_copy(batch_stats, shardings_of(batch_stats)), runner.rng_state))
+  return {'config': config, 'ctx': ctx, 'runners': out, 'traces': traces,
+          'batches': [sharding.put_batch(b, batch_sh) for b in host_batches],
+          'host_batches': host_batches}
+
+
+def run_steps(runner, ctx, state, batches):
+  states, metrics = [], []
+  for batch in batches:
+    state, m = runner.step_fn(state, batch, runner.frozen_states, ctx.class_weights)
+    states.append(host(state))
+    metrics.append(host(m))
+  return state, states, metrics
+
+
+def test_train_and_predict_steps_trace_once_per_stage(runners):
+  ctx, traces = runners['ctx'], runners['traces']
+  host_batches = runners['host_batches']
+  # Different epochs pack different dialogues: the batches really differ, the shapes do not.
+  assert not np.array_equal(host_batches[0].nodes['label'], host_batches[3].nodes['label'])
+  shapes = [jax.tree.map(np.shape, b) for b in host_batches]
+  assert all(s == shapes[0] for s in shapes)
+  for stage, runner in runners['runners'].items():
+    state = fresh_copy(runner.initial_state, runner.state_shardings)
+    state, _, metrics = run_steps(runner, ctx, state, runners['batches'])
+    assert traces['train'][stage] == 1, (stage, traces['train'])
+    assert all(np.isfinite(m['loss']) for m in metrics), stage
+    assert int(state.step) == len(runners['batches'])
+    eval_params = state.ema_params if state.ema_params is not None else state.params
+    for params in (runner.initial_state.params, eval_params):
+      for source in (ctx.data.dev, ctx.data.test):
+        report = runner.evaluate(source, params, state.model_state)
+        assert 0.0 <= report['accuracy'] <= 1.0
+    assert traces['predict'][stage] == 1, (stage, traces['predict'])
+
+
+# --- learning-rate schedules and parameter groups -----------------------------------------
+
+def stage_cfg(**overrides) -> ml_collections.ConfigDict:
+  values = default.base_config().optim.fusion.to_dict()
+  values.update(lr=1e-3, weight_decay=0.0, grad_clip_norm=0.0, grad_accum_steps=1,
+                schedule='constant', lr_multipliers={})
+  values.update(overrides)  # replaces lr_multipliers as a whole (ConfigDict.update merges)
+  return ml_collections.ConfigDict(values)
+
+
+def test_constant_schedule():
+  schedule = optim.make_schedule(stage_cfg(lr=3e-4), total_steps=50)
+  for step in (0, 1, 17, 49, 500):
+    np.testing.assert_allclose(float(schedule(step)), 3e-4, rtol=1e-7)
+
+
+def test_warmup_cosine_schedule_numbers():
+  peak, total = 1e-3, 100  # warm-up: 20% of 100 = 20 steps, then cosine to 0 over 80 steps.
+  schedule = optim.make_schedule(
+      stage_cfg(lr=peak, schedule='warmup_cosine', warmup_fraction=0.2), total_steps=total)
+  expected = {
+      0: 0.0,
+      10: 0.5 * peak,  # halfway up the linear warm-up
+      20: peak,  # peak at the end of warm-up
+      40: 0.5 * peak * (1 + math.cos(math.pi * 20 / 80)),
+      60: 0.5 * peak,  # half way down the cosine
+      100: 0.0,  # end
+  }
+  for step, lr in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12, err_msg=step)
+  with pytest.raises(ValueError, match='linear'):
+    optim.make_schedule(stage_cfg(schedule='linear'), total_steps=10)
+
+
+def two_group_params():
+  w = jnp.asarray([1.0, -2.0, 3.0, 0.5], jnp.float32)
+  return {'slow': {'w': w}, 'fast': {'w': w}, 'other': {'w': w}}
+
+
+def first_adam_update(lr, g, eps=1e-8):
+  # Bias-corrected first Adam step: m_hat = g, v_hat = g^2.
+  g = np.asarray(g, np.float64)
+  return -lr * g / (np.abs(g) + eps)
+
+
+def test_lr_multipliers_scale_each_groups_update():
+  params = two_group_params()
+  g = jnp.asarray([0.5, -0.25, 2.0, -1e-3], jnp.float32)
+  grads = jax.tree.map(lambda _: g, params)
+  cfg = stage_cfg(lr=0.1, lr_multipliers={'slow': 1.0, 'fast': 2.0, 'other': 0.5})
+  tx = optim.make_optimizer(cfg, params, total_steps=10, group_of=lambda path: path[0])
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # float32 bias corrections (1 - 0.999 is not exact in float32) give ~1e-5 relative error.
+  np.testing.assert_allclose(updates['slow']['w'], first_adam_update(0.1, g), rtol=2e-5)
+  np.testing.assert_allclose(updates['fast']['w'], 2.0 * np.asarray(updates['slow']['w']),
+                             rtol=1e-7)
+  np.testing.assert_allclose(updates['other']['w'], 0.5 * np.asarray(updates['slow']['w']),
+                             rtol=1e-7)
+
+
+def test_lr_multiplier_for_unknown_group_is_an_error():
+  cfg = stage_cfg(lr_multipliers={'slow': 1.0})
+  with pytest.raises(ValueError, match=r"\['fast', 'other'\]"):
+    optim.make_optimizer(cfg, two_group_params(), total_steps=10, group_of=lambda path: path[0])
+
+
+def test_fusion_param_groups_all_have_multipliers():
+  config = default.get_config('tiny')
+  in_dims = trainer.stage_in_dims('fusion', config)
+  model = nnx.eval_shape(lambda: models.build_model(
+      'fusion', config, in_dims=in_dims, num_classes=len(config.label_names), rngs=nnx.Rngs(0)))
+  labels = optim.param_labels(nnx.state(model, nnx.Param), models.param_group)
+  groups = set(jax.tree.leaves(labels))
+  assert groups <= set(config.optim.fusion.lr_multipliers), groups
+  assert {'proj', 'transformer', 'classifiers'} <= groups, groups
+
+
+def test_gradient_accumulation_applies_every_second_step():
+  params = {'w': jnp.asarray([1.0, -1.0, 2.0], jnp.float32)}
+  tx = optim.make_optimizer(stage_cfg(lr=0.1, grad_accum_steps=2), params, total_steps=10)
+  opt_state = tx.init(params)
+  grads = [jnp.asarray(x, jnp.float32) for x in
+           ([1.0, 2.0, -3.0], [3.0, -4.0, -1.0], [0.5, 0.5, 0.5], [-0.5, -0.5, 2.5])]
+  history = [params]
+  for g in grads:
+    updates, opt_state = tx.update({'w': g}, opt_state, history[-1])
+    history.append(optax.apply_updates(history[-1], updates))
+  w = [np.asarray(p['w']) for p in history]
+  np.testing.assert_array_equal(w[1], w[0])  # micro-step 1: only accumulated
+  np.testing.assert_allclose(w[2] - w[0], first_adam_update(0.1, (grads[0] + grads[1]) / 2),
+                             rtol=2e-5)
+  np.testing.assert_array_equal(w[3], w[2])
+  assert not np.allclose(w[4], w[3])
+
+
+# --- the real train step: accumulation, lr_scale and EMA -----------------------------------
+
+def test_step_with_accumulation_updates_every_second_micro_batch(runners):
+  runner, ctx = runners['runners']['teacher'], runners['ctx']
+  assert isinstance(runner.tx, optax.MultiSteps)
+  state = fresh_copy(runner.initial_state, runner.state_shardings)
+  _, states, _ = run_steps(runner, ctx, state, runners['batches'][:4])
+  p = [leaves(runner.initial_state.params)] + [leaves(s.params) for s in states]
+  moved = [any(not np.array_equal(a, b) for a, b in zip(p[i], p[i + 1])) for i in range(4)]
+  assert moved == [False, True, False, True]
+
+
+def test_lr_scale_scales_the_update(runners):
+  """AdamW's first step from one state and batch, with lr_scale 1 and 0.5."""
+  runner, ctx = runners['runners']['audio'], runners['ctx']
+  batch = runners['batches'][0]
+  full = fresh_copy(runner.initial_state, runner.state_shardings)
+  half = fresh_copy(runner.initial_state.replace(lr_scale=jnp.asarray(0.5, jnp.float32)),
+                    runner.state_shardings)
+  new_full, m_full = runner.step_fn(full, batch, runner.frozen_states, ctx.class_weights)
+  new_half, m_half = runner.step_fn(half, batch, runner.frozen_states, ctx.class_weights)
+  np.testing.assert_allclose(float(m_half['update_norm']), 0.5 * float(m_full['update_norm']),
+                             rtol=1e-6)
+  assert float(m_half['update_norm']) > 0
+  assert float(m_half['loss']) == float(m_full['loss'])
+  p0 = leaves(runner.initial_state.params)
+  for a, f, h in zip(p0, leaves(new_full.params), leaves(new_half.params)):
+    a, f, h = (x.astype(np.float64) for x in (a, f, h))
+    np.testing.assert_allclose(h - a, 0.5 * (f - a), atol=1e-6 * max(1.0, np.abs(a).max()))
+  # Adam's moments see the gradients only: the scale is applied after the optimizer.
+  for f, h in zip(leaves(new_full.opt_state), leaves(new_half.opt_state)):
+    np.testing.assert_array_equal(f, h)
+
+
+def expected_ema(old, new, updates_before: int, decay: float):
+  d = min(decay, (1.0 + updates_before) / (10.0 + updates_before))
+  return [d * o.astype(np.float64) + (1.0 - d) * n.astype(np.float64) for o, n in zip(old, new)]
+
+
+def test_ema_after_each_update_without_accumulation(runners):
+  runner, ctx = runners['runners']['audio'], runners['ctx']
+  state = fresh_copy(runner.initial_state, runner.state_shardings)
+  _, states, _ = run_steps(runner, ctx, state, runners['batches'][:3])
+  old_ema = leaves(runner.initial_state.ema_params)
+  for t, s in enumerate(states):
+    want = expected_ema(old_ema, leaves(s.params), t, EMA_DECAY)
+    for w, got in zip(want, leaves(s.ema_params)):
+      np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7, err_msg=f'update {t}')
+    old_ema = leaves(s.ema_params)
+
+
+def test_ema_with_accumulation_counts_applied_updates(runners):
+  """With accumulation the EMA moves only when an update is applied, by the same rule: the
+  first applied update uses t = 0 updates before it, exactly as without accumulation."""
+  runner, ctx = runners['runners']['teacher'], runners['ctx']
+  state = fresh_copy(runner.initial_state, runner.state_shardings)
+  _, states, _ = run_steps(runner, ctx, state, runners['batches'][:4])
+  ema = [leaves(runner.initial_state.ema_params)] + [leaves(s.ema_params) for s in states]
+  for a, b in zip(ema[0], ema[1]):  # micro-step 1: nothing applied, the average stays
+    np.testing.assert_array_equal(a, b)
+  for applied, (micro, updates_before) in enumerate(((2, 0), (4, 1))):
+    want = expected_ema(ema[micro - 1], leaves(states[micro - 1].params), updates_before,
+                        EMA_DECAY)
+    for w, got in zip(want, ema[micro]):
+      np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7,
+                                 err_msg=f'applied update {applied} (micro-step {micro})')
