@@ -19,11 +19,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # keep library INFO logs out of the console
   config = _CONFIG.value
   validate_config(config)
   # Imported after validation so a bad config fails before JAX starts.
   from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  logging.info('config:\n%s', config)
   trainer.train_and_evaluate(config, _WORKDIR.value)
 
 

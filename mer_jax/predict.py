@@ -167,7 +167,7 @@ def format_predictions(records: Iterable, probs: Iterable[np.ndarray],
       rows.append({
           'dialogue_id': record.dialogue_id, 'utterance_id': int(record.utterance_ids[i]),
           'speaker': record.speakers[i], 'emotion': label_names[int(np.argmax(p[i]))],
-          'probabilities': {name: round(float(v), 4) for name, v in zip(label_names, p[i])}})
+          'probabilities': {name: float(v) for name, v in zip(label_names, p[i])}})
   return rows
 
 

@@ -10,6 +10,8 @@ import os
 import numpy as np
 from absl import logging
 
+from mer_jax import console
+
 from mer_jax.data import shards
 from mer_jax.data import synthetic
 
@@ -42,7 +44,7 @@ def ensure_synthetic(config, workdir: str) -> str:
   out = synthetic_dir(config, workdir)
   if not os.path.exists(os.path.join(out, 'manifest.json')):
     s = config.data.synthetic
-    logging.info('generating the synthetic corpus into %s', out)
+    console.say('generating the synthetic corpus into %s', out)
     synthetic.generate_corpus(out, seed=s.seed, num_dialogues=s.num_dialogues.to_dict(),
                               num_shards=s.num_shards.to_dict(), dims=config.data.dims.to_dict(),
                               label_names=tuple(config.label_names))

@@ -16,7 +16,8 @@ import os
 
 import ml_collections
 import numpy as np
-from absl import logging
+
+from mer_jax import console
 
 from mer_jax.data import pipeline
 from mer_jax.data import sources
@@ -82,7 +83,7 @@ def stacked_splits(ctx, full_models: dict) -> tuple[sources.InMemorySource, ...]
                                config.seed)
   train_records: list = [None] * len(ctx.data.train)
   for k, idx in enumerate(folds):
-    logging.info('stacking: fold %d/%d (%d held-out dialogues)', k + 1, len(folds), len(idx))
+    console.say('stacking: fold %d/%d (%d held-out dialogues)', k + 1, len(folds), len(idx))
     models = train_fold_encoders(ctx, k, idx)
     held_out = sources.SubsetSource(ctx.data.train, idx)
     for i, record in zip(idx, stacked_records(

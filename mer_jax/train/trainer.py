@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from mer_jax import console
 from flax import nnx
 from tqdm import tqdm
 
@@ -214,7 +216,7 @@ class StageRunner:
     state = self.state
     meta = ckpt.latest_meta()
     if meta is not None and meta.get('finished'):
-      logging.info('stage %s: already finished in %s; restoring its best weights', stage,
+      console.say('stage %s: already finished in %s; restoring its best weights', stage,
                    ckpt.root)
       params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
       ckpt.close()
@@ -225,7 +227,7 @@ class StageRunner:
     if meta is not None:
       state, data_state, meta = ckpt.restore_latest(state)
       loop = meta['loop']
-      logging.info('stage %s: resuming at epoch %d, step %d', stage, data_state['epoch'] + 1,
+      console.say('stage %s: resuming at epoch %d, step %d', stage, data_state['epoch'] + 1,
                    int(state.step))
 
     writer = MetricsWriter(os.path.join(self.ctx.workdir, 'tensorboard', self.name))
@@ -282,12 +284,12 @@ class StageRunner:
         if loop['plateau_epochs'] >= scfg.lr_reduce_patience:
           loop['plateau_epochs'] = 0
           state = state.replace(lr_scale=state.lr_scale * scfg.lr_reduce_factor)
-          logging.info('stage %s: dev F1 plateaued; lr scale -> %.4g', stage,
+          console.say('stage %s: dev F1 plateaued; lr scale -> %.4g', stage,
                        float(state.lr_scale))
         stop = loop['bad_epochs'] >= scfg.early_stopping_patience
       loop['history'].append({'epoch': epoch, 'dev_weighted_f1': f1,
                               'seconds': time.time() - t0})
-      logging.info('stage %s epoch %d: dev weighted F1 %.2f (best %.2f at epoch %d)%s', self.name,
+      console.say('stage %s epoch %d: dev weighted F1 %.2f (best %.2f at epoch %d)%s', self.name,
                    epoch + 1, 100 * f1, 100 * loop['best_f1'], loop['best_epoch'] + 1,
                    ' - early stop' if stop else '')
       epoch += 1
@@ -364,7 +366,7 @@ def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, F
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains every stage in config.train.stages, then reports test metrics of each."""
   ctx = prepare(config, workdir)
-  logging.info('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
+  console.say('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
                len(ctx.data.train), len(ctx.data.dev), len(ctx.data.test))
   trained: dict[str, FrozenModel] = {}
   results = {}
