@@ -206,3 +206,38 @@ def test_jitted_pure_step_compiles_once_and_threads_state():
   # Same batch again: the dropout stream has advanced, so the masks differ.
   again = run(model, 'teacher', batches[-1], train=True)[0]
   assert not np.allclose(again, outputs[-1])
+
+
+def build_with_message_passing(stage, message_passing):
+  """`build(stage)` with the given edge form (the same graphdef as `build` for 'dense')."""
+  config = tiny_config()
+  common = dict(edge_spec=models.edge_spec(config, STAGE_MODALITY[stage]),
+                dropout=config.model[stage].dropout, input_dropout=0.0,
+                message_passing=message_passing, rngs=nnx.Rngs(0))
+  if stage == 'teacher':
+    return encoders.TextGraphTeacher(DIMS['t'], 7, hidden=8, heads=2, **common)
+  if stage == 'audio':
+    return encoders.AudioGraphStudent(DIMS['a'], 7, hidden=8, **common)
+  return encoders.VisualGraphStudent(DIMS['v'], 7, layers=config.model.visual.layers,
+                                     **common)
+
+
+@pytest.mark.parametrize('stage', ['teacher', 'audio'])  # visual: the teacher's layer type
+def test_dense_and_segment_message_passing_agree(stage):
+  """Same parameters, dropout masks and outputs; layer gradients are compared in test_graph."""
+  assert build_with_message_passing(stage, 'dense').input_stage.message_passing == 'dense'
+  assert build(stage).input_stage.message_passing == 'dense'  # the default
+  m = STAGE_MODALITY[stage]
+  rng = np.random.default_rng(6)
+  batch = pad([dialogue(rng, 5, absent=[(m, 1)]), dialogue(rng, 4, absent=[(m, 0)])],
+              12, 40, 3)
+  segment, dense = (
+      run(build_with_message_passing(stage, message_passing), stage, batch, train=True)
+      for message_passing in ('segment', 'dense'))
+  for a, b in zip(dense, segment):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_message_passing_is_rejected():
+  with pytest.raises(ValueError, match="message_passing must be one of .* got 'sparse'"):
+    build_with_message_passing('audio', 'sparse')

@@ -358,15 +358,15 @@ def attention_layer(edge_weights, concat, seed=0):
 
 def value_and_grads(layer, x, edges):
   """Output and d(sum(out * probe))/d(params, x): checks the backward pass too."""
-  graphdef, params = nnx.split(layer)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
   probe = jnp.cos(jnp.arange(layer.output_width * x.shape[0], dtype=jnp.float32)).reshape(
       x.shape[0], -1)
 
   def loss(params, x):
-    out = nnx.merge(graphdef, params)(x, edges)
+    out = nnx.merge(graphdef, params, rest)(x, edges)
     return jnp.sum(out * probe), out
 
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
   return out, grads
 
 

@@ -5,6 +5,10 @@ one graph per dialogue (or per minibatch in the authors' batch scope), with stru
 temporal / same-speaker edges from the input pipeline. Each modality encoder adds
 cosine k-nearest-neighbour edges between utterances of the same graph. Every array has a
 static shape, so a step compiles once: invalid edges stay in the arrays, masked.
+
+Edges come in two equivalent forms: an edge list (`GraphEdges`: gathers and segment sums,
+the jraph form) or [N, N] matrices (`DenseGraph`: matrix products, no gather or scatter),
+which are faster at our small node budgets on CPU and suit matrix units.
 """
 
 from collections.abc import Sequence
@@ -234,8 +238,8 @@ def build_modality_adjacency(
 ) -> DenseGraph:
   """The edges of `build_modality_edges` (same arguments) as a DenseGraph.
 
-  Every pair of the edge list appears once there, so its dense form holds the same
-  edges and weights: this is that form, built without the edge list.
+  That edge list joins each ordered pair at most once (structural edges join distinct
+  utterances), so this holds exactly its edges and weights; built without the list.
   """
   num_nodes = x.shape[0]
   _check_edge_budget(num_nodes, k, 'build_modality_adjacency')
