@@ -62,6 +62,9 @@ def frozen_outputs(frozen: Mapping[str, tuple[Any, Any]], batch: jraph.GraphsTup
 def fusion_inputs(statics: StageStatics, batch, frozen) -> dict[str, jax.Array]:
   if statics.fusion_input == 'raw':
     return {m: batch.nodes['features'][m] for m in statics.modalities}
+  if statics.fusion_input == 'stacked':
+    raise ValueError("stacked fusion inputs are precomputed: train fusion through "
+                     "trainer.stacked_fusion_context (its config has fusion.input='raw')")
   reps = frozen_outputs(frozen, batch, tuple(ENCODER_OF_MODALITY[m] for m in statics.modalities))
   return {m: reps[ENCODER_OF_MODALITY[m]][1] for m in statics.modalities}
 

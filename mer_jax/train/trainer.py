@@ -338,8 +338,18 @@ def _log_train(pending: list[dict], step: int, stage: str, writer: MetricsWriter
 # The whole job.
 # ------------------------------------------------------------------------------------------
 
+def enable_compilation_cache(config, workdir: str) -> None:
+  """Persistent XLA cache: fold encoders, resumed runs and reruns reuse compiled steps."""
+  cache = config.train.compilation_cache_dir or os.path.join(workdir, 'jax_cache')
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def prepare(config, workdir: str, mesh=None) -> Context:
   os.makedirs(workdir, exist_ok=True)
+  if config.train.compilation_cache_dir != 'off':
+    enable_compilation_cache(config, workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh(config)
   config_validation.check_mesh_fits_batch(config, sharding.data_axis_size(mesh))
   data = sources.open_splits(config, workdir)
