@@ -52,7 +52,7 @@ def _flops(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
-def bench_stage(stage: str, ctx, trained, steps: int) -> dict:
+def bench_stage(stage: str, ctx, trained, steps: int, label: str | None = None) -> dict:
   """Times the jitted train step of `stage` on real batches from the pipeline."""
   from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mer_jax.train import sharding
@@ -88,10 +88,22 @@ def bench_stage(stage: str, ctx, trained, steps: int) -> dict:
   # A trained stage for the next ones (fusion reads the teacher and students).
   trained[stage] = trainer.FrozenModel(run.graphdef, (state.params, state.model_state,
                                                       run.rng_state))
-  return {'stage': stage, 'step_ms': 1e3 * step_time, 'utterances_per_step': utts,
+  return {'stage': label or stage, 'step_ms': 1e3 * step_time, 'utterances_per_step': utts,
           'examples_per_s': utts / step_time, 'flops_per_step': flops,
           'flops_per_s': flops / step_time, 'pipeline_ms': 1e3 * pipeline_time,
           'pipeline_vs_step': step_time / pipeline_time}
+
+
+def stacked_context(ctx, trained):
+  """The fusion stage's context under stacking, from the benchmark's (briefly trained) encoders."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from mer_jax.data import sources
+  from mer_jax.train import stacking
+  config = ctx.config
+  train = sources.InMemorySource(stacking.stacked_records(
+      ctx.data.train, stacking.encoder_log_probs(ctx.data.train, trained, config, ctx.mesh)))
+  data = dataclasses.replace(ctx.data, train=train, dev=train, test=train)
+  return dataclasses.replace(ctx, config=stacking.fusion_config(config), data=data)
 
 
 def main(argv):
@@ -112,15 +124,25 @@ def main(argv):
       config.data.synthetic.num_dialogues.test = 4
       config.model.fusion.use_moe = use_moe
       config.train.progress_bar = False
+      config.model.fusion.input = 'graph'
       ctx = trainer.prepare(config, workdir)
       trained = {}
+      timed = [bench_stage(stage, ctx, trained, _STEPS.value) for stage in trainer.ENCODER_STAGES]
+      # Fusion as it trains by default (stacked: inputs are the encoders' log-probabilities) and
+      # with the frozen encoders run inside every step (input 'graph').
+      stacked_ctx = stacked_context(ctx, trained)
+      timed.append(bench_stage('fusion', stacked_ctx, {}, _STEPS.value, 'fusion'))
+      timed.append(bench_stage('fusion', ctx, trained, _STEPS.value, 'fusion(graph)'))
+      # A full MELD run: 30 epochs of every stage, plus the cross-fitted encoders of stacking
+      # ((K - 1) / K of the data, K times), at this batch fill.
+      folds = config.model.fusion.stacking_folds
       total = 0.0
-      for stage in config.train.stages:
-        r = bench_stage(stage, ctx, trained, _STEPS.value)
+      for r in timed:
         r['moe'] = use_moe
         rows.append(r)
-        # Steps of a full MELD epoch at this batch fill, 30 epochs.
-        total += MELD_EPOCHS * MELD_TRAIN_UTTERANCES / r['utterances_per_step'] * r['step_ms'] / 1e3
+        epochs = MELD_EPOCHS * (1 + (folds - 1) if r['stage'] in trainer.ENCODER_STAGES else 1)
+        if r['stage'] != 'fusion(graph)':
+          total += epochs * MELD_TRAIN_UTTERANCES / r['utterances_per_step'] * r['step_ms'] / 1e3
       projected[use_moe] = total
   print()
   print(f'{"stage":8} {"moe":4} {"step ms":>8} {"utt/step":>8} {"utt/s":>8} {"GFLOP/step":>10} '
@@ -131,8 +153,8 @@ def main(argv):
           f'{r["flops_per_s"] / 1e9:8.1f} {100 * r["flops_per_s"] / peak:7.1f} '
           f'{r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:8.1f}')
   for use_moe, seconds in projected.items():
-    print(f'projected full MELD run (all stages, {MELD_EPOCHS} epochs, moe={use_moe}, train steps '
-          f'only): {seconds / 60:.1f} min')
+    print(f'projected full MELD run (all stages incl. cross-fitting folds, {MELD_EPOCHS} epochs, '
+          f'moe={use_moe}, train steps only): {seconds / 60:.1f} min')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """The whole job through its command lines: train, rerun, predict, kill and resume.
 
-One tiny workdir is trained once for the module (3 epochs, periodic checkpoints, a fusion lr that
+One tiny workdir is trained once for the module (3 epochs, periodic checkpoints, a teacher lr that
 plateaus so reduce-on-plateau acts) and shared by the tests. Subprocesses share a persistent XLA
 compilation cache, so only the first run pays for compiling.
 """
@@ -25,8 +25,8 @@ from mer_jax import predict
 from mer_jax.data import pipeline
 from mer_jax.data import shards
 from mer_jax.data import sources
-from mer_jax.train import checkpointing
 from mer_jax.train import sharding
+from mer_jax.train import stacking
 from mer_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,25 +34,34 @@ STAGES = ('teacher', 'audio', 'visual', 'fusion')
 METRICS = ('test_weighted_f1', 'test_macro_f1', 'test_accuracy')
 EPOCHS = 3
 TIMEOUT = 600
+# The run every test shares: the tiny config for 3 epochs, where no epoch after the first counts
+# as an improvement, so the teacher's lr is cut on plateau after epochs 2 and 3. The teacher also
+# accumulates 2 micro-batches and keeps an EMA, so killing it mid-epoch leaves every kind of
+# optimizer state to restore. Two stacking folds (the fewest) keep the cross-fitting cheap.
+OVERRIDES = {'train.epochs': EPOCHS, 'train.early_stopping_min_delta': 1.0,
+             'optim.teacher.lr_reduce_patience': 1, 'optim.teacher.grad_accum_steps': 2,
+             'optim.teacher.ema_decay': 0.9, 'model.fusion.stacking_folds': 2}
 
 
 def tiny_config(every: int):
-  """The tiny config with the command-line overrides of `run_args` applied."""
+  """The tiny config with OVERRIDES and the checkpoint period, as `run_args` passes them."""
   config = default.get_config('tiny')
-  config.train.epochs = EPOCHS
-  config.train.checkpoint_every_steps = every
-  # No epoch after the first counts as an improvement, so fusion's lr is cut after epoch 2.
-  config.train.early_stopping_min_delta = 1.0
-  config.optim.fusion.lr_reduce_patience = 1
+  config.update_from_flattened_dict(dict(OVERRIDES, **{'train.checkpoint_every_steps': every}))
   return config
 
 
-def run_args(workdir, every: int) -> list[str]:
+def run_args(workdir, every: int, cache_dir) -> list[str]:
+  overrides = dict(OVERRIDES, **{'train.checkpoint_every_steps': every})
   return [sys.executable, '-m', 'mer_jax.main', '--config', 'configs/default.py:tiny',
-          '--workdir', str(workdir), f'--config.train.epochs={EPOCHS}',
-          f'--config.train.checkpoint_every_steps={every}',
-          '--config.train.early_stopping_min_delta=1.0',
-          '--config.optim.fusion.lr_reduce_patience=1']
+          '--workdir', str(workdir), '--verbosity=0'] + [
+              f'--config.{k}={v}' for k, v in overrides.items()] + cache_args(cache_dir)
+
+
+def cache_args(cache_dir) -> list[str]:
+  """Points the trainer's own compilation cache (default: per workdir) at the shared one."""
+  if 'compilation_cache_dir' not in default.get_config('tiny').train:
+    return []
+  return [f'--config.train.compilation_cache_dir={cache_dir}']
 
 
 def subprocess_env(cache_dir, **extra) -> dict:
@@ -96,7 +105,10 @@ def without_seconds(loop: dict) -> dict:
 
 @pytest.fixture(scope='module')
 def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('xla_cache')
+  # One folder for the whole session (test_bad_input.py uses the same one).
+  path = tmp_path_factory.getbasetemp() / 'xla_cache'
+  path.mkdir(exist_ok=True)
+  return path
 
 
 @pytest.fixture(scope='module')
@@ -105,25 +117,41 @@ def plan(tmp_path_factory):
 
   Orbax refuses to save a step twice; a period dividing an epoch end would save that step
   mid-loop and again at the end of the epoch (see test_checkpoint_period_dividing_an_epoch).
+  Stacked fusion also trains the encoders on the training folds, whose epochs are shorter.
   """
   workdir = tmp_path_factory.mktemp('reference')
   config = tiny_config(every=0)
   data = sources.open_splits(config, str(workdir))  # main reuses this synthetic corpus
   budget = pipeline.budget_from_config(config)
-  lengths = [len(pipeline.make_dataset(data.train, config=config, budget=budget, train=True,
-                                       epoch=e, seed=config.seed)) for e in range(EPOCHS)]
-  ends = np.cumsum(lengths).tolist()
-  every = next(k for k in range(2, 50) if all(e % k for e in ends))
-  # The first periodic checkpoint inside the last epoch: where the resume test kills the run.
-  kill_step = next(s for s in range(every, ends[-1], every) if s > ends[-2])
-  return {'workdir': workdir, 'ends': ends, 'every': every, 'kill_step': kill_step,
+  train_sets = [data.train]
+  if config.model.fusion.input == 'stacked':
+    for held_out in sources.fold_indices(len(data.train), config.model.fusion.stacking_folds,
+                                         config.seed):
+      keep = np.setdiff1d(np.arange(len(data.train)), held_out)
+      train_sets.append(sources.SubsetSource(data.train, keep))
+
+  def epoch_ends(source):
+    return np.cumsum([len(pipeline.make_dataset(source, config=config, budget=budget,
+                                                train=True, epoch=e, seed=config.seed))
+                      for e in range(EPOCHS)]).tolist()
+
+  all_ends = {end for source in train_sets for end in epoch_ends(source)}
+  ends = epoch_ends(data.train)  # the first stage, the teacher, trains on all of train
+
+  def kill_step(every):
+    """The first periodic checkpoint inside the last epoch, half-way through an accumulation
+    (odd step): where the resume test kills the run."""
+    return next((s for s in range(every, ends[-1], every) if s > ends[-2] and s % 2), None)
+
+  every = next(k for k in range(2, 50) if all(end % k for end in all_ends) and kill_step(k))
+  return {'workdir': workdir, 'ends': ends, 'every': every, 'kill_step': kill_step(every),
           'config': tiny_config(every)}
 
 
 @pytest.fixture(scope='module')
 def reference(plan, cache_dir):
   """The uninterrupted run every test compares with (compile traces logged)."""
-  proc, seconds = run(run_args(plan['workdir'], plan['every']),
+  proc, seconds = run(run_args(plan['workdir'], plan['every'], cache_dir),
                       subprocess_env(cache_dir, JAX_LOG_COMPILES='1'))
   assert proc.returncode == 0, proc.stderr[-6000:]
   return {'workdir': str(plan['workdir']), 'seconds': seconds, 'stderr': proc.stderr,
@@ -147,16 +175,29 @@ def test_training_writes_results_reports_events_and_checkpoints(reference):
 
 
 def test_steps_trace_once_per_stage_over_the_whole_run(reference):
-  """3 epochs of every stage: one train-step trace per stage; one predict-step trace per stage
-  for its dev evaluations and one for its test report."""
-  stderr = reference['stderr']
-  assert len(re.findall(r'Finished tracing train_step for jit', stderr)) == len(STAGES)
-  assert len(re.findall(r'Finished tracing predict_step for jit', stderr)) == 2 * len(STAGES)
+  """Every training (stages and stacking folds) traces its train step once, and after its first
+  epoch nothing traces again: later epochs' batches and dev evaluations reuse the compiled steps."""
+  epoch_line = re.compile(r'stage (\S+) epoch (\d+): dev weighted F1')
+  trace_line = re.compile(r'Finished tracing (train_step|predict_step) for jit')
+  trainings, train_traces, late_traces = [], 0, []
+  inside = None  # (training, epoch) while a training is between its first and last epoch
+  for line in reference['stderr'].splitlines():
+    if m := epoch_line.search(line):
+      name, epoch = m.group(1), int(m.group(2))
+      trainings += [name] if epoch == 1 else []
+      inside = (name, epoch) if epoch < EPOCHS else None
+    elif m := trace_line.search(line):
+      train_traces += m.group(1) == 'train_step'
+      if inside:
+        late_traces.append((inside, m.group(1)))
+  assert set(STAGES) <= set(trainings), trainings
+  assert train_traces == len(trainings), (train_traces, trainings)
+  assert not late_traces, f'traced again after (training, epoch): {late_traces}'
 
 
-def test_fusion_lr_was_reduced_on_plateau(reference, plan):
-  state, meta = latest_checkpoint(reference['workdir'], 'fusion')
-  factor = plan['config'].optim.fusion.lr_reduce_factor
+def test_teacher_lr_was_reduced_on_plateau(reference, plan):
+  state, meta = latest_checkpoint(reference['workdir'], 'teacher')
+  factor = plan['config'].optim.teacher.lr_reduce_factor
   assert meta['finished'] and meta['loop']['epoch'] == EPOCHS
   np.testing.assert_allclose(float(state['lr_scale']), factor ** 2, rtol=1e-6)
 
@@ -168,10 +209,10 @@ def test_rerun_of_a_finished_workdir_trains_nothing(reference, plan, cache_dir):
     return sorted(glob.glob(os.path.join(workdir, sub, '**', '*'), recursive=True))
 
   before = {sub: files(sub) for sub in ('checkpoints', 'tensorboard')}
-  proc, seconds = run(run_args(workdir, plan['every']), subprocess_env(cache_dir))
+  proc, seconds = run(run_args(workdir, plan['every'], cache_dir), subprocess_env(cache_dir))
   assert proc.returncode == 0, proc.stderr[-6000:]
   for stage in STAGES:
-    assert f'stage {stage}: already finished' in proc.stderr, stage
+    assert f'stage {stage}: already finished' in proc.stdout + proc.stderr, stage
   assert {sub: files(sub) for sub in before} == before
   again = results_of(workdir)
   for stage in STAGES:
@@ -237,38 +278,44 @@ def test_predict_cli_matches_the_in_process_predictor(reference, dialogues, pred
   np.testing.assert_allclose(cli, in_process, atol=1e-5)
 
 
+def trainer_test_predictions(config, models, source) -> dict[str, dict]:
+  """What train_and_evaluate computes for its test reports, with the given (restored) models."""
+  mesh = sharding.make_mesh(config)
+  out = {}
+  for stage in STAGES:
+    stage_config, stage_source = config, source
+    if stage == 'fusion' and config.model.fusion.input == 'stacked':
+      stage_config = stacking.fusion_config(config)
+      stage_source = sources.InMemorySource(stacking.stacked_records(
+          source, stacking.encoder_log_probs(source, models, config, mesh)))
+    out[stage] = trainer.predict_split(
+        stage_source, stage_config, pipeline.budget_from_config(stage_config),
+        trainer.stage_predict_fn(stage, models[stage], stage_config, models), mesh)
+  return out
+
+
 def test_restored_models_reproduce_the_training_run_predictions(reference, plan, dialogues,
                                                                 predictor):
   """save -> restore -> identical predictions: the trainer's own evaluation (predict_split on
-  the test shards) with the restored best checkpoints reproduces results.json, and its fusion
-  probabilities for the two dialogues equal the Predictor's on their JSONL form."""
-  config, workdir = plan['config'], reference['workdir']
-  mesh = sharding.make_mesh(config)
-  budget = pipeline.budget_from_config(config)
-  restored = {}
-  for stage in STAGES:
-    graphdef, params, batch_stats, rng_state = trainer.build_sharded_model(
-        stage, config, mesh, seed=123)  # any seed: every weight comes from the checkpoint
-    ckpt = checkpointing.StageCheckpoints(workdir, stage, read_only=True)
-    params, batch_stats, _ = ckpt.restore_best(params, batch_stats)
-    ckpt.close()
-    restored[stage] = trainer.FrozenModel(graphdef, (params, batch_stats, rng_state))
-    pred = trainer.predict_split(dialogues['source'], config, budget,
-                                 trainer.stage_predict_fn(stage, restored[stage], config,
-                                                          restored), mesh)
-    metrics = trainer.split_metrics(pred, config.label_names)
+  the test shards) with the models the Predictor restored from the best checkpoints reproduces
+  the test reports written during training, and its fusion probabilities for the two dialogues
+  equal the Predictor's on their JSONL form."""
+  workdir = reference['workdir']
+  assert set(predictor.models) == set(STAGES)
+  preds = trainer_test_predictions(predictor.config, predictor.models, dialogues['source'])
+  for stage, pred in preds.items():
+    metrics = trainer.split_metrics(pred, plan['config'].label_names)
     with open(os.path.join(workdir, 'reports', f'{stage}_test.json')) as f:
       report = json.load(f)
     assert np.asarray(metrics['confusion']).tolist() == report['confusion'], stage
     for key in METRICS:
       assert metrics[key[len('test_'):]] == pytest.approx(reference['results'][stage][key],
                                                          abs=1e-9), (stage, key)
-  fusion_pred = pred  # the last stage's
+  fusion = preds['fusion']
   expected = predictor.probabilities(predictor.read_jsonl(dialogues['path']))
   for index, want in zip(dialogues['indices'], expected):
-    rows = np.flatnonzero(fusion_pred['records'] == index)
-    order = np.argsort(fusion_pred['utterances'][rows])
-    got = fusion_pred['probs'][rows][order]
+    rows = np.flatnonzero(fusion['records'] == index)
+    got = fusion['probs'][rows][np.argsort(fusion['utterances'][rows])]
     ids = dialogues['source'][index].utterance_ids
     np.testing.assert_allclose(got, want[np.argsort(ids)], atol=1e-5)
 
@@ -277,16 +324,18 @@ def test_restored_models_reproduce_the_training_run_predictions(reference, plan,
 
 @pytest.fixture(scope='module')
 def killed_and_resumed(reference, plan, cache_dir, tmp_path_factory):
-  """The reference command in a new workdir, SIGKILLed right after fusion's first periodic
-  checkpoint in the last epoch, then rerun to completion."""
+  """The reference command in a new workdir, SIGKILLed as soon as the teacher's periodic
+  checkpoint `kill_step` (mid-way through its last epoch) is complete, then rerun to completion."""
   workdir = tmp_path_factory.mktemp('killed')
   env = subprocess_env(cache_dir)
-  target = os.path.join(workdir, 'checkpoints', 'fusion', 'latest', str(plan['kill_step']))
+  # Orbax writes this file last, once every item of the step is saved.
+  target = os.path.join(workdir, 'checkpoints', 'teacher', 'latest', str(plan['kill_step']),
+                        'commit_success.txt')
   with open(workdir / 'killed.log', 'w') as log:
-    proc = subprocess.Popen(run_args(workdir, plan['every']), cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(run_args(workdir, plan['every'], cache_dir), cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + TIMEOUT
-    while proc.poll() is None and not os.path.isdir(target) and time.time() < deadline:
+    while proc.poll() is None and not os.path.exists(target) and time.time() < deadline:
       time.sleep(0.01)
     if proc.poll() is None:
       os.kill(proc.pid, signal.SIGKILL)
@@ -294,19 +343,18 @@ def killed_and_resumed(reference, plan, cache_dir, tmp_path_factory):
   killed_log = (workdir / 'killed.log').read_text()
   assert proc.returncode == -signal.SIGKILL, killed_log[-6000:]
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
-  resumed, _ = run(run_args(workdir, plan['every']), env)
+  resumed, _ = run(run_args(workdir, plan['every'], cache_dir), env)
   assert resumed.returncode == 0, resumed.stderr[-6000:]
-  return {'workdir': str(workdir), 'stderr': resumed.stderr}
+  return {'workdir': str(workdir), 'output': resumed.stdout + resumed.stderr}
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(reference, plan, killed_and_resumed):
-  stderr = killed_and_resumed['stderr']
-  for stage in ('teacher', 'audio', 'visual'):
-    assert f'stage {stage}: already finished' in stderr, stage
-  resumed_at = re.search(r'stage fusion: resuming at epoch (\d+), step (\d+)', stderr)
-  assert resumed_at, stderr[-6000:]
-  # Killed inside the last epoch, after the lr had been cut: the resume restores mid-epoch
-  # data position, Adam/accumulation state, EMA, lr scale and loop bookkeeping.
+  output = killed_and_resumed['output']
+  resumed_at = re.search(r'stage teacher: resuming at epoch (\d+), step (\d+)', output)
+  assert resumed_at, output[-6000:]
+  # Killed inside the last epoch, after the lr had been cut, between two micro-batches of an
+  # accumulated update: the resume restores the data position, Adam moments, accumulated
+  # gradients, EMA, lr scale and the loop's bookkeeping.
   assert int(resumed_at.group(1)) == EPOCHS
   assert plan['ends'][-2] < int(resumed_at.group(2)) < plan['ends'][-1]
 
@@ -329,35 +377,38 @@ def test_kill_and_resume_equals_an_uninterrupted_run(reference, plan, killed_and
 
 # --- checkpoint steps that are saved twice ------------------------------------------------
 
-def teacher_only_config(**train):
-  config = default.get_config('tiny')
-  config.train.stages = ('teacher',)
-  config.train.epochs = 1
-  config.train.update(train)
-  return config
+def teacher_only_args(workdir, cache_dir, every: int = 0) -> list[str]:
+  return [sys.executable, '-m', 'mer_jax.main', '--config', 'configs/default.py:tiny',
+          '--workdir', str(workdir), "--config.train.stages=('teacher',)",
+          '--config.train.epochs=1', f'--config.train.checkpoint_every_steps={every}'
+          ] + cache_args(cache_dir)
 
 
-def test_checkpoint_period_dividing_an_epoch(tmp_path):
+def test_checkpoint_period_dividing_an_epoch(tmp_path, cache_dir):
   """A periodic checkpoint on an epoch's last step is followed by the end-of-epoch checkpoint of
   the same step; that must overwrite it, not stop the run."""
-  config = teacher_only_config(checkpoint_every_steps=2)
-  ctx = trainer.prepare(config, str(tmp_path))
-  steps = len(pipeline.make_dataset(ctx.data.train, config=config,
+  config = default.get_config('tiny')
+  data = sources.open_splits(config, str(tmp_path))
+  steps = len(pipeline.make_dataset(data.train, config=config,
                                     budget=pipeline.budget_from_config(config), train=True,
                                     epoch=0, seed=config.seed))
   assert steps % 2 == 0
-  results = trainer.train_and_evaluate(config, str(tmp_path))
-  assert list(results) == ['teacher']
+  proc, _ = run(teacher_only_args(tmp_path, cache_dir, every=2), subprocess_env(cache_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert latest_steps(tmp_path, 'teacher')[-1] == steps
 
 
-def test_resume_after_a_crash_between_the_best_and_the_latest_save(tmp_path):
-  """A crash after the epoch's best checkpoint is written but before its latest checkpoint:
-  the resumed run redoes the epoch and saves best at the same step again."""
-  config = teacher_only_config()
-  first = trainer.train_and_evaluate(config, str(tmp_path))
+def test_resume_after_a_crash_between_the_best_and_the_latest_save(tmp_path, cache_dir):
+  """A crash after the epoch's best checkpoint is written but before its latest checkpoint
+  (simulated by deleting that latest checkpoint): the resumed run redoes the epoch and must be
+  able to save best at the same step again."""
+  env = subprocess_env(cache_dir)
+  proc, _ = run(teacher_only_args(tmp_path, cache_dir), env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first = results_of(tmp_path)
   last = latest_steps(tmp_path, 'teacher')[-1]
   shutil.rmtree(os.path.join(tmp_path, 'checkpoints', 'teacher', 'latest', str(last)))
-  again = trainer.train_and_evaluate(config, str(tmp_path))
-  assert again['teacher']['test_weighted_f1'] == pytest.approx(
+  proc, _ = run(teacher_only_args(tmp_path, cache_dir), env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert results_of(tmp_path)['teacher']['test_weighted_f1'] == pytest.approx(
       first['teacher']['test_weighted_f1'], abs=1e-6)

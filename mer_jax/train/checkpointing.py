@@ -25,6 +25,16 @@ def _manager(directory: str, keep: int, items: tuple[str, ...],
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=items)
 
 
+def _replace_step(manager: ocp.CheckpointManager, step: int) -> None:
+  """Drops an existing checkpoint at `step` so a newer save of that step can take its place.
+
+  Happens when a periodic save lands on an epoch's last step (the end-of-epoch save adds the loop
+  bookkeeping), or when a run is resumed after a crash between the best and the latest save.
+  """
+  if step in manager.all_steps():
+    manager.delete(step)
+
+
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
@@ -48,6 +58,7 @@ class StageCheckpoints:
     return self._latest.latest_step()
 
   def save_latest(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    _replace_step(self._latest, step)
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -74,6 +85,7 @@ class StageCheckpoints:
     # One item: a model without batch norm has empty batch statistics, which Orbax cannot
     # save as an item of its own.
     weights = {'params': params, 'batch_stats': batch_stats}
+    _replace_step(self._best, step)
     self._best.save(step, args=ocp.args.Composite(
         weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)), force=True)
     self._best.wait_until_finished()

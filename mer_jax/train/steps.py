@@ -170,7 +170,8 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
     if isinstance(tx, optax.MultiSteps):
       # Only move the average when the accumulated update was actually applied.
       applied = opt_state.mini_step == 0
-      new_ema = _ema_update(ema, params, opt_state.gradient_step, statics.ema_decay)
+      # gradient_step already counts this update; the warm-up uses the count before it.
+      new_ema = _ema_update(ema, params, opt_state.gradient_step - 1, statics.ema_decay)
       ema = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new_ema, ema)
     else:
       ema = _ema_update(ema, params, state.step, statics.ema_decay)

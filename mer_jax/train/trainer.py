@@ -38,6 +38,7 @@ from mer_jax.train import steps
 from mer_jax.train.metrics_writer import MetricsWriter
 
 STAGE_TO_MODALITY = steps.MODALITY_OF_STAGE
+ENCODER_STAGES = ('teacher', 'audio', 'visual')
 
 
 @dataclasses.dataclass
