@@ -191,7 +191,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.data.source = 'synthetic'
   c.data.synthetic.num_dialogues = ml_collections.ConfigDict({'train': 360, 'dev': 60, 'test': 120})
   c.data.synthetic.num_shards = ml_collections.ConfigDict({'train': 2, 'dev': 1, 'test': 1})
-  c.train.epochs = 10
+  c.train.epochs = 8
   c.train.log_every_steps = 20
   for name, lr in (('teacher', 1e-3), ('audio', 1e-3), ('visual', 1e-3), ('fusion', 5e-4)):
     c.optim[name].lr = lr

@@ -245,7 +245,7 @@ class StageRunner:
       pending: list[dict] = []
       t0 = time.time()
       host_step = int(state.step)  # tracked on the host so the loop never waits on the device
-      bar = tqdm(total=len(ds), desc=f'{stage} epoch {epoch + 1}/{epochs}',
+      bar = tqdm(total=len(ds), desc=f'{self.name} epoch {epoch + 1}/{epochs}',
                  disable=not config.train.progress_bar, leave=False)
       bar.update(host_step - sum(self.plan_lengths[:epoch]))
       for batch in it:
