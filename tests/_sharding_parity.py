@@ -21,6 +21,7 @@ from mer_jax.train import trainer
 def run(workdir: str, devices, shape) -> dict:
   config = default.get_config('tiny')
   config.model.fusion.use_moe = True  # experts split over 'model' on the 8-device mesh
+  config.model.fusion.input = 'graph'  # frozen encoders inside the fusion step, sharded too
   config.optim.fusion.grad_accum_steps = 1
   config.mesh.shape = shape
   mesh = sharding.make_mesh(config, devices)
