@@ -29,8 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   # What to do with a record that fails validation (NaN/Inf features, bad shapes, labels out
   # of range): 'error' stops with the file and record named; 'skip' counts and reports it.
   c.data.on_bad_record = 'error'
-  c.data.num_workers = 0  # Grain worker processes; 0 reads in the main process.
-  c.data.prefetch = 2
+  # Grain read threads and prefetch buffer (batches) of the training iterator.
+  c.data.read_threads = 2
+  c.data.prefetch = 8
 
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.seed = 1234

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,7 +240,8 @@ class StageRunner:
     while epoch < epochs and not stop:
       ds = pipeline.make_dataset(self.ctx.data.train, config=config, budget=self.budget,
                                  train=True, epoch=epoch, seed=config.seed)
-      it = iter(ds.to_iter_dataset())
+      it = iter(ds.to_iter_dataset(grain.ReadOptions(
+          num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch)))
       if data_state.get('iterator') is not None and data_state['epoch'] == epoch:
         it.set_state(data_state['iterator'])
       pending: list[dict] = []
