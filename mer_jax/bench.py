@@ -10,14 +10,12 @@ utterances, 30 epochs, every stage, no early stopping).
 
 from __future__ import annotations
 
-import functools
 import statistics
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags

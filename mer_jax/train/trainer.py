@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from typing import Any
@@ -20,7 +19,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from mer_jax import console
 from flax import nnx
