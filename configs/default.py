@@ -10,6 +10,27 @@ Every number the recipe needs lives here (or in the dataset configs that start f
 import ml_collections
 
 
+def stage_optim(lr: float, wd: float, schedule: str = 'constant') -> ml_collections.ConfigDict:
+  """Optimizer settings of one training stage."""
+  s = ml_collections.ConfigDict()
+  s.lr = lr
+  s.weight_decay = wd
+  s.schedule = schedule  # 'constant', 'warmup_cosine' or 'warmup_linear'
+  s.warmup_fraction = 0.2
+  s.grad_clip_norm = 0.6311058766199245
+  s.grad_accum_steps = 1
+  s.ema_decay = 0.0  # 0 disables EMA for the stage
+  s.early_stopping_patience = 6
+  s.lr_reduce_patience = 3
+  s.lr_reduce_factor = 0.4431268354268777
+  s.b1 = 0.9
+  s.b2 = 0.999
+  s.eps = 1e-8
+  # Per-parameter-group multipliers of lr: group name -> multiplier (fusion only).
+  s.lr_multipliers = ml_collections.ConfigDict()
+  return s
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key the code reads, with the authors' MELD values where they have one."""
   c = ml_collections.ConfigDict()
@@ -144,31 +165,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.compilation_cache_dir = ''
   c.train.early_stopping_min_delta = 0.001
 
-  def stage(lr, wd, schedule='constant'):
-    s = ml_collections.ConfigDict()
-    s.lr = lr
-    s.weight_decay = wd
-    s.schedule = schedule  # 'constant' or 'warmup_cosine'
-    s.warmup_fraction = 0.2
-    s.grad_clip_norm = 0.6311058766199245
-    s.grad_accum_steps = 1
-    s.ema_decay = 0.0  # 0 disables EMA for the stage
-    s.early_stopping_patience = 6
-    s.lr_reduce_patience = 3
-    s.lr_reduce_factor = 0.4431268354268777
-    s.b1 = 0.9
-    s.b2 = 0.999
-    s.eps = 1e-8
-    # Per-parameter-group multipliers of lr: group name -> multiplier (fusion only).
-    s.lr_multipliers = ml_collections.ConfigDict()
-    return s
-
   # The authors multiply the text weight decay by 5.
   c.optim = ml_collections.ConfigDict()
-  c.optim.teacher = stage(1.708857357010743e-05, 0.0004004846462605576 * 5.0)
-  c.optim.audio = stage(2.8310157425471475e-06, 0.000011630145789712038)
-  c.optim.visual = stage(1.5846528953372982e-05, 0.00009208015059525338)
-  c.optim.fusion = stage(1.4733257939520586e-05, 0.0000997646370349997, 'warmup_cosine')
+  c.optim.teacher = stage_optim(1.708857357010743e-05, 0.0004004846462605576 * 5.0)
+  c.optim.audio = stage_optim(2.8310157425471475e-06, 0.000011630145789712038)
+  c.optim.visual = stage_optim(1.5846528953372982e-05, 0.00009208015059525338)
+  c.optim.fusion = stage_optim(1.4733257939520586e-05, 0.0000997646370349997, 'warmup_cosine')
   c.optim.fusion.grad_accum_steps = 2
   c.optim.fusion.ema_decay = 0.999
   c.optim.fusion.lr_multipliers = ml_collections.ConfigDict(

@@ -7,6 +7,7 @@ import os
 MODALITIES = ('t', 'a', 'v')
 STAGES = ('teacher', 'audio', 'visual', 'fusion')
 STAGE_MODALITY = {'teacher': 't', 'audio': 'a', 'visual': 'v'}
+SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear')
 
 
 class ConfigError(ValueError):
@@ -21,7 +22,13 @@ def validate_config(config) -> None:
       errors.append(f'{key}: {msg}')
 
   d = config.data
-  need(d.source in ('synthetic', 'shards'), 'data.source', f"{d.source!r} is not 'synthetic' or 'shards'")
+  need(d.source in ('synthetic', 'shards', 'text_csv'), 'data.source',
+       f"{d.source!r} is not 'synthetic', 'shards' or 'text_csv'")
+  if d.source == 'text_csv':
+    if 'text' not in config:
+      errors.append("text: data.source='text_csv' needs a text block (see configs/meld_text.py)")
+    else:
+      errors.extend(text_frontend_errors(config))
   if d.source == 'shards':
     need(bool(d.shard_dir), 'data.shard_dir', 'is empty; point it at a folder with manifest.json')
     if d.shard_dir:
@@ -76,8 +83,7 @@ def validate_config(config) -> None:
     o = config.optim[s]
     need(o.lr > 0, f'optim.{s}.lr', 'must be > 0')
     need(o.weight_decay >= 0, f'optim.{s}.weight_decay', 'must be >= 0')
-    need(o.schedule in ('constant', 'warmup_cosine'), f'optim.{s}.schedule',
-         "must be 'constant' or 'warmup_cosine'")
+    need(o.schedule in SCHEDULES, f'optim.{s}.schedule', f'must be one of {SCHEDULES}')
     need(0.0 <= o.warmup_fraction < 1.0, f'optim.{s}.warmup_fraction', 'must be in [0, 1)')
     need(o.grad_accum_steps >= 1, f'optim.{s}.grad_accum_steps', 'must be >= 1')
     need(0.0 <= o.ema_decay < 1.0, f'optim.{s}.ema_decay', 'must be in [0, 1)')
@@ -103,3 +109,51 @@ def check_mesh_fits_batch(config, data_axis: int) -> None:
                       f'axis size {data_axis} (nodes are split over it)')
   if (4 * config.batch.max_nodes) % data_axis:
     raise ConfigError(f'edge budget 4*batch.max_nodes must be divisible by {data_axis}')
+
+
+def text_frontend_errors(config) -> list[str]:
+  """Problems with the `text` block (dialogue CSVs -> text features)."""
+  errors: list[str] = []
+
+  def need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+      errors.append(f'text.{key}: {msg}')
+
+  t = config.text
+  need(t.csv.preset in ('meld', 'iemocap', 'custom'), 'csv.preset',
+       f"{t.csv.preset!r} is not 'meld', 'iemocap' or 'custom'")
+  need(t.csv.on_bad_row in ('error', 'skip'), 'csv.on_bad_row', "must be 'error' or 'skip'")
+  csv_dir = os.path.abspath(t.csv.dir)
+  if not os.path.isdir(csv_dir):
+    need(False, 'csv.dir', f'{t.csv.dir!r} ({csv_dir}) is not a folder')
+  else:
+    for split in dict.fromkeys((config.data.train_split, config.data.dev_split,
+                                config.data.test_split)):
+      name = t.csv.pattern.format(split=split)
+      need(os.path.isfile(os.path.join(csv_dir, name)), 'csv.pattern',
+           f'{os.path.join(csv_dir, name)} (split {split!r}) does not exist')
+  if t.csv.preset == 'custom':
+    need(len(t.csv.label_names) >= 2, 'csv.label_names', "csv.preset='custom' needs the labels")
+  if t.csv.label_names:
+    need(tuple(t.csv.label_names) == tuple(config.label_names), 'csv.label_names',
+         f'{list(t.csv.label_names)} differ from label_names {list(config.label_names)}')
+  need(t.input in ('utterance', 'context'), 'input', "must be 'utterance' or 'context'")
+  need(t.pooling in ('mean', 'cls', 'last', 'target_mean'), 'pooling',
+       "must be 'mean', 'cls', 'last' or 'target_mean'")
+  need(16 <= t.max_length <= 8192, 'max_length', f'{t.max_length} is not in [16, 8192]')
+  need(1 <= t.max_speakers <= 100, 'max_speakers', 'must be in [1, 100]')
+  need(1 <= t.smallest_bucket <= t.max_length, 'smallest_bucket', 'must be in [1, max_length]')
+  need(t.bucket_growth > 1.0, 'bucket_growth', 'must be > 1')
+  ft = t.finetune
+  if ft.enabled:
+    need(ft.epochs >= 1, 'finetune.epochs', 'must be >= 1')
+    need(ft.tokens_per_batch >= t.max_length, 'finetune.tokens_per_batch', 'must be >= max_length')
+    need(ft.class_weights in ('balanced', 'none'), 'finetune.class_weights',
+         "must be 'balanced' or 'none'")
+    need(ft.optim.lr > 0, 'finetune.optim.lr', 'must be > 0')
+    need(ft.optim.schedule in SCHEDULES, 'finetune.optim.schedule', f'must be one of {SCHEDULES}')
+    need(ft.optim.grad_accum_steps == 1, 'finetune.optim.grad_accum_steps',
+         'must be 1 (raise finetune.tokens_per_batch instead)')
+  need(t.tokens_per_batch >= t.max_length, 'tokens_per_batch', 'must be >= max_length')
+  need(bool(t.encoder), 'encoder', 'is empty')
+  return errors

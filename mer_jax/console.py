@@ -12,3 +12,9 @@ def say(message: str, *args) -> None:
   text = message % args if args else message
   tqdm.write(text)
   logging.info(text)
+
+
+def progress(iterable, *, total: int | None = None, desc: str = '', unit: str = 'it',
+             enabled: bool = True):
+  """A progress bar over `iterable` that disappears when done."""
+  return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=not enabled)

@@ -5,8 +5,11 @@
 Each input line is one dialogue:
   {"dialogue_id": "d1", "utterances": [
      {"speaker": "Joey", "text": "...", "features": {"t": [...], "a": [...], "v": [...]}}, ...]}
-A modality that is null or absent is treated as missing for that utterance. The config and label
-names are read from the checkpoints, so only the workdir is needed.
+A modality that is null or absent is treated as missing for that utterance. For a workdir trained
+from transcripts (data.source='text_csv'), text features may be left out: they are computed
+from each utterance's "text" (and the dialogue's earlier utterances, for context prompts) with
+the run's text encoder, fine-tuned weights included. The config and label names are read from
+the checkpoints, so only the workdir is needed.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ class PredictInputError(ValueError):
   pass
 
 
-def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[str, int]):
-  """One JSON dialogue -> DialogueRecord (labels -1); errors name the line and key."""
+def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[str, int],
+                   text_from_transcripts: bool = False):
+  """One JSON dialogue -> DialogueRecord (labels -1); errors name the line and key.
+
+  With `text_from_transcripts`, missing text features are left for the caller to compute from
+  the transcripts, so every utterance needs a non-empty "text".
+  """
   from mer_jax.data import shards  # pylint: disable=g-import-not-at-top
   if not isinstance(obj, dict):
     raise PredictInputError(f'{where}: expected a JSON object, got {type(obj).__name__}')
@@ -47,6 +55,8 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
       raise PredictInputError(f'{key}: expected an object')
     speakers.append(str(u.get('speaker', 'unknown')))
     texts.append(str(u.get('text', '')))
+    if text_from_transcripts and not texts[-1].strip():
+      raise PredictInputError(f'{key}.text: empty; this model computes text features from it')
     uids.append(int(u.get('utterance_id', i)))
     given = u.get('features') or {}
     unknown = set(given) - set(modalities) - {'t', 'a', 'v'}
@@ -67,7 +77,7 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
         raise PredictInputError(f'{key}.features.{m}: contains NaN or Inf')
       feats[m][i] = arr
       present[m][i] = True
-  if not any(present[m].any() for m in modalities):
+  if not text_from_transcripts and not any(present[m].any() for m in modalities):
     raise PredictInputError(f'{where}: no utterance has any features')
   return shards.DialogueRecord(
       dialogue_id=dialogue_id, utterance_ids=np.asarray(uids, np.int32), speakers=speakers,
@@ -105,6 +115,25 @@ class Predictor:
       self.models[name] = trainer.FrozenModel(graphdef, (params, batch_stats, rng_state))
     self._predict_fn = trainer.stage_predict_fn(self.stage, self.models[self.stage],
                                                 self.stage_config, self.models)
+    self.text = None
+    if self.config.data.source == 'text_csv' and 't' in self.config.data.modalities:
+      from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
+      self.text = text_features.TextFeaturizer(self.config, workdir)
+
+  def fill_text_features(self, records: list) -> None:
+    """Computes the text features an input left out, from the transcripts."""
+    from mer_jax.data import dialogue_csv  # pylint: disable=g-import-not-at-top
+    todo = [r for r in records if not r.present['t'].all()]
+    if not todo:
+      return
+    ascii_punct = self.config.text.csv.ascii_punctuation
+    cleaned = [dialogue_csv.Dialogue(r.dialogue_id, r.utterance_ids, r.speakers,
+                                     [dialogue_csv.clean_text(t, ascii_punctuation=ascii_punct)
+                                      for t in r.transcripts], r.labels) for r in todo]
+    for record, vectors in zip(todo, self.text.features(cleaned)):
+      missing = ~record.present['t']
+      record.features['t'][missing] = vectors[missing]
+      record.present['t'][missing] = True
 
   def probabilities(self, records: list) -> list[np.ndarray]:
     """Per dialogue, [n_utterances, C] class probabilities."""
@@ -133,7 +162,8 @@ class Predictor:
             obj = json.loads(line)
           except json.JSONDecodeError as e:
             raise PredictInputError(f'{where}: invalid JSON ({e.msg})') from None
-          records.append(parse_dialogue(obj, where, tuple(self.config.data.modalities), dims))
+          records.append(parse_dialogue(obj, where, tuple(self.config.data.modalities), dims,
+                                        text_from_transcripts=self.text is not None))
     except UnicodeDecodeError as e:
       raise PredictInputError(f'{path}: not UTF-8 text ({e})') from None
     if not records:
@@ -142,6 +172,8 @@ class Predictor:
     if longest > self.config.batch.max_nodes - 1:
       raise PredictInputError(f'{path}: a dialogue has {longest} utterances; this model was '
                               f'configured for at most {self.config.batch.max_nodes - 1}')
+    if self.text is not None:
+      self.fill_text_features(records)
     return records
 
 

@@ -58,6 +58,33 @@ def test_impossible_values_are_reported_together():
   assert "'global'" in message
 
 
+def test_text_frontend_config_problems(tmp_path):
+  from configs import meld_text  # pylint: disable=g-import-not-at-top
+  config = meld_text.get_config()
+  config.text.csv.dir = str(tmp_path / 'nowhere')
+  config.text.pooling = 'max'
+  config.text.finetune.enabled = True
+  config.text.finetune.optim.lr = 0.0
+  with pytest.raises(ConfigError) as e:
+    validate_config(config)
+  message = str(e.value)
+  assert 'text.csv.dir:' in message and 'nowhere' in message
+  assert "text.pooling: must be 'mean', 'cls', 'last' or 'target_mean'" in message
+  assert 'text.finetune.optim.lr: must be > 0' in message
+  (tmp_path / 'train_sent_emo.csv').write_text('x\n')
+  config = meld_text.get_config()
+  config.text.csv.dir = str(tmp_path)
+  with pytest.raises(ConfigError, match=r"text\.csv\.pattern: .*dev_sent_emo\.csv \(split 'dev'\) "
+                     'does not exist'):
+    validate_config(config)
+  config = meld_text.get_config()
+  del config.text
+  with pytest.raises(ConfigError, match="data.source='text_csv' needs a text block"):
+    validate_config(config)
+  with pytest.raises(ValueError, match='unknown variant'):
+    meld_text.get_config('gpt')
+
+
 def run_main(*args, workdir) -> subprocess.CompletedProcess:
   return subprocess.run(
       [sys.executable, '-m', 'mer_jax.main', '--config', 'configs/default.py:tiny',

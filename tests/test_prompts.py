@@ -103,15 +103,20 @@ def test_plan_batches_covers_every_sequence_once():
   lengths = rng.integers(5, 200, size=301)
   buckets = text_batching.bucket_lengths(200, smallest=16)
   assert buckets == (16, 32, 64, 128, 200)
+  assert text_batching.bucket_lengths(100, 16, growth=1.5) == (16, 24, 40, 64, 96, 100)
   for shuffle in (None, np.random.default_rng(1)):
     plan = text_batching.plan_batches(lengths, buckets, tokens_per_batch=512, row_multiple=4,
                                       rng=shuffle)
     seen = np.concatenate([rows[rows >= 0] for _, rows in plan.batches])
     assert sorted(seen.tolist()) == list(range(301))
+    full_batches = 0
     for length, rows in plan.batches:
       assert length in buckets
-      assert len(rows) == text_batching.rows_for(length, 512, 4)
-      assert len(rows) % 4 == 0
+      full = text_batching.rows_for(length, 512, 4)
+      assert len(rows) % 4 == 0 and len(rows) <= full
+      if len(rows) < full:  # a bucket's last batch: a power of two (x4) of rows, mostly real
+        assert np.sum(rows >= 0) > len(rows) // 2 or len(rows) == 4
+      full_batches += len(rows) == full
       real = rows[rows >= 0]
       assert np.all(lengths[real] <= length)
       smaller = [b for b in buckets if b < length]

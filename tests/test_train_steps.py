@@ -155,6 +155,16 @@ def test_warmup_cosine_schedule_numbers():
     optim.make_schedule(stage_cfg(schedule='linear'), total_steps=10)
 
 
+def test_warmup_linear_schedule_numbers():
+  peak, total = 2e-3, 50  # warm-up: 10% of 50 = 5 steps, then linear decay to 0 over 45 steps.
+  schedule = optim.make_schedule(
+      stage_cfg(lr=peak, schedule='warmup_linear', warmup_fraction=0.1), total_steps=total)
+  expected = {0: 0.0, 2: 0.4 * peak, 5: peak, 14: peak * 36 / 45, 27.5: 0.5 * peak, 50: 0.0,
+              60: 0.0}
+  for step, lr in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12, err_msg=step)
+
+
 def two_group_params():
   w = jnp.asarray([1.0, -2.0, 3.0, 0.5], jnp.float32)
   return {'slow': {'w': w}, 'fast': {'w': w}, 'other': {'w': w}}

@@ -51,6 +51,22 @@ def ensure_synthetic(config, workdir: str) -> str:
   return out
 
 
+def text_shard_dir(config, workdir: str) -> str:
+  from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
+  return os.path.join(workdir, 'data', 'text-' + text_features.text_shard_key(config))
+
+
+def ensure_text_shards(config, workdir: str) -> str:
+  """Encodes the config's dialogue CSVs into text-feature shards unless already done."""
+  out = text_shard_dir(config, workdir)
+  if not os.path.exists(os.path.join(out, 'manifest.json')):
+    from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
+    console.say('encoding %s transcripts with %s into %s', config.text.csv.dir,
+                config.text.encoder, out)
+    text_features.build_text_shards(config, out, workdir=workdir)
+  return out
+
+
 def check_manifest_matches_config(manifest: shards.Manifest, config, shard_dir: str) -> None:
   where = os.path.join(shard_dir, 'manifest.json')
   if tuple(manifest.label_names) != tuple(config.label_names):
@@ -77,6 +93,8 @@ def open_source(shard_dir: str, split: str, config) -> shards.DialogueShardSourc
 def open_splits(config, workdir: str) -> SplitSources:
   if config.data.source == 'synthetic':
     shard_dir = ensure_synthetic(config, workdir)
+  elif config.data.source == 'text_csv':
+    shard_dir = ensure_text_shards(config, workdir)
   else:
     shard_dir = config.data.shard_dir
   manifest = shards.load_manifest(shard_dir)

@@ -3,9 +3,9 @@
 Each sequence goes to the smallest bucket length that holds it; a bucket's batches have a
 fixed shape [rows, length] with rows = tokens_per_batch // length (rounded down to a multiple
 of `row_multiple`, for data-parallel meshes), so a jitted encoder compiles once per bucket and
-short utterances are not padded to the longest prompt. The last batch of a bucket is filled
-with padding rows (index -1, label -1, one pad token), which the loss and the feature writer
-ignore.
+short utterances are not padded to the longest prompt. The last batch of a bucket has a power
+of two of rows, filled with padding rows (index -1, label -1, one pad token) that the loss and
+the feature writer ignore.
 """
 
 from __future__ import annotations
@@ -18,15 +18,20 @@ import numpy as np
 from mer_jax.data import prompts as prompts_lib
 
 
-def bucket_lengths(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-  """Powers of two from `smallest` below `max_length`, then `max_length` itself."""
-  if max_length < 1 or smallest < 1:
-    raise ValueError(f'max_length and smallest must be >= 1, got {max_length}, {smallest}')
+def bucket_lengths(max_length: int, smallest: int = 16, growth: float = 2.0,
+                   multiple: int = 8) -> tuple[int, ...]:
+  """Lengths from `smallest` growing by `growth` (rounded up to `multiple`), then `max_length`.
+
+  A smaller growth means less padding and more shapes to compile (one per bucket).
+  """
+  if max_length < 1 or smallest < 1 or growth <= 1.0 or multiple < 1:
+    raise ValueError(f'need max_length, smallest, multiple >= 1 and growth > 1, got '
+                     f'{max_length}, {smallest}, {multiple}, {growth}')
   lengths = []
   length = smallest
   while length < max_length:
     lengths.append(length)
-    length *= 2
+    length = max(length + 1, int(np.ceil(length * growth / multiple)) * multiple)
   return (*lengths, max_length)
 
 
@@ -72,6 +77,11 @@ def rows_for(length: int, tokens_per_batch: int, row_multiple: int) -> int:
   return max(row_multiple, rows // row_multiple * row_multiple)
 
 
+def _pow2_rows(n: int, row_multiple: int) -> int:
+  rows = 1 << max(n - 1, 0).bit_length()
+  return -(-rows // row_multiple) * row_multiple
+
+
 def plan_batches(lengths: Sequence[int], buckets: Sequence[int], tokens_per_batch: int, *,
                  row_multiple: int = 1, rng: np.random.Generator | None = None) -> BatchPlan:
   """Groups sequences by bucket; with `rng`, shuffles within buckets and the batch order."""
@@ -90,7 +100,10 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], tokens_per_batc
     rows = rows_for(length, tokens_per_batch, row_multiple)
     for start in range(0, len(members), rows):
       chunk = members[start:start + rows]
-      chunk = np.concatenate([chunk, np.full(rows - len(chunk), -1, np.int32)])
+      # A bucket's last batch is cut to a power of two of rows (one more shape to compile
+      # rather than a batch of mostly padding rows).
+      size = min(rows, _pow2_rows(len(chunk), row_multiple))
+      chunk = np.concatenate([chunk, np.full(size - len(chunk), -1, np.int32)])
       batches.append((length, chunk))
   if rng is not None:
     batches = [batches[i] for i in rng.permutation(len(batches))]

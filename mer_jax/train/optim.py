@@ -22,7 +22,13 @@ def make_schedule(stage_cfg, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=stage_cfg.lr, warmup_steps=max(warmup, 1),
         decay_steps=max(total_steps, warmup + 1), end_value=0.0)
-  raise ValueError(f'unknown schedule {stage_cfg.schedule!r} (constant | warmup_cosine)')
+  if stage_cfg.schedule == 'warmup_linear':  # linear warm-up, then linear decay to 0
+    warmup = max(int(stage_cfg.warmup_fraction * total_steps), 1)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, stage_cfg.lr, warmup),
+         optax.linear_schedule(stage_cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+  raise ValueError(f'unknown schedule {stage_cfg.schedule!r} '
+                   '(constant | warmup_cosine | warmup_linear)')
 
 
 def param_labels(params: Any, group_of: Callable[[tuple[str, ...]], str]) -> Any:

@@ -181,9 +181,9 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
   metrics = {
       'loss': loss,
       'accuracy': correct / jnp.maximum(jnp.sum(valid), 1),
-      'grad_norm': optax.global_norm(grads),
-      'update_norm': optax.global_norm(updates),
-      'param_norm': optax.global_norm(params),
+      'grad_norm': optax.tree.norm(grads),
+      'update_norm': optax.tree.norm(updates),
+      'param_norm': optax.tree.norm(params),
       'lr_scale': state.lr_scale,
       **{f'loss/{k}': v for k, v in parts.items() if jnp.ndim(v) == 0},
   }

@@ -1,0 +1,1 @@
+"""Preprocessing: raw dialogues (CSV transcripts) -> feature shards the core trains on."""

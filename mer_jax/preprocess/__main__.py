@@ -1,0 +1,46 @@
+"""Feature extraction only: `python -m mer_jax.preprocess --config configs/meld_text.py --workdir W`.
+
+Writes the text-feature shards `python -m mer_jax.main` would build for the same config and
+workdir (workdir/data/text-<key>/), or into `--out` when given; prints the folder and the
+encoding throughput.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mer_jax.config_validation import ConfigError
+from mer_jax.config_validation import validate_config
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir whose data/ folder receives the shards.')
+_OUT = flags.DEFINE_string('out', None, 'Write the shards here instead (overwrites).')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  validate_config(config)
+  if config.data.source != 'text_csv':
+    raise ConfigError(f"data.source is {config.data.source!r}; preprocessing needs 'text_csv'")
+  if not (_WORKDIR.value or _OUT.value):
+    raise app.UsageError('give --workdir or --out')
+  from mer_jax import console  # pylint: disable=g-import-not-at-top
+  from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
+  if _OUT.value:
+    out = _OUT.value
+    text_features.build_text_shards(config, out)
+  else:
+    out = sources.ensure_text_shards(config, _WORKDIR.value)
+  console.say('text shards: %s', out)
+
+
+if __name__ == '__main__':
+  app.run(main)
