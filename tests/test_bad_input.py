@@ -254,8 +254,9 @@ def test_non_finite_loss_stops_training_naming_stage_and_step(shard_dir, tmp_pat
 # --- prediction inputs ----------------------------------------------------------------------
 
 def parser():
-  """Predictor.read_jsonl needs only the trained config; this one has the tiny dims."""
-  return types.SimpleNamespace(config=tiny())
+  """Predictor.read_jsonl needs the trained config (the tiny dims here) and its text featurizer
+  (none: this config trains on given features)."""
+  return types.SimpleNamespace(config=tiny(), text=None)
 
 
 def utterance(dims, **features):
