@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_split = 'test'
   c.data.modalities = ('t', 'a', 'v')
   c.data.dims = ml_collections.ConfigDict({'t': 1024, 'a': 1024, 'v': 768})
+  # Generated corpora and extracted text features go here ('' = workdir/data), in a folder per
+  # setting: runs that point at the same cache_dir (a sweep's seeds) build each only once.
+  c.data.cache_dir = ''
   c.data.verify_checksums = True
   # What to do with a record that fails validation (NaN/Inf features, bad shapes, labels out
   # of range): 'error' stops with the file and record named; 'skip' counts and reports it.

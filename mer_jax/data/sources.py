@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 from absl import logging
@@ -37,34 +38,63 @@ def synthetic_dir(config, workdir: str) -> str:
                     'labels': list(config.label_names),
                     'story': dataclasses.asdict(synthetic.CorpusStory())},
                    sort_keys=True, default=str)
-  return os.path.join(workdir, 'data', 'synthetic-' + hashlib.sha1(key.encode()).hexdigest()[:10])
+  return os.path.join(data_root(config, workdir), 'synthetic-' + hashlib.sha1(key.encode()).hexdigest()[:10])
+
+
+def data_root(config, workdir: str) -> str:
+  """Where generated corpora and extracted features live: data.cache_dir, else workdir/data."""
+  return config.data.cache_dir or os.path.join(workdir, 'data')
+
+
+def build_once(out: str, build) -> str:
+  """Runs `build(folder)` unless `out` is complete; builds beside it and renames into place.
+
+  Runs that share a cache (parallel seeds of a sweep) may build the same folder at once: each
+  writes its own partial folder, the first rename wins and the others discard theirs. A crash
+  leaves only a partial folder, never a half-written `out`.
+  """
+  if os.path.exists(os.path.join(out, 'manifest.json')):
+    return out
+  partial = f'{out}.partial-{os.getpid()}'
+  shutil.rmtree(partial, ignore_errors=True)
+  build(partial)
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  try:
+    os.rename(partial, out)
+  except OSError:
+    if not os.path.exists(os.path.join(out, 'manifest.json')):
+      raise
+    shutil.rmtree(partial, ignore_errors=True)  # another run finished it first
+  return out
 
 
 def ensure_synthetic(config, workdir: str) -> str:
   out = synthetic_dir(config, workdir)
-  if not os.path.exists(os.path.join(out, 'manifest.json')):
-    s = config.data.synthetic
+  s = config.data.synthetic
+
+  def build(folder):
     console.say('generating the synthetic corpus into %s', out)
-    synthetic.generate_corpus(out, seed=s.seed, num_dialogues=s.num_dialogues.to_dict(),
+    synthetic.generate_corpus(folder, seed=s.seed, num_dialogues=s.num_dialogues.to_dict(),
                               num_shards=s.num_shards.to_dict(), dims=config.data.dims.to_dict(),
                               label_names=tuple(config.label_names))
-  return out
+  return build_once(out, build)
 
 
 def text_shard_dir(config, workdir: str) -> str:
   from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
-  return os.path.join(workdir, 'data', 'text-' + text_features.text_shard_key(config))
+  return os.path.join(data_root(config, workdir), 'text-' + text_features.text_shard_key(config))
 
 
 def ensure_text_shards(config, workdir: str) -> str:
   """Encodes the config's dialogue CSVs into text-feature shards unless already done."""
   out = text_shard_dir(config, workdir)
-  if not os.path.exists(os.path.join(out, 'manifest.json')):
+
+  def build(folder):
     from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
     console.say('encoding %s transcripts with %s into %s', config.text.csv.dir,
                 config.text.encoder, out)
-    text_features.build_text_shards(config, out, workdir=workdir)
-  return out
+    text_features.build_text_shards(config, folder, workdir=workdir)
+  return build_once(out, build)
 
 
 def check_manifest_matches_config(manifest: shards.Manifest, config, shard_dir: str) -> None:

@@ -226,7 +226,10 @@ def text_shard_key(config) -> str:
     if os.path.isfile(path):
       st = os.stat(path)
       files[split] = [path, st.st_size, int(st.st_mtime)]
-  key = json.dumps({'text': t.to_dict(), 'labels': list(config.label_names), 'files': files},
+  # Fine-tuned features also depend on the fine-tuning run's seed.
+  seed = config.seed if t.finetune.enabled else None
+  key = json.dumps({'text': t.to_dict(), 'labels': list(config.label_names), 'files': files,
+                    'seed': seed},
                    sort_keys=True, default=str)
   return hashlib.sha1(key.encode()).hexdigest()[:10]
 

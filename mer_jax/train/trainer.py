@@ -218,6 +218,7 @@ class StageRunner:
     if meta is not None and meta.get('finished'):
       console.say('stage %s: already finished in %s; restoring its best weights', stage,
                    ckpt.root)
+      self.loop = meta['loop']
       params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
       ckpt.close()
       return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state))
@@ -300,13 +301,10 @@ class StageRunner:
                                   'stage': stage}))
     writer.close()
     self.state = state
+    self.loop = loop
     params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
     ckpt.close()
     return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state))
-
-
-def run_stage(stage: str, ctx: Context, frozen: dict[str, FrozenModel]) -> FrozenModel:
-  return StageRunner(stage, ctx, frozen).fit()
 
 
 def _frozen_needed(stage: str, statics: steps.StageStatics, config) -> tuple[str, ...]:
@@ -374,8 +372,23 @@ def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, F
   return lambda batch: fn(model.states[0], model.states[1], batch, frozen_states)
 
 
+def save_test_predictions(pred: dict[str, np.ndarray], workdir: str, stage: str) -> str:
+  """Per-utterance test outputs of a stage (for significance tests across runs), written
+  atomically to workdir/predictions/<stage>_test.npz."""
+  out_dir = os.path.join(workdir, 'predictions')
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f'{stage}_test.npz')
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **pred)
+  os.replace(tmp, path)
+  return path
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains every stage in config.train.stages, then reports test metrics of each."""
+  """Trains every stage in config.train.stages, then reports test metrics of each.
+
+  Model selection uses dev only; test is scored once per stage, after training.
+  """
   ctx = prepare(config, workdir)
   console.say('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
                len(ctx.data.train), len(ctx.data.dev), len(ctx.data.test))
@@ -385,22 +398,27 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     if stage == 'fusion' and config.model.fusion.input == 'stacked':
       stage_ctx, stage_config = stacked_fusion_context(ctx, trained)
-      trained[stage] = StageRunner(stage, stage_ctx, trained, meta_config=config).fit()
+      runner = StageRunner(stage, stage_ctx, trained, meta_config=config)
     else:
       stage_ctx, stage_config = ctx, config
-      trained[stage] = run_stage(stage, ctx, trained)
+      runner = StageRunner(stage, ctx, trained)
+    trained[stage] = runner.fit()
     pred = predict_split(stage_ctx.data.test, stage_config,
                          pipeline.budget_from_config(stage_config),
                          stage_predict_fn(stage, trained[stage], stage_config, trained), ctx.mesh)
+    save_test_predictions(pred, workdir, stage)
     test = split_metrics(pred, config.label_names)
     name = f'{stage}_test'
     evaluate.write_report(test, os.path.join(workdir, 'reports'), name,
                           png=config.eval.confusion_png)
     print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
     results[stage] = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
-                      'test_accuracy': test['accuracy'], 'seconds': time.time() - t0}
+                      'test_accuracy': test['accuracy'],
+                      'dev_weighted_f1': runner.loop['best_f1'],
+                      'best_epoch': runner.loop['best_epoch'] + 1,
+                      'history': runner.loop['history'], 'seconds': time.time() - t0}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+    json.dump(_jsonable(results), f, indent=2)
   summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
   print(f'test weighted F1 - {summary}')
   return results

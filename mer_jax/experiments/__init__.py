@@ -1,0 +1,1 @@
+"""Multi-seed experiments: seeds, sweeps of config variants, significance tests, reports."""

@@ -1,0 +1,205 @@
+"""One config over several seeds, each in its own workdir, and their summary.
+
+  python -m mer_jax.experiments.seeds --config configs/default.py --workdir /tmp/exp --seeds 5
+  python -m mer_jax.experiments.seeds --config configs/meld_text.py --workdir /tmp/meld \\
+      --seeds 5 --parallel 2 --config.optim.teacher.lr=1e-4
+
+Seed s trains in <workdir>/seed_<s>/ with `--config.seed=s` through `python -m mer_jax.main`
+(a finished seed is skipped, an interrupted one resumes). Model selection is on dev inside each
+run; test is scored once per stage after selection. The summary (summary.json, summary.md) gives
+per-seed and mean +- sd test weighted F1, macro F1, accuracy and per-class F1 for every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from mer_jax.experiments import runs
+
+HEADLINE = ('weighted_f1', 'macro_f1', 'accuracy')
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One training run: a config spec (`path[:arg]`), its overrides, its seed and workdir."""
+  config: str
+  workdir: str
+  seed: int
+  overrides: tuple[str, ...] = ()
+
+  def command(self) -> list[str]:
+    return [sys.executable, '-m', 'mer_jax.main', '--config', self.config,
+            '--workdir', self.workdir, f'--config.seed={self.seed}', *self.overrides]
+
+
+def check_overrides(overrides) -> tuple[str, ...]:
+  bad = [o for o in overrides if not (o.startswith('--config.') and '=' in o)]
+  if bad:
+    raise ValueError(f'unexpected arguments {bad}: only --config.<key>=<value> overrides are '
+                     f'passed on to the runs.')
+  return tuple(overrides)
+
+
+def with_shared_cache(overrides, experiment_dir: str) -> tuple[str, ...]:
+  """Adds data.cache_dir=<experiment>/data so the runs generate or encode their data once."""
+  if any(o.startswith('--config.data.cache_dir=') for o in overrides):
+    return tuple(overrides)
+  cache = os.path.join(os.path.abspath(experiment_dir), 'data')
+  return tuple(overrides) + (f'--config.data.cache_dir={cache}',)
+
+
+def run_jobs(jobs: list[Job], parallel: int = 1, env: dict | None = None,
+             poll_seconds: float = 0.5) -> list[float]:
+  """Runs the unfinished jobs, at most `parallel` at a time; returns each job's wall seconds.
+
+  Each job's output goes to <workdir>/run.log. A failed job does not stop the others; after all
+  have ended, one error lists every failure with its log.
+  """
+  if parallel < 1:
+    raise ValueError(f'parallel must be >= 1, got {parallel}.')
+  seconds = [0.0] * len(jobs)
+  pending = [i for i, job in enumerate(jobs) if not runs.is_finished(job.workdir)]
+  running: dict[int, tuple[subprocess.Popen, float, object]] = {}
+  failures = []
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  while pending or running:
+    while pending and len(running) < parallel:
+      i = pending.pop(0)
+      os.makedirs(jobs[i].workdir, exist_ok=True)
+      log = open(os.path.join(jobs[i].workdir, 'run.log'), 'a')
+      print(f'[{time.strftime("%H:%M:%S")}] start {jobs[i].workdir}', flush=True)
+      proc = subprocess.Popen(jobs[i].command(), cwd=root, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+      running[i] = (proc, time.time(), log)
+    time.sleep(poll_seconds)
+    for i in [i for i, (proc, _, _) in running.items() if proc.poll() is not None]:
+      proc, t0, log = running.pop(i)
+      log.close()
+      seconds[i] = time.time() - t0
+      status = 'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'
+      print(f'[{time.strftime("%H:%M:%S")}] {status} {jobs[i].workdir} in {seconds[i]:.0f} s',
+            flush=True)
+      if proc.returncode != 0:
+        failures.append(f'{jobs[i].workdir} (exit {proc.returncode}; log '
+                        f'{os.path.join(jobs[i].workdir, "run.log")})')
+  if failures:
+    raise RuntimeError(f'{len(failures)} of {len(jobs)} runs failed: ' + '; '.join(failures))
+  return seconds
+
+
+def seed_jobs(config: str, experiment_dir: str, seeds, overrides=()) -> list[Job]:
+  return [Job(config, runs.seed_workdir(experiment_dir, s), int(s), tuple(overrides))
+          for s in seeds]
+
+
+def _mean_sd(values) -> dict:
+  values = np.asarray(values, np.float64)
+  sd = float(values.std(ddof=1)) if values.size > 1 else 0.0
+  return {'mean': float(values.mean()), 'sd': sd}
+
+
+def summarize(experiment_dir: str) -> dict:
+  """Per-stage, per-seed test metrics of a multi-seed directory, and their mean and sd."""
+  workdirs = runs.seed_runs(experiment_dir)
+  stages = list(runs.load_results(workdirs[0]))
+  summary = {'runs': workdirs, 'headline_stage': stages[-1], 'stages': {}}
+  for stage in stages:
+    per_seed = []
+    for workdir in workdirs:
+      report = runs.load_report(workdir, stage)
+      result = runs.load_results(workdir)[stage]
+      per_seed.append({'run': workdir, 'dev_weighted_f1': result.get('dev_weighted_f1'),
+                       'best_epoch': result.get('best_epoch'),
+                       'seconds': result.get('seconds'),
+                       **{k: report[k] for k in HEADLINE},
+                       'per_class_f1': {c: v['f1'] for c, v in report['per_class'].items()},
+                       'confusion': report['confusion'],
+                       'history': result.get('history', [])})
+    classes = list(per_seed[0]['per_class_f1'])
+    summary['stages'][stage] = {
+        'per_seed': per_seed,
+        **{k: _mean_sd([r[k] for r in per_seed]) for k in HEADLINE},
+        'per_class_f1': {c: _mean_sd([r['per_class_f1'][c] for r in per_seed]) for c in classes},
+        'confusion_sum': np.sum([r['confusion'] for r in per_seed], axis=0).tolist(),
+        'label_names': classes,
+    }
+  return summary
+
+
+def pct(stat: dict) -> str:
+  return f'{100 * stat["mean"]:.2f} ± {100 * stat["sd"]:.2f}'
+
+
+def format_summary(summary: dict, title: str) -> str:
+  """Markdown: mean +- sd per stage, then the per-seed rows and per-class F1 of each stage."""
+  n = len(summary['runs'])
+  lines = [f'# {title}', '', f'{n} seed(s); model selection on dev, test scored once per run.',
+           '', '| stage | weighted F1 | macro F1 | accuracy |', '| --- | --- | --- | --- |']
+  for stage, s in summary['stages'].items():
+    lines.append(f'| {stage} | {pct(s["weighted_f1"])} | {pct(s["macro_f1"])} | '
+                 f'{pct(s["accuracy"])} |')
+  for stage, s in summary['stages'].items():
+    classes = s['label_names']
+    lines += ['', f'## {stage}', '', '| run | dev wF1 | test wF1 | macro F1 | accuracy | ' +
+              ' | '.join(classes) + ' |', '| --- ' * (5 + len(classes)) + '|']
+    for r in s['per_seed']:
+      dev = '' if r['dev_weighted_f1'] is None else f'{100 * r["dev_weighted_f1"]:.2f}'
+      lines.append(f'| {os.path.basename(r["run"])} | {dev} | {100 * r["weighted_f1"]:.2f} | '
+                   f'{100 * r["macro_f1"]:.2f} | {100 * r["accuracy"]:.2f} | ' +
+                   ' | '.join(f'{100 * r["per_class_f1"][c]:.2f}' for c in classes) + ' |')
+    lines.append(f'| mean ± sd | | {pct(s["weighted_f1"])} | {pct(s["macro_f1"])} | '
+                 f'{pct(s["accuracy"])} | ' +
+                 ' | '.join(pct(s['per_class_f1'][c]) for c in classes) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_summary(summary: dict, out_dir: str, title: str) -> None:
+  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(out_dir, 'summary.md'), 'w') as f:
+    f.write(format_summary(summary, title))
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='python -m mer_jax.experiments.seeds', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog='Any further --config.<key>=<value> is passed to every run.')
+  parser.add_argument('--config', required=True, help='config file[:arg], as for mer_jax.main')
+  parser.add_argument('--workdir', required=True, help='experiment folder (seed_<s>/ inside)')
+  parser.add_argument('--seeds', type=int, default=5, help='number of seeds (default 5)')
+  parser.add_argument('--first_seed', type=int, default=0)
+  parser.add_argument('--parallel', type=int, default=1, help='runs at a time (processes)')
+  args, rest = parser.parse_known_args(argv)
+  if args.seeds < 1:
+    parser.error('--seeds must be >= 1')
+  try:
+    args.overrides = check_overrides(rest)
+  except ValueError as e:
+    parser.error(str(e))
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  seeds = range(args.first_seed, args.first_seed + args.seeds)
+  t0 = time.time()
+  overrides = with_shared_cache(args.overrides, args.workdir)
+  run_jobs(seed_jobs(args.config, args.workdir, seeds, overrides), args.parallel)
+  summary = summarize(args.workdir)
+  summary['wall_seconds'] = time.time() - t0
+  write_summary(summary, args.workdir, f'{args.config} over seeds {list(seeds)}')
+  print(format_summary(summary, args.config))
+  print(f'summary: {os.path.join(args.workdir, "summary.md")}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,131 @@
+"""A sweep: every variant of a sweep definition over N seeds, compared with its reference.
+
+  python -m mer_jax.experiments.sweep --sweep configs/sweeps/embedded_ablations.py \\
+      --workdir /tmp/ablations --seeds 5 --parallel 2
+  python -m mer_jax.experiments.sweep --sweep configs/sweeps/meld_text.py --workdir /tmp/meld
+
+A sweep definition is a Python file whose `get_sweep()` returns a dict with `title`,
+`reference` (a variant name), `seeds` (default number), `variants` ({name: config spec as for
+mer_jax.main, `path[:arg]`}) and optionally `overrides` (--config.<key>=<value> for every run).
+Variant v's seed s trains in <workdir>/<v>/seed_<s>/; finished runs are skipped, so an
+interrupted sweep continues where it stopped.
+
+Each variant's final stage is compared with the reference's on the per-utterance test
+predictions (paired bootstrap CI and p-value; approximate randomization), seeds averaged. The
+results page is <workdir>/report/index.{md,html}; numbers are in <workdir>/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import time
+
+from mer_jax.experiments import compare as compare_lib
+from mer_jax.experiments import report
+from mer_jax.experiments import runs
+from mer_jax.experiments import seeds as seeds_lib
+
+
+def load_sweep(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'sweep definition {path} does not exist.')
+  namespace = runpy.run_path(path)
+  if 'get_sweep' not in namespace:
+    raise ValueError(f'{path} defines no get_sweep().')
+  sweep = dict(namespace['get_sweep']())
+  missing = {'title', 'reference', 'variants'} - set(sweep)
+  if missing:
+    raise ValueError(f'{path}: get_sweep() lacks keys {sorted(missing)}.')
+  if sweep['reference'] not in sweep['variants']:
+    raise ValueError(f'{path}: reference {sweep["reference"]!r} is not one of the variants '
+                     f'{list(sweep["variants"])}.')
+  sweep.setdefault('seeds', 5)
+  sweep['overrides'] = seeds_lib.check_overrides(sweep.get('overrides', ()))
+  return sweep
+
+
+def select_variants(sweep: dict, only: str) -> dict[str, str]:
+  if not only:
+    return dict(sweep['variants'])
+  names = [n.strip() for n in only.split(',') if n.strip()]
+  unknown = [n for n in names if n not in sweep['variants']]
+  if unknown:
+    raise ValueError(f'--only names unknown variants {unknown}; the sweep has '
+                     f'{list(sweep["variants"])}.')
+  if sweep['reference'] not in names:
+    names.insert(0, sweep['reference'])  # every comparison needs it
+  return {n: sweep['variants'][n] for n in names}
+
+
+def summarize_sweep(sweep: dict, variants: dict[str, str], experiment_dir: str, *,
+                    bootstrap_samples: int) -> dict:
+  summaries, comparisons = {}, {}
+  for name in variants:
+    variant_dir = os.path.join(experiment_dir, name)
+    summaries[name] = seeds_lib.summarize(variant_dir)
+    seeds_lib.write_summary(summaries[name], variant_dir, f'{sweep["title"]}: {name}')
+  reference_dir = os.path.join(experiment_dir, sweep['reference'])
+  for name in variants:
+    if name != sweep['reference']:
+      comparisons[name] = compare_lib.compare_paths(
+          os.path.join(experiment_dir, name), reference_dir, samples=bootstrap_samples,
+          metrics=('weighted_f1',))['weighted_f1']
+  return {'title': sweep['title'], 'reference': sweep['reference'], 'variants': variants,
+          'summaries': summaries, 'comparisons': comparisons}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m mer_jax.experiments.sweep', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog='Any further --config.<key>=<value> goes to every run.')
+  parser.add_argument('--sweep', required=True, help='sweep definition file (get_sweep())')
+  parser.add_argument('--workdir', required=True, help='experiment folder')
+  parser.add_argument('--seeds', type=int, default=0, help='seeds per variant (0: the sweep\'s)')
+  parser.add_argument('--first_seed', type=int, default=0)
+  parser.add_argument('--parallel', type=int, default=1, help='runs at a time (processes)')
+  parser.add_argument('--only', default='', help='comma-separated variants (plus the reference)')
+  parser.add_argument('--bootstrap_samples', type=int, default=1000)
+  parser.add_argument('--report_only', action='store_true',
+                      help='summarise the finished runs without training')
+  args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  try:
+    sweep = load_sweep(args.sweep)
+    variants = select_variants(sweep, args.only)
+    overrides = seeds_lib.with_shared_cache(
+        sweep['overrides'] + seeds_lib.check_overrides(rest), args.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
+  n_seeds = args.seeds or int(sweep['seeds'])
+  seed_list = list(range(args.first_seed, args.first_seed + n_seeds))
+  t0 = time.time()
+  if not args.report_only:
+    # Seed-major order: an interrupted sweep has every variant at the same number of seeds.
+    jobs = [seeds_lib.seed_jobs(spec, os.path.join(args.workdir, name), [seed], overrides)[0]
+            for seed in seed_list for name, spec in variants.items()]
+    seeds_lib.run_jobs(jobs, args.parallel)
+  result = summarize_sweep(sweep, variants, args.workdir,
+                           bootstrap_samples=args.bootstrap_samples)
+  result['wall_seconds'] = time.time() - t0
+  result['seeds'] = seed_list
+  with open(os.path.join(args.workdir, 'sweep.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  notes = [f'Sweep {args.sweep}; seeds {seed_list}; extra overrides {list(overrides) or "none"}.',
+           'Every run selects its epoch on dev weighted F1; test is scored once per run. '
+           f'Differences are variant minus {sweep["reference"]} on the final stage, with 95% '
+           f'paired-bootstrap intervals over test utterances ({args.bootstrap_samples} '
+           'resamples, seeds averaged) and approximate-randomization p-values.',
+           f'Wall time of this command: {result["wall_seconds"]:.0f} s.']
+  paths = report.write_report(os.path.join(args.workdir, 'report'), sweep['title'],
+                              sweep['reference'], result['summaries'], result['comparisons'],
+                              notes)
+  with open(paths['markdown']) as f:
+    print(f.read())
+  print(f'report: {paths["html"]}')
+
+
+if __name__ == '__main__':
+  main()

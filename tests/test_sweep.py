@@ -1,0 +1,110 @@
+"""A real sweep through its command line: two variants x two seeds in parallel processes, the
+comparison and results page it writes, resumption, and determinism of a rerun seed.
+
+Runs are the tiny config, one epoch, teacher and distilled audio student only, so the module
+stays near a minute; they share one persistent compilation cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mer_jax.experiments import compare
+from mer_jax.experiments import runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ('--config.train.epochs=1', "--config.train.stages=('teacher','audio')",
+             '--config.train.progress_bar=False')
+SWEEP = '''
+def get_sweep():
+  return {{'title': 'tiny sweep', 'reference': 'full', 'seeds': 2,
+           'overrides': {overrides!r},
+           'variants': {{'full': 'configs/ablations.py:full,tiny',
+                         'loss_ce': 'configs/ablations.py:loss_ce,tiny'}}}}
+'''
+
+
+def env(cache):
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', OMP_NUM_THREADS='1',
+              JAX_COMPILATION_CACHE_DIR=str(cache))
+
+
+@pytest.fixture(scope='module', name='sweep_dir')
+def fixture_sweep_dir(tmp_path_factory):
+  base = tmp_path_factory.mktemp('sweep')
+  cache = base / 'cache'
+  overrides = OVERRIDES + (f'--config.train.compilation_cache_dir={cache}',)
+  (base / 'tiny_sweep.py').write_text(SWEEP.format(overrides=overrides))
+  args = [sys.executable, '-m', 'mer_jax.experiments.sweep', '--sweep',
+          str(base / 'tiny_sweep.py'), '--workdir', str(base / 'exp'), '--parallel', '2',
+          '--bootstrap_samples', '200']
+  proc = subprocess.run(args, cwd=ROOT, env=env(cache), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return base, args, proc.stdout
+
+
+def test_sweep_runs_every_variant_and_seed(sweep_dir):
+  base, _, stdout = sweep_dir
+  exp = base / 'exp'
+  for variant in ('full', 'loss_ce'):
+    assert [os.path.basename(r) for r in runs.seed_runs(str(exp / variant))] == ['seed_0',
+                                                                                 'seed_1']
+    assert (exp / variant / 'summary.md').is_file()
+  # The corpus was generated once, in the experiment's shared data folder.
+  assert [d for d in os.listdir(exp / 'data') if d.startswith('synthetic-')]
+  assert not (exp / 'full' / 'seed_0' / 'data').exists()
+  assert stdout.count('start ') == 4
+
+
+def test_sweep_comparison_and_page(sweep_dir):
+  base, _, stdout = sweep_dir
+  exp = base / 'exp'
+  result = json.loads((exp / 'sweep.json').read_text())
+  summary = result['summaries']['loss_ce']
+  assert summary['headline_stage'] == 'audio'
+  seeds_f1 = [r['weighted_f1'] for r in summary['stages']['audio']['per_seed']]
+  assert summary['stages']['audio']['weighted_f1']['mean'] == pytest.approx(np.mean(seeds_f1))
+  recomputed = compare.compare_paths(str(exp / 'loss_ce'), str(exp / 'full'), samples=200,
+                                     metrics=('weighted_f1',))['weighted_f1']
+  stored = result['comparisons']['loss_ce']
+  for key in ('difference', 'ci_low', 'ci_high', 'p_value', 'p_randomization'):
+    assert stored[key] == pytest.approx(recomputed[key]), key
+  page = (exp / 'report' / 'index.html').read_text()
+  assert f'{100 * stored["difference"]:+.2f}' in page
+  assert (exp / 'report' / 'curves_loss_ce.png').is_file()
+  assert 'Main results' in stdout
+
+
+def test_rerunning_a_sweep_skips_finished_runs(sweep_dir):
+  base, args, _ = sweep_dir
+  proc = subprocess.run(args, cwd=ROOT, env=env(base / 'cache'), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'start ' not in proc.stdout
+
+
+def test_same_seed_reproduces_the_run_exactly(sweep_dir):
+  base, _, _ = sweep_dir
+  first = base / 'exp' / 'full' / 'seed_1'
+  again = base / 'again'
+  args = [sys.executable, '-m', 'mer_jax.main', '--config', 'configs/ablations.py:full,tiny',
+          '--workdir', str(again), '--config.seed=1', *OVERRIDES,
+          f'--config.train.compilation_cache_dir={base / "cache"}']
+  proc = subprocess.run(args, cwd=ROOT, env=env(base / 'cache'), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ('teacher', 'audio'):
+    a = runs.load_test_predictions(str(first), stage)
+    b = runs.load_test_predictions(str(again), stage)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f'{stage} {key}')
+  results_a = runs.load_results(str(first))
+  results_b = runs.load_results(str(again))
+  for stage in results_a:
+    for key in ('test_weighted_f1', 'test_macro_f1', 'test_accuracy', 'dev_weighted_f1'):
+      assert results_a[stage][key] == results_b[stage][key]
