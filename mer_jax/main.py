@@ -24,8 +24,9 @@ def main(argv):
   config = _CONFIG.value
   validate_config(config)
   # Imported after validation so a bad config fails before JAX starts.
+  from mer_jax.train import preemption  # pylint: disable=g-import-not-at-top
   from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train_and_evaluate(config, _WORKDIR.value)
+  preemption.run_preemptible(trainer.train_and_evaluate, config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -34,11 +34,12 @@ def main(argv):
   from mer_jax import console  # pylint: disable=g-import-not-at-top
   from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
   from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
+  from mer_jax.train import preemption  # pylint: disable=g-import-not-at-top
   if _OUT.value:
     out = _OUT.value
-    text_features.build_text_shards(config, out)
+    preemption.run_preemptible(text_features.build_text_shards, config, out)
   else:
-    out = sources.ensure_text_shards(config, _WORKDIR.value)
+    out = preemption.run_preemptible(sources.ensure_text_shards, config, _WORKDIR.value)
   console.say('text shards: %s', out)
 
 

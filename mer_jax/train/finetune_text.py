@@ -33,6 +33,7 @@ from mer_jax.data import text_batching
 from mer_jax.models import text_classifier
 from mer_jax.train import checkpointing
 from mer_jax.train import optim
+from mer_jax.train import preemption
 from mer_jax.train import sharding
 from mer_jax.train import steps
 from mer_jax.train.metrics_writer import MetricsWriter
@@ -204,9 +205,16 @@ class TextFinetuner:
           self._log(pending, host_step, writer, bar)
           pending = []
         every = config.train.checkpoint_every_steps
-        if every and host_step % every == 0:
+        preempted = preemption.should_stop(host_step)
+        if preempted or (every and host_step % every == 0):
           ckpt.save_latest(host_step, state, {'epoch': epoch, 'batch': i + 1},
                            {'loop': loop, 'finished': False})
+        if preempted:
+          writer.close()
+          ckpt.close()
+          raise preemption.Preempted(
+              f'text fine-tuning: terminated at step {host_step} (epoch {epoch + 1}); the '
+              f'checkpoint is saved in {ckpt.root}. Rerun the same command to resume.')
       if pending:
         self._log(pending, host_step, writer, None)
       jax.block_until_ready(state.params)

@@ -32,6 +32,7 @@ from mer_jax.data import pipeline
 from mer_jax.data import sources
 from mer_jax.train import checkpointing
 from mer_jax.train import optim
+from mer_jax.train import preemption
 from mer_jax.train import sharding
 from mer_jax.train import steps
 from mer_jax.train.metrics_writer import MetricsWriter
@@ -262,9 +263,17 @@ class StageRunner:
           _log_train(pending, host_step, stage, writer, bar)
           pending = []
         every = config.train.checkpoint_every_steps
-        if every and host_step % every == 0:
+        preempted = preemption.should_stop(host_step)
+        if preempted or (every and host_step % every == 0):
           ckpt.save_latest(host_step, state, {'epoch': epoch, 'iterator': it.get_state()},
                            _jsonable({'loop': loop, 'finished': False, 'stage': stage}))
+        if preempted:
+          bar.close()
+          writer.close()
+          ckpt.close()
+          raise preemption.Preempted(
+              f'stage {self.name}: terminated at step {host_step} (epoch {epoch + 1}); the '
+              f'checkpoint is saved in {ckpt.root}. Rerun the same command to resume.')
       bar.close()
       if pending:
         _log_train(pending, host_step, stage, writer, None)
