@@ -245,7 +245,8 @@ def test_non_finite_loss_stops_training_naming_stage_and_step(shard_dir, tmp_pat
   config.train.stages = ('teacher',)
   config.train.epochs = 1
   config.optim.teacher.lr = 1e30
-  with pytest.raises(FloatingPointError, match=r'stage teacher: non-finite loss at step \d+'):
+  with pytest.raises(FloatingPointError,
+                     match=r'stage teacher: non-finite loss at step \d+ \(epoch 1, batch \d+ of'):
     trainer.train_and_evaluate(config, str(tmp_path))
   # Stopped before anything was reported as a result.
   assert not (tmp_path / 'results.json').exists()

@@ -260,7 +260,8 @@ class StageRunner:
         pending.append(metrics)
         bar.update(1)
         if len(pending) >= config.train.log_every_steps:
-          _log_train(pending, host_step, stage, writer, bar)
+          _log_train(pending, host_step, stage, writer, bar, epoch,
+                     sum(self.plan_lengths[:epoch]))
           pending = []
         every = config.train.checkpoint_every_steps
         preempted = preemption.should_stop(host_step)
@@ -276,7 +277,8 @@ class StageRunner:
               f'checkpoint is saved in {ckpt.root}. Rerun the same command to resume.')
       bar.close()
       if pending:
-        _log_train(pending, host_step, stage, writer, None)
+        _log_train(pending, host_step, stage, writer, None, epoch,
+                   sum(self.plan_lengths[:epoch]))
 
       eval_params = state.ema_params if state.ema_params is not None else state.params
       dev = self.evaluate(self.ctx.data.dev, eval_params, state.model_state)
@@ -326,17 +328,23 @@ def _frozen_needed(stage: str, statics: steps.StageStatics, config) -> tuple[str
   return tuple(steps.ENCODER_OF_MODALITY[m] for m in config.data.modalities)
 
 
-def _log_train(pending: list[dict], step: int, stage: str, writer: MetricsWriter, bar) -> None:
-  """Fetches the metrics of the last steps (one host sync) and stops on NaN/Inf."""
+def _log_train(pending: list[dict], step: int, stage: str, writer: MetricsWriter, bar,
+               epoch: int, epoch_first_step: int) -> None:
+  """Fetches the metrics of the last steps (one host sync) and stops on NaN/Inf.
+
+  `epoch_first_step` is the global step count before the epoch began, so the message can name the
+  batch within the epoch (with the epoch's seeded order, that batch can be rebuilt).
+  """
   fetched = jax.device_get(pending)
   mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   losses_seen = np.array([m['loss'] for m in fetched])
   if not np.all(np.isfinite(losses_seen)):
     first = int(np.flatnonzero(~np.isfinite(losses_seen))[0])
+    bad_step = step - len(fetched) + first + 1
     raise FloatingPointError(
-        f'stage {stage}: non-finite loss at step {step - len(fetched) + first + 1} '
-        f'(grad norm {fetched[first]["grad_norm"]}); stopping. Lower the learning rate or check '
-        f'the input features.')
+        f'stage {stage}: non-finite loss at step {bad_step} (epoch {epoch + 1}, batch '
+        f'{bad_step - epoch_first_step} of the epoch; grad norm {fetched[first]["grad_norm"]}); '
+        f'stopping. Lower the learning rate or check the input features.')
   writer.scalars(step, {f'train/{k}': v for k, v in mean.items()})
   if bar is not None:
     bar.set_postfix(loss=f'{mean["loss"]:.4f}', acc=f'{mean["accuracy"]:.3f}')
