@@ -80,8 +80,9 @@ def install_commands(args) -> list[list[str]]:
 
 
 def train_command_line(args) -> str:
-  main = ['python', '-m', 'mer_jax.main', '--config', args.config, '--workdir', args.workdir,
-          *args.overrides]
+  # --multihost: every worker is one JAX process of the slice (also right on a one-host slice).
+  main = ['python', '-m', 'mer_jax.main', '--multihost', '--config', args.config, '--workdir',
+          args.workdir, *args.overrides]
   line = (f'cd {REMOTE_DIR} && . {REMOTE_VENV}/bin/activate && '
           f'{shlex.join(main)}')
   if args.sync:

@@ -13,6 +13,14 @@ from mer_jax.config_validation import validate_config
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where shards, checkpoints and reports go.')
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False, 'Start JAX\'s distributed runtime with auto-detection (Cloud TPU pod '
+    'slices: one process per host).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', 'host:port of process 0, for multi-process runs elsewhere (GPU '
+    'clusters, the localhost CPU test); needs --num_processes and --process_id.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -24,6 +32,9 @@ def main(argv):
   config = _CONFIG.value
   validate_config(config)
   # Imported after validation so a bad config fails before JAX starts.
+  from mer_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_MULTIHOST.value)
   from mer_jax.train import preemption  # pylint: disable=g-import-not-at-top
   from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
   preemption.run_preemptible(trainer.train_and_evaluate, config, _WORKDIR.value)

@@ -36,7 +36,7 @@ def test_dry_run_of_a_whole_queued_spot_run():
   assert 'pip install -q -e ".[tpu]"' in cmds[4][-1]
   train = cmds[5][-1]
   assert cmds[5][:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'] and '--worker=all' in cmds[5]
-  assert ('python -m mer_jax.main --config configs/meld.py --workdir /tmp/w '
+  assert ('python -m mer_jax.main --multihost --config configs/meld.py --workdir /tmp/w '
           '--config.data.shard_dir=/data/meld --config.train.epochs=3') in train
   assert 'gcloud storage rsync -r /tmp/w gs://bucket/run' in train
   assert cmds[6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'mer', *scope,

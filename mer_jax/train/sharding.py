@@ -13,6 +13,7 @@ import jraph
 import numpy as np
 
 from mer_jax import models
+from mer_jax.train import distributed
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -62,6 +63,5 @@ def batch_shardings(batch: jraph.GraphsTuple, mesh: Mesh) -> jraph.GraphsTuple:
 
 
 def put_batch(batch: jraph.GraphsTuple, shardings: jraph.GraphsTuple) -> jraph.GraphsTuple:
-  """Host numpy batch -> global device arrays (every process passes its local slice)."""
-  return jax.tree.map(
-      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
+  """Host numpy batch (the whole global batch, identical on every process) -> global arrays."""
+  return jax.tree.map(distributed.host_to_global, batch, shardings)

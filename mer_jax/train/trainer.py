@@ -31,6 +31,7 @@ from mer_jax import models
 from mer_jax.data import pipeline
 from mer_jax.data import sources
 from mer_jax.train import checkpointing
+from mer_jax.train import distributed
 from mer_jax.train import optim
 from mer_jax.train import preemption
 from mer_jax.train import sharding
@@ -107,7 +108,7 @@ def predict_split(source, config, budget, predict_fn, mesh, desc: str = 'eval',
   for batch in tqdm(ds, desc=desc, leave=False, disable=not progress):
     if batch_sh is None:
       batch_sh = sharding.batch_shardings(batch, mesh)
-    p = np.asarray(jax.device_get(predict_fn(sharding.put_batch(batch, batch_sh))))
+    p = distributed.global_to_host(predict_fn(sharding.put_batch(batch, batch_sh)))
     mask = batch.nodes['mask']
     probs.append(p[mask])
     labels.append(batch.nodes['label'][mask])
@@ -423,21 +424,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     pred = predict_split(stage_ctx.data.test, stage_config,
                          pipeline.budget_from_config(stage_config),
                          stage_predict_fn(stage, trained[stage], stage_config, trained), ctx.mesh)
-    save_test_predictions(pred, workdir, stage)
     test = split_metrics(pred, config.label_names)
-    name = f'{stage}_test'
-    evaluate.write_report(test, os.path.join(workdir, 'reports'), name,
-                          png=config.eval.confusion_png)
-    print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
+    if distributed.is_main_process():
+      save_test_predictions(pred, workdir, stage)
+      evaluate.write_report(test, os.path.join(workdir, 'reports'), f'{stage}_test',
+                            png=config.eval.confusion_png)
+      print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
     results[stage] = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
                       'test_accuracy': test['accuracy'],
                       'dev_weighted_f1': runner.loop['best_f1'],
                       'best_epoch': runner.loop['best_epoch'] + 1,
                       'history': runner.loop['history'], 'seconds': time.time() - t0}
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(_jsonable(results), f, indent=2)
-  summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
-  print(f'test weighted F1 - {summary}')
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(_jsonable(results), f, indent=2)
+    summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
+    print(f'test weighted F1 - {summary}')
   return results
 
 
