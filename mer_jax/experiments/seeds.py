@@ -168,6 +168,12 @@ def write_summary(summary: dict, out_dir: str, title: str) -> None:
     f.write(format_summary(summary, title))
 
 
+def add_scheduling_arguments(parser: argparse.ArgumentParser) -> None:
+  """Arguments shared by the seed runner and the sweep."""
+  parser.add_argument('--first_seed', type=int, default=0)
+  parser.add_argument('--parallel', type=int, default=1, help='runs at a time (processes)')
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m mer_jax.experiments.seeds', description=__doc__,
@@ -176,8 +182,7 @@ def parse_args(argv):
   parser.add_argument('--config', required=True, help='config file[:arg], as for mer_jax.main')
   parser.add_argument('--workdir', required=True, help='experiment folder (seed_<s>/ inside)')
   parser.add_argument('--seeds', type=int, default=5, help='number of seeds (default 5)')
-  parser.add_argument('--first_seed', type=int, default=0)
-  parser.add_argument('--parallel', type=int, default=1, help='runs at a time (processes)')
+  add_scheduling_arguments(parser)
   args, rest = parser.parse_known_args(argv)
   if args.seeds < 1:
     parser.error('--seeds must be >= 1')

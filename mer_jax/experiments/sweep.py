@@ -85,8 +85,7 @@ def main(argv=None) -> None:
   parser.add_argument('--sweep', required=True, help='sweep definition file (get_sweep())')
   parser.add_argument('--workdir', required=True, help='experiment folder')
   parser.add_argument('--seeds', type=int, default=0, help='seeds per variant (0: the sweep\'s)')
-  parser.add_argument('--first_seed', type=int, default=0)
-  parser.add_argument('--parallel', type=int, default=1, help='runs at a time (processes)')
+  seeds_lib.add_scheduling_arguments(parser)
   parser.add_argument('--only', default='', help='comma-separated variants (plus the reference)')
   parser.add_argument('--bootstrap_samples', type=int, default=1000)
   parser.add_argument('--report_only', action='store_true',
