@@ -21,6 +21,7 @@ from mer_jax.experiments import report
 from mer_jax.experiments import runs
 from mer_jax.experiments import seeds
 from mer_jax.experiments import significance
+from mer_jax.experiments import sweep
 from mer_jax.train import trainer
 
 NAMES = ('neutral', 'joy', 'anger')
@@ -225,3 +226,20 @@ def test_command_lines():
   assert seeds.with_shared_cache((), '/w')[-1] == '--config.data.cache_dir=/w/data'
   mine = ('--config.data.cache_dir=/elsewhere',)
   assert seeds.with_shared_cache(mine, '/w') == mine
+
+
+def test_report_of_an_unfinished_sweep_lists_what_is_missing(two_systems):
+  root, _, _ = two_systems
+  definition = {'title': 't', 'reference': 'ref', 'variants': {
+      'ref': 'configs/ablations.py:full', 'better': 'configs/ablations.py:moe',
+      'later': 'configs/ablations.py:no_gates'}}
+  with pytest.raises(runs.RunError, match='no finished run'):
+    sweep.summarize_sweep(definition, definition['variants'], str(root), bootstrap_samples=50)
+  result = sweep.summarize_sweep(definition, definition['variants'], str(root),
+                                 bootstrap_samples=50, allow_missing=True)
+  assert result['missing'] == ['later']
+  assert list(result['summaries']) == ['ref', 'better'] and list(result['comparisons']) == ['better']
+  definition['reference'] = 'later'
+  with pytest.raises(runs.RunError):
+    sweep.summarize_sweep(definition, definition['variants'], str(root), bootstrap_samples=50,
+                          allow_missing=True)

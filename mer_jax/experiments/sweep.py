@@ -62,20 +62,31 @@ def select_variants(sweep: dict, only: str) -> dict[str, str]:
 
 
 def summarize_sweep(sweep: dict, variants: dict[str, str], experiment_dir: str, *,
-                    bootstrap_samples: int) -> dict:
-  summaries, comparisons = {}, {}
+                    bootstrap_samples: int, allow_missing: bool = False) -> dict:
+  """Summaries of every variant and comparisons with the reference.
+
+  With `allow_missing` (a report of a sweep still running), variants without a finished run are
+  left out and listed under 'missing'; the reference must have one.
+  """
+  summaries, comparisons, missing = {}, {}, []
   for name in variants:
     variant_dir = os.path.join(experiment_dir, name)
-    summaries[name] = seeds_lib.summarize(variant_dir)
+    try:
+      summaries[name] = seeds_lib.summarize(variant_dir)
+    except runs.RunError:
+      if not allow_missing or name == sweep['reference']:
+        raise
+      missing.append(name)
+      continue
     seeds_lib.write_summary(summaries[name], variant_dir, f'{sweep["title"]}: {name}')
   reference_dir = os.path.join(experiment_dir, sweep['reference'])
-  for name in variants:
+  for name in summaries:
     if name != sweep['reference']:
       comparisons[name] = compare_lib.compare_paths(
           os.path.join(experiment_dir, name), reference_dir, samples=bootstrap_samples,
           metrics=('weighted_f1',))['weighted_f1']
   return {'title': sweep['title'], 'reference': sweep['reference'], 'variants': variants,
-          'summaries': summaries, 'comparisons': comparisons}
+          'summaries': summaries, 'comparisons': comparisons, 'missing': missing}
 
 
 def main(argv=None) -> None:
@@ -107,7 +118,8 @@ def main(argv=None) -> None:
             for seed in seed_list for name, spec in variants.items()]
     seeds_lib.run_jobs(jobs, args.parallel)
   result = summarize_sweep(sweep, variants, args.workdir,
-                           bootstrap_samples=args.bootstrap_samples)
+                           bootstrap_samples=args.bootstrap_samples,
+                           allow_missing=args.report_only)
   result['wall_seconds'] = time.time() - t0
   result['seeds'] = seed_list
   with open(os.path.join(args.workdir, 'sweep.json'), 'w') as f:
@@ -118,6 +130,8 @@ def main(argv=None) -> None:
            f'paired-bootstrap intervals over test utterances ({args.bootstrap_samples} '
            'resamples, seeds averaged) and approximate-randomization p-values.',
            f'Wall time of this command: {result["wall_seconds"]:.0f} s.']
+  if result['missing']:
+    notes.append(f'Not run yet (no finished seed): {", ".join(result["missing"])}.')
   paths = report.write_report(os.path.join(args.workdir, 'report'), sweep['title'],
                               sweep['reference'], result['summaries'], result['comparisons'],
                               notes)
