@@ -32,6 +32,7 @@ from mer_jax.data import prompts as prompts_lib
 from mer_jax.data import text_batching
 from mer_jax.models import text_classifier
 from mer_jax.train import checkpointing
+from mer_jax.train import distributed
 from mer_jax.train import optim
 from mer_jax.train import preemption
 from mer_jax.train import sharding
@@ -140,7 +141,7 @@ class TextFinetuner:
                                       self.ft.tokens_per_batch, row_multiple=self.rows, rng=rng)
 
   def put(self, batch: text_batching.TokenBatch) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+    return {k: distributed.host_to_global(v, self.batch_sharding)
             for k, v in batch_arrays(batch).items()}
 
   def predict(self, params, split: TokenSplit) -> np.ndarray:
@@ -151,7 +152,7 @@ class TextFinetuner:
     for batch in text_batching.iterate_batches(split.sequences, plan, self.pad_id, split.labels):
       p, _ = self._predict(params, self.put(batch))
       keep = batch.index >= 0
-      probs[batch.index[keep]] = np.asarray(p)[keep]
+      probs[batch.index[keep]] = distributed.global_to_host(p)[keep]
     return probs
 
   def evaluate(self, params, split: TokenSplit) -> dict:
