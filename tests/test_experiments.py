@@ -120,6 +120,9 @@ def test_summary_mean_and_sd_by_hand(two_systems):
   text = seeds.format_summary(summary, 'better')
   assert f'{100 * fusion["weighted_f1"]["mean"]:.2f} ± {100 * fusion["weighted_f1"]["sd"]:.2f}' in text
   assert text.count('| seed_') == 6  # 3 seeds x 2 stages
+  one = seeds.summarize(str(root / 'better' / 'seed_0'))['stages']['fusion']['weighted_f1']
+  assert one == {'mean': per_seed[0]['weighted_f1'], 'sd': None}
+  assert seeds.pct(one) == f'{100 * per_seed[0]["weighted_f1"]:.2f}'
 
 
 def test_compare_paths_matches_significance(two_systems):

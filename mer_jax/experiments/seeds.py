@@ -101,8 +101,9 @@ def seed_jobs(config: str, experiment_dir: str, seeds, overrides=()) -> list[Job
 
 
 def _mean_sd(values) -> dict:
+  """Mean and sample sd (None for one value: a single seed says nothing of the spread)."""
   values = np.asarray(values, np.float64)
-  sd = float(values.std(ddof=1)) if values.size > 1 else 0.0
+  sd = float(values.std(ddof=1)) if values.size > 1 else None
   return {'mean': float(values.mean()), 'sd': sd}
 
 
@@ -135,6 +136,8 @@ def summarize(experiment_dir: str) -> dict:
 
 
 def pct(stat: dict) -> str:
+  if stat['sd'] is None:
+    return f'{100 * stat["mean"]:.2f}'
   return f'{100 * stat["mean"]:.2f} ± {100 * stat["sd"]:.2f}'
 
 
