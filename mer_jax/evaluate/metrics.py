@@ -56,11 +56,11 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def per_class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
-  """Precision, recall, F1 and support per class from a confusion matrix (0/0 -> 0)."""
+  """Precision, recall, F1 and support per class from confusion matrices [..., C, C] (0/0 -> 0)."""
   confusion = np.asarray(confusion, np.float64)
-  true_positives = np.diag(confusion)
-  predicted = confusion.sum(axis=0)
-  support = confusion.sum(axis=1)
+  true_positives = np.diagonal(confusion, axis1=-2, axis2=-1)
+  predicted = confusion.sum(axis=-2)
+  support = confusion.sum(axis=-1)
   precision = _safe_divide(true_positives, predicted)
   recall = _safe_divide(true_positives, support)
   f1 = _safe_divide(2.0 * true_positives, predicted + support)

@@ -59,8 +59,14 @@ def format_report(metrics: Mapping[str, Any], title: str) -> str:
 
 
 def save_confusion_png(metrics: Mapping[str, Any], path: str, title: str) -> None:
-  """Row-normalised confusion heat map with the raw counts written in each cell."""
+  """Row-normalised confusion heat map of a report, with the raw counts written in each cell."""
   confusion, names = _confusion_and_names(metrics)
+  save_confusion_matrix_png(confusion, names, path, title)
+
+
+def save_confusion_matrix_png(confusion: np.ndarray, names, path: str, title: str) -> None:
+  """Row-normalised heat map of counts [C, C] (row = true label), the counts in each cell."""
+  confusion = np.asarray(confusion, np.int64)
   row_totals = confusion.sum(axis=1, keepdims=True)
   normalized = np.divide(confusion, row_totals, out=np.zeros(confusion.shape, np.float64),
                          where=row_totals > 0)

@@ -58,14 +58,8 @@ def save_curves_png(summary: dict, path: str, title: str) -> None:
 
 def save_mean_confusion_png(stage_summary: dict, path: str, title: str) -> None:
   """Row-normalised confusion of the seeds' summed counts (= mean of the per-seed rates)."""
-  names = stage_summary['label_names']
-  confusion = np.asarray(stage_summary['confusion_sum'], np.int64)
-  per_class = {n: {'precision': 0.0, 'recall': 0.0, 'f1': stage_summary['per_class_f1'][n]['mean'],
-                   'support': int(confusion[i].sum())} for i, n in enumerate(names)}
-  metrics = {'per_class': per_class, 'confusion': confusion.tolist(), 'label_names': names,
-             'num_examples': int(confusion.sum()),
-             **{k: stage_summary[k]['mean'] for k in ('weighted_f1', 'macro_f1', 'accuracy')}}
-  evaluate.save_confusion_png(metrics, path, title)
+  evaluate.save_confusion_matrix_png(stage_summary['confusion_sum'],
+                                     stage_summary['label_names'], path, title)
 
 
 def build_blocks(title: str, reference: str, summaries: dict, comparisons: dict,

@@ -110,13 +110,14 @@ def _mean_sd(values) -> dict:
 def summarize(experiment_dir: str) -> dict:
   """Per-stage, per-seed test metrics of a multi-seed directory, and their mean and sd."""
   workdirs = runs.seed_runs(experiment_dir)
-  stages = list(runs.load_results(workdirs[0]))
+  results = {workdir: runs.load_results(workdir) for workdir in workdirs}
+  stages = list(results[workdirs[0]])
   summary = {'runs': workdirs, 'headline_stage': stages[-1], 'stages': {}}
   for stage in stages:
     per_seed = []
     for workdir in workdirs:
       report = runs.load_report(workdir, stage)
-      result = runs.load_results(workdir)[stage]
+      result = results[workdir][stage]
       per_seed.append({'run': workdir, 'dev_weighted_f1': result.get('dev_weighted_f1'),
                        'best_epoch': result.get('best_epoch'),
                        'seconds': result.get('seconds'),

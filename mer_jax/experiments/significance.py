@@ -20,6 +20,8 @@ import dataclasses
 
 import numpy as np
 
+from mer_jax.evaluate import metrics
+
 METRICS = ('weighted_f1', 'macro_f1', 'accuracy')
 
 
@@ -46,20 +48,16 @@ def confusions(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.nd
 
 def scores_from_confusions(confusion: np.ndarray, metric: str) -> np.ndarray:
   """weighted_f1, macro_f1 or accuracy of each confusion matrix in [..., C, C]."""
-  confusion = np.asarray(confusion, np.float64)
-  true_positives = np.diagonal(confusion, axis1=-2, axis2=-1)
-  support = confusion.sum(axis=-1)
-  predicted = confusion.sum(axis=-2)
+  scores = metrics.per_class_scores(confusion)
+  support, f1 = scores['support'], scores['f1']
   total = support.sum(axis=-1)
   if metric == 'accuracy':
-    return true_positives.sum(axis=-1) / total
-  denominator = predicted + support
-  f1 = np.divide(2.0 * true_positives, denominator, out=np.zeros_like(true_positives),
-                 where=denominator > 0)
+    return np.diagonal(np.asarray(confusion), axis1=-2, axis2=-1).sum(axis=-1) / total
   if metric == 'weighted_f1':
     return (f1 * support).sum(axis=-1) / total
   if metric == 'macro_f1':
-    occurring = denominator > 0  # classes seen in the labels or the predictions
+    # Classes seen in the labels or the predictions, as classification_metrics averages them.
+    occurring = (support + np.asarray(confusion).sum(axis=-2)) > 0
     return (f1 * occurring).sum(axis=-1) / np.maximum(occurring.sum(axis=-1), 1)
   raise ValueError(f'unknown metric {metric!r}; expected one of {METRICS}.')
 

@@ -213,9 +213,7 @@ class TextFinetuner:
         if preempted:
           writer.close()
           ckpt.close()
-          raise preemption.Preempted(
-              f'text fine-tuning: terminated at step {host_step} (epoch {epoch + 1}); the '
-              f'checkpoint is saved in {ckpt.root}. Rerun the same command to resume.')
+          raise preemption.Preempted.at('text fine-tuning', host_step, epoch, ckpt.root)
       if pending:
         self._log(pending, host_step, writer, None)
       jax.block_until_ready(state.params)

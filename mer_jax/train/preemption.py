@@ -24,6 +24,11 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a scheduler expects of a termin
 class Preempted(Exception):
   """Training stopped at a checkpoint because the process was asked to terminate."""
 
+  @classmethod
+  def at(cls, what: str, step: int, epoch: int, checkpoint_dir: str) -> 'Preempted':
+    return cls(f'{what}: terminated at step {step} (epoch {epoch + 1}); the checkpoint is saved '
+               f'in {checkpoint_dir}. Rerun the same command to resume.')
+
 
 _requested = threading.Event()
 

@@ -250,7 +250,8 @@ class StageRunner:
       host_step = int(state.step)  # tracked on the host so the loop never waits on the device
       bar = tqdm(total=len(ds), desc=f'{self.name} epoch {epoch + 1}/{epochs}',
                  disable=not config.train.progress_bar, leave=False)
-      bar.update(host_step - sum(self.plan_lengths[:epoch]))
+      epoch_first_step = sum(self.plan_lengths[:epoch])
+      bar.update(host_step - epoch_first_step)
       for batch in it:
         if train_step is None:
           batch_sh = sharding.batch_shardings(batch, self.ctx.mesh)
@@ -261,8 +262,7 @@ class StageRunner:
         pending.append(metrics)
         bar.update(1)
         if len(pending) >= config.train.log_every_steps:
-          _log_train(pending, host_step, stage, writer, bar, epoch,
-                     sum(self.plan_lengths[:epoch]))
+          _log_train(pending, host_step, stage, writer, bar, epoch, epoch_first_step)
           pending = []
         every = config.train.checkpoint_every_steps
         preempted = preemption.should_stop(host_step)
@@ -273,13 +273,10 @@ class StageRunner:
           bar.close()
           writer.close()
           ckpt.close()
-          raise preemption.Preempted(
-              f'stage {self.name}: terminated at step {host_step} (epoch {epoch + 1}); the '
-              f'checkpoint is saved in {ckpt.root}. Rerun the same command to resume.')
+          raise preemption.Preempted.at(f'stage {self.name}', host_step, epoch, ckpt.root)
       bar.close()
       if pending:
-        _log_train(pending, host_step, stage, writer, None, epoch,
-                   sum(self.plan_lengths[:epoch]))
+        _log_train(pending, host_step, stage, writer, None, epoch, epoch_first_step)
 
       eval_params = state.ema_params if state.ema_params is not None else state.params
       dev = self.evaluate(self.ctx.data.dev, eval_params, state.model_state)
@@ -390,16 +387,30 @@ def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, F
   return lambda batch: fn(model.states[0], model.states[1], batch, frozen_states)
 
 
+def _write_atomically(path: str, write) -> str:
+  """`write(tmp_path)`, then a rename: a crash never leaves a half-written file at `path`."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  root, ext = os.path.splitext(path)
+  tmp = f'{root}.tmp{ext}'  # same extension: np.savez would append '.npz' otherwise
+  write(tmp)
+  os.replace(tmp, path)
+  return path
+
+
 def save_test_predictions(pred: dict[str, np.ndarray], workdir: str, stage: str) -> str:
   """Per-utterance test outputs of a stage (for significance tests across runs), written
   atomically to workdir/predictions/<stage>_test.npz."""
-  out_dir = os.path.join(workdir, 'predictions')
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f'{stage}_test.npz')
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **pred)
-  os.replace(tmp, path)
-  return path
+  return _write_atomically(os.path.join(workdir, 'predictions', f'{stage}_test.npz'),
+                           lambda tmp: np.savez(tmp, **pred))
+
+
+def _save_results(results: dict, workdir: str) -> None:
+  """results.json marks a finished run (the experiment tools skip such runs): written last and
+  atomically."""
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      json.dump(_jsonable(results), f, indent=2)
+  _write_atomically(os.path.join(workdir, 'results.json'), write)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -436,8 +447,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                       'best_epoch': runner.loop['best_epoch'] + 1,
                       'history': runner.loop['history'], 'seconds': time.time() - t0}
   if distributed.is_main_process():
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(_jsonable(results), f, indent=2)
+    _save_results(results, workdir)
     summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
     print(f'test weighted F1 - {summary}')
   return results
