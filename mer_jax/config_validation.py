@@ -22,8 +22,14 @@ def validate_config(config) -> None:
       errors.append(f'{key}: {msg}')
 
   d = config.data
-  need(d.source in ('synthetic', 'shards', 'text_csv'), 'data.source',
-       f"{d.source!r} is not 'synthetic', 'shards' or 'text_csv'")
+  need(d.source in ('synthetic', 'shards', 'text_csv', 'raw'), 'data.source',
+       f"{d.source!r} is not 'synthetic', 'shards', 'text_csv' or 'raw'")
+  if d.source == 'raw':
+    if not all(k in config for k in ('raw', 'lipsync', 'text')):
+      errors.append("raw: data.source='raw' needs raw, lipsync and text blocks (see "
+                    'configs/raw_demo.py)')
+    else:
+      errors.extend(raw_frontend_errors(config))
   if d.source == 'text_csv':
     if 'text' not in config:
       errors.append("text: data.source='text_csv' needs a text block (see configs/meld_text.py)")
@@ -109,6 +115,46 @@ def check_mesh_fits_batch(config, data_axis: int) -> None:
                       f'axis size {data_axis} (nodes are split over it)')
   if (4 * config.batch.max_nodes) % data_axis:
     raise ConfigError(f'edge budget 4*batch.max_nodes must be divisible by {data_axis}')
+
+
+def raw_frontend_errors(config) -> list[str]:
+  """Problems with the `raw` and `lipsync` blocks (clips -> features)."""
+  errors: list[str] = []
+
+  def need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+      errors.append(f'{key}: {msg}')
+
+  r = config.raw
+  if not r.generate:
+    need(os.path.isdir(r.dir), 'raw.dir', f'{r.dir!r} is not a folder (or set raw.generate)')
+  for split in dict.fromkeys((config.data.train_split, config.data.dev_split,
+                              config.data.test_split)):
+    need(split in r.split_folders, 'raw.split_folders', f'has no folder for split {split!r}')
+  need(r.visual_face in ('selected', 'true', 'largest', 'random'), 'raw.visual_face',
+       "must be 'selected', 'true', 'largest' or 'random'")
+  need(r.fps > 0 and r.sample_rate > 0 and r.max_seconds > 0, 'raw.fps',
+       'fps, sample_rate and max_seconds must be > 0')
+  need(r.sample_rate % r.mel.hop == 0 and (r.sample_rate // r.mel.hop) == 4 * r.fps, 'raw.mel.hop',
+       f'LipSyncNet needs 4 log-mel frames per video frame: sample_rate / hop = '
+       f'{r.sample_rate / r.mel.hop:g} but 4 * fps = {4 * r.fps}')
+  need(r.mel.n_mels == 64, 'raw.mel.n_mels', 'LipSyncNet reads 64 mel bands')
+  need(r.faces.detector in ('haar',), 'raw.faces.detector', "must be 'haar' (or plug a "
+       'detector into mer_jax.preprocess.faces.DETECTORS)')
+  need(r.faces.detect_stride >= 1 and r.faces.max_gap >= r.faces.detect_stride,
+       'raw.faces.detect_stride', 'must be >= 1 and <= raw.faces.max_gap')
+  need(r.faces.max_tracks >= 1, 'raw.faces.max_tracks', 'must be >= 1')
+  need(r.faces.crop_size >= 8, 'raw.faces.crop_size', 'must be >= 8')
+  for name in ('audio_encoder', 'visual_encoder'):
+    ckpt = r[name].checkpoint
+    need(not ckpt or os.path.isdir(ckpt), f'raw.{name}.checkpoint',
+         f'{ckpt!r} is not a folder (a Hugging Face checkpoint; empty = random init)')
+  from mer_jax.train import lipsync  # pylint: disable=g-import-not-at-top
+  try:
+    lipsync.check_lipsync_config(config.lipsync)
+  except (ValueError, AttributeError, KeyError) as e:
+    errors.append(f'lipsync: {e}')
+  return errors
 
 
 def text_frontend_errors(config) -> list[str]:

@@ -46,14 +46,14 @@ def data_root(config, workdir: str) -> str:
   return config.data.cache_dir or os.path.join(workdir, 'data')
 
 
-def build_once(out: str, build) -> str:
-  """Runs `build(folder)` unless `out` is complete; builds beside it and renames into place.
+def build_once(out: str, build, marker: str = 'manifest.json') -> str:
+  """Runs `build(folder)` unless `out` is complete (has `marker`); builds beside it and renames.
 
   Runs that share a cache (parallel seeds of a sweep) may build the same folder at once: each
   writes its own partial folder, the first rename wins and the others discard theirs. A crash
   leaves only a partial folder, never a half-written `out`.
   """
-  if os.path.exists(os.path.join(out, 'manifest.json')):
+  if os.path.exists(os.path.join(out, marker)):
     return out
   partial = f'{out}.partial-{os.getpid()}'
   shutil.rmtree(partial, ignore_errors=True)
@@ -62,7 +62,7 @@ def build_once(out: str, build) -> str:
   try:
     os.rename(partial, out)
   except OSError:
-    if not os.path.exists(os.path.join(out, 'manifest.json')):
+    if not os.path.exists(os.path.join(out, marker)):
       raise
     shutil.rmtree(partial, ignore_errors=True)  # another run finished it first
   return out
@@ -125,6 +125,9 @@ def open_splits(config, workdir: str) -> SplitSources:
     shard_dir = ensure_synthetic(config, workdir)
   elif config.data.source == 'text_csv':
     shard_dir = ensure_text_shards(config, workdir)
+  elif config.data.source == 'raw':
+    from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
+    shard_dir = raw.ensure_raw_shards(config, workdir)
   else:
     shard_dir = config.data.shard_dir
   manifest = shards.load_manifest(shard_dir)

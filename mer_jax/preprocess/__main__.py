@@ -1,8 +1,10 @@
-"""Feature extraction only: `python -m mer_jax.preprocess --config configs/meld_text.py --workdir W`.
+"""Feature extraction only: `python -m mer_jax.preprocess --config C --workdir W`.
 
-Writes the text-feature shards `python -m mer_jax.main` would build for the same config and
-workdir (workdir/data/text-<key>/), or into `--out` when given; prints the folder and the
-encoding throughput.
+Writes the shards `python -m mer_jax.main` would build for the same config and workdir
+(under workdir/data/, or data.cache_dir), or into `--out` when given, and prints the folder:
+text-feature shards for data.source='text_csv' (configs/meld_text.py), the whole raw-clip front
+end for data.source='raw' (configs/raw_demo.py: faces, LipSyncNet speaker selection, audio,
+visual and text features), with throughput and error counts.
 """
 
 from absl import app
@@ -27,15 +29,25 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   validate_config(config)
-  if config.data.source != 'text_csv':
-    raise ConfigError(f"data.source is {config.data.source!r}; preprocessing needs 'text_csv'")
+  if config.data.source not in ('text_csv', 'raw'):
+    raise ConfigError(f"data.source is {config.data.source!r}; preprocessing needs 'text_csv' "
+                      "or 'raw'")
   if not (_WORKDIR.value or _OUT.value):
     raise app.UsageError('give --workdir or --out')
   from mer_jax import console  # pylint: disable=g-import-not-at-top
   from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
   from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
   from mer_jax.train import preemption  # pylint: disable=g-import-not-at-top
-  if _OUT.value:
+  if config.data.source == 'raw':
+    from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
+    if _OUT.value:
+      out = _OUT.value
+      stats = preemption.run_preemptible(raw.build_raw_shards, config, out,
+                                         workdir=_WORKDIR.value or out + '.work')
+      raw.report_stats(stats)
+    else:
+      out = preemption.run_preemptible(raw.ensure_raw_shards, config, _WORKDIR.value)
+  elif _OUT.value:
     out = _OUT.value
     preemption.run_preemptible(text_features.build_text_shards, config, out)
   else:
