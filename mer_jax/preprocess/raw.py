@@ -126,13 +126,24 @@ def sync_clip(media: clips_lib.UtteranceMedia, cfg, clip_id: str):
                           clip_id=clip_id, areas=areas.astype(np.float32))
 
 
-def load_sync_clips(config, cache: str, split: str, dialogues) -> list:
-  out = []
+def load_training_clips(config, cache: str, split: str, dialogues) -> tuple[list, int]:
+  """LipSyncNet's training clips: those with exactly one face track, and how many were not.
+
+  Without known speakers only a single visible face can be taken as the speaker (mined pairs
+  need a speaker label, which raw clips do not have), so clips with several tracks give the
+  self-supervised objective nothing; they are counted, not loaded, which keeps memory to the
+  single-face clips.
+  """
+  out, multi = [], 0
   for d in dialogues:
     for u, m in enumerate(clips_lib.load_dialogue(cache, split, d.dialogue_id, len(d))):
-      if m.tracks is not None and len(m.tracks):
-        out.append(sync_clip(m, config.lipsync, f'{split}/dia{d.dialogue_id}_utt{u}'))
-  return out
+      if m.tracks is None or not len(m.tracks):
+        continue
+      if len(m.tracks) > 1:
+        multi += 1
+        continue
+      out.append(sync_clip(m, config.lipsync, f'{split}/dia{d.dialogue_id}_utt{u}'))
+  return out, multi
 
 
 def ensure_lipsync(config, cache: str, dialogues) -> tuple[Any, str, dict]:
@@ -143,14 +154,18 @@ def ensure_lipsync(config, cache: str, dialogues) -> tuple[Any, str, dict]:
   if os.path.exists(done):
     with open(done) as f:
       return lipsync.restore_lipsync(config.lipsync, folder), folder, json.load(f)
-  train = load_sync_clips(config, cache, config.data.train_split, dialogues[config.data.train_split])
-  val = load_sync_clips(config, cache, config.data.dev_split, dialogues[config.data.dev_split])
-  console.say('LipSyncNet: training on %d train clips (%d single-face), validating on %d',
-              len(train), sum(c.num_tracks == 1 for c in train), len(val))
+  train, train_multi = load_training_clips(config, cache, config.data.train_split,
+                                           dialogues[config.data.train_split])
+  val, val_multi = load_training_clips(config, cache, config.data.dev_split,
+                                       dialogues[config.data.dev_split])
+  console.say('LipSyncNet: training on the %d single-face train clips, validating on %d dev '
+              'ones (%d and %d clips with several faces have no self-supervised pairs)',
+              len(train), len(val), train_multi, val_multi)
   start = time.perf_counter()
   model, history = lipsync.train_lipsync(config.lipsync, train, val, folder)
   summary = {'seconds': time.perf_counter() - start, 'train_clips': len(train),
-             'val_clips': len(val), 'history': history}
+             'val_clips': len(val), 'multi_face_clips_unused': train_multi + val_multi,
+             'history': history}
   with open(done + '.tmp', 'w') as f:
     json.dump(summary, f, indent=1, default=float)
   os.replace(done + '.tmp', done)
