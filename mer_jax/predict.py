@@ -6,7 +6,7 @@ Each input line is one dialogue:
   {"dialogue_id": "d1", "utterances": [
      {"speaker": "Joey", "text": "...", "features": {"t": [...], "a": [...], "v": [...]}}, ...]}
 A modality that is null or absent is treated as missing for that utterance. For a workdir trained
-from transcripts (data.source='text_csv'), text features may be left out: they are computed
+from transcripts or raw clips (data.source 'text_csv' or 'raw'), text features may be left out: they are computed
 from each utterance's "text" (and the dialogue's earlier utterances, for context prompts) with
 the run's text encoder, fine-tuned weights included. The config and label names are read from
 the checkpoints, so only the workdir is needed.
@@ -116,7 +116,7 @@ class Predictor:
     self._predict_fn = trainer.stage_predict_fn(self.stage, self.models[self.stage],
                                                 self.stage_config, self.models)
     self.text = None
-    if self.config.data.source == 'text_csv' and 't' in self.config.data.modalities:
+    if self.config.data.source in ('text_csv', 'raw') and 't' in self.config.data.modalities:
       from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
       self.text = text_features.TextFeaturizer(self.config, workdir)
 

@@ -183,16 +183,25 @@ def _truth_face(truth: dict | None, boxes: np.ndarray) -> int:
 
 def choose_faces(config, model, cache: str, lipsync_folder: str, root: str, split: str,
                  dialogues, times: dict) -> dict[tuple[str, int], dict]:
-  """Per utterance: the scores of its tracks and the track each policy picks."""
+  """Per utterance: the scores of its tracks and the track each policy picks.
+
+  Saved to speakers_{split}.jsonl beside the LipSyncNet checkpoint and read back from there by
+  later runs (they depend only on the clips and LipSyncNet).
+  """
   from mer_jax.train import lipsync  # pylint: disable=g-import-not-at-top
+  path = os.path.join(lipsync_folder, f'speakers_{split}.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [json.loads(line) for line in f]
+    return {(r.pop('dialogue'), r.pop('index')): r for r in rows}
   truth_path = os.path.join(root, f'truth_{split}.jsonl')
   truth = talking_heads.read_truth(root, split) if os.path.exists(truth_path) else {}
   scorer = lipsync.TrackScorer(model, config.lipsync)
   rng = np.random.default_rng([int(config.lipsync.seed), 77])  # the random-face baseline
   out = {}
-  path = os.path.join(lipsync_folder, f'speakers_{split}.jsonl')
   start, n = time.perf_counter(), 0
-  with open(path + '.tmp', 'w') as f:
+  tmp = f'{path}.tmp-{os.getpid()}'  # runs sharing the cache may score at once
+  with open(tmp, 'w') as f:
     for d in console.progress(dialogues, desc=f'speakers ({split})', unit='dialogue'):
       media = clips_lib.load_dialogue(cache, split, d.dialogue_id, len(d))
       for u, m in enumerate(media):
@@ -207,11 +216,11 @@ def choose_faces(config, model, cache: str, lipsync_folder: str, root: str, spli
                'largest': int(np.argmax(clip.areas)),
                'random': int(rng.integers(clip.num_tracks)),
                'true': _truth_face(t, m.boxes), 'tracks': clip.num_tracks,
-               'truth_faces': len(t['faces']) if t else None}
+               'truth_faces': len(t['faces']) if t else None,
+               'utterance': int(d.utterance_ids[u])}
         out[(d.dialogue_id, u)] = row
-        f.write(json.dumps({'dialogue': d.dialogue_id, 'utterance': int(d.utterance_ids[u]),
-                            **row}) + '\n')
-  os.replace(path + '.tmp', path)
+        f.write(json.dumps({'dialogue': d.dialogue_id, 'index': u, **row}) + '\n')
+  os.replace(tmp, path)
   times['speaker_selection'] = times.get('speaker_selection', 0.0) + time.perf_counter() - start
   times['speaker_selection_clips'] = times.get('speaker_selection_clips', 0) + n
   return out
