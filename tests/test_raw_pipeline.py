@@ -118,8 +118,8 @@ def test_a_rerun_skips_finished_dialogues_and_ignores_partial_files(built):
   counts = clips.extract_split(config, root, 'test', cache, dialogues)
   assert counts['skipped_done'] == 1 and counts['clips'] == len(dialogues[1])
   assert os.stat(done).st_mtime_ns == before
-  assert len(clips.load_dialogue(cache, 'test', dialogues[1].dialogue_id, len(dialogues[1]))) == len(
-      dialogues[1])
+  redone = clips.load_dialogue(cache, 'test', dialogues[1].dialogue_id, len(dialogues[1]))
+  assert all(m.tracks is not None for m in redone)
 
 
 def test_mel_hop_that_breaks_lip_sync_alignment_is_rejected(tmp_path):

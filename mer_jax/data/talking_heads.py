@@ -279,7 +279,8 @@ def _transcript(rng: np.random.Generator, emotion: str, cue: bool) -> str:
   return text[0].upper() + text[1:] + ('?' if emotion == 'surprise' else '.')
 
 
-def _layout(rng: np.random.Generator, n: int, spec: TalkingHeadsSpec) -> list[tuple[float, float, float]]:
+def _layout(rng: np.random.Generator, n: int, spec: TalkingHeadsSpec
+            ) -> list[tuple[float, float, float]]:
   """(cx, cy, size) for n faces in distinct horizontal slots."""
   slots = rng.permutation(3)[:n]
   out = []

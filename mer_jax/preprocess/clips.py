@@ -12,10 +12,11 @@ utterance U:
 
 A dialogue file is written to a temporary name and renamed, so a rerun skips every finished
 dialogue and a crash never leaves a half-written one. A clip that is missing or cannot be
-decoded (real MELD has some, e.g. dia125_utt3 of train) is recorded in `{cache}/{split}/
-errors.jsonl` (rebuilt from the dialogue files at the end) with the reason and counted; the utterance keeps its text and label and has no
-audio/visual features. Clips longer than `raw.max_seconds` are cut (counted), which bounds
-memory; a dialogue is held in memory at a time.
+decoded (real MELD has some, e.g. dia125_utt3 of train) is stored in its dialogue's file with
+the reason, counted, and listed in `{cache}/{split}/errors.jsonl` (rebuilt from the dialogue
+files at the end); the utterance keeps its text and label and has no audio/visual features.
+Clips longer than `raw.max_seconds` are cut (counted), which bounds memory; a worker holds one
+dialogue in memory at a time.
 """
 
 from __future__ import annotations
