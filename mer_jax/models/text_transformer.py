@@ -93,18 +93,20 @@ class TextEncoderConfig:
         model_type=model_type)
 
 
-def _dense(n_in: int, n_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
-           dtype) -> nnx.Linear:
+def dense(n_in: int, n_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+          dtype) -> nnx.Linear:
+  """A Linear with logical axes, initialised as the Hugging Face encoders are."""
   return nnx.Linear(
       n_in, n_out, dtype=dtype, rngs=rngs,
       kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]))
 
 
-def _layer_norm(n: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(n, epsilon=eps, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('embed',)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('embed',)))
+def layer_norm(n: int, eps: float, rngs: nnx.Rngs, axis: str | None = 'embed',
+               use_fast_variance: bool = True) -> nnx.LayerNorm:
+  return nnx.LayerNorm(n, epsilon=eps, rngs=rngs, use_fast_variance=use_fast_variance,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), (axis,)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axis,)))
 
 
 class Embeddings(nnx.Module):
@@ -117,7 +119,7 @@ class Embeddings(nnx.Module):
                               rngs=rngs, embedding_init=nnx.with_partitioning(init, (None, 'embed')))
     self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs,
                                 embedding_init=nnx.with_partitioning(init, (None, 'embed')))
-    self.norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+    self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
 
   def __call__(self, input_ids, position_ids, token_type_ids, *, train: bool):
@@ -130,10 +132,10 @@ class SelfAttention(nnx.Module):
   def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype):
     h = cfg.hidden_size
     self.num_heads = cfg.num_heads
-    self.query = _dense(h, h, ('embed', 'heads'), rngs, dtype)
-    self.key = _dense(h, h, ('embed', 'heads'), rngs, dtype)
-    self.value = _dense(h, h, ('embed', 'heads'), rngs, dtype)
-    self.output = _dense(h, h, ('heads', 'embed'), rngs, dtype)
+    self.query = dense(h, h, ('embed', 'heads'), rngs, dtype)
+    self.key = dense(h, h, ('embed', 'heads'), rngs, dtype)
+    self.value = dense(h, h, ('embed', 'heads'), rngs, dtype)
+    self.output = dense(h, h, ('heads', 'embed'), rngs, dtype)
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
 
   def __call__(self, x, bias, *, train: bool):
@@ -152,11 +154,11 @@ class Layer(nnx.Module):
 
   def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype):
     self.attention = SelfAttention(cfg, rngs=rngs, dtype=dtype)
-    self.attention_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
-    self.intermediate = _dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), rngs,
+    self.attention_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+    self.intermediate = dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), rngs,
                                dtype)
-    self.output = _dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), rngs, dtype)
-    self.output_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+    self.output = dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), rngs, dtype)
+    self.output_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
     self.act = cfg.hidden_act
 
@@ -327,9 +329,12 @@ def resolve_checkpoint_folder(name_or_folder: str) -> str:
                           f'downloaded from the Hugging Face hub (a network is needed): {e}') from e
 
 
-def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
-                       ) -> tuple[TextEncoderConfig, TextEncoder]:
-  """(config, encoder) from a Hugging Face folder with config.json and model.safetensors."""
+def read_hf_folder(folder: str, from_hf) -> tuple[Any, str]:
+  """(from_hf(config.json), path of the weights file) of a Hugging Face checkpoint folder.
+
+  Raises CheckpointError naming the file for a missing or invalid config.json, a config
+  `from_hf` rejects, or no safetensors weights.
+  """
   config_path = os.path.join(folder, 'config.json')
   if not os.path.isfile(config_path):
     raise CheckpointError(f'{folder}: no config.json (not a Hugging Face checkpoint folder)')
@@ -339,16 +344,45 @@ def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
     except json.JSONDecodeError as e:
       raise CheckpointError(f'{config_path}: not valid JSON ({e})') from None
   try:
-    cfg = TextEncoderConfig.from_hf(raw)
+    cfg = from_hf(raw)
   except (ValueError, TypeError) as e:
     raise CheckpointError(f'{config_path}: {e}') from None
-  weights = [os.path.join(folder, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(folder, w))]
+  weights = [os.path.join(folder, w) for w in WEIGHT_FILES
+             if os.path.isfile(os.path.join(folder, w))]
   if not weights:
     raise CheckpointError(f'{folder}: no {" or ".join(WEIGHT_FILES)} (save the checkpoint with '
                           'safe_serialization=True)')
-  model = TextEncoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
-  ignored = load_weights(model, read_safetensors(weights[0]), weights[0])
+  return cfg, weights[0]
+
+
+def abstract_model(build, seed: int) -> nnx.Module:
+  """`build(rngs)` with abstract parameters (for a loader to fill) and seeded dropout streams.
+
+  Initialising parameters only to overwrite them would cost an eager XLA compile per parameter
+  shape (seconds) and, for a pretrained size, the random draws themselves.
+  """
+  model = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
+  streams = nnx.to_flat_state(nnx.state(model, nnx.RngState))
+  keys = jax.random.split(jax.random.key(seed), max(len(streams), 1))
+  for key, (_, variable) in zip(keys, streams):
+    if isinstance(variable, nnx.RngKey):
+      variable.set_value(key)
+    else:  # RngCount
+      variable.set_value(jnp.zeros(variable.shape, variable.dtype))
+  nnx.update(model, nnx.from_flat_state(streams))
+  return model
+
+
+def log_ignored(weights: str, ignored: list[str]) -> None:
   if ignored:
     from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.info('%s: not loaded (heads this encoder does not use): %s', weights[0], ignored)
+    logging.info('%s: not loaded (heads this encoder does not use): %s', weights, ignored)
+
+
+def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
+                       ) -> tuple[TextEncoderConfig, TextEncoder]:
+  """(config, encoder) from a Hugging Face folder with config.json and model.safetensors."""
+  cfg, weights = read_hf_folder(folder, TextEncoderConfig.from_hf)
+  model = TextEncoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+  log_ignored(weights, load_weights(model, read_safetensors(weights), weights))
   return cfg, model

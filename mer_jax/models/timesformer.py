@@ -42,8 +42,6 @@ patches and frames instead of attending over time.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable, Mapping
 
 from flax import nnx
@@ -53,8 +51,12 @@ import numpy as np
 
 from mer_jax.models.text_transformer import ACTIVATIONS
 from mer_jax.models.text_transformer import CheckpointError
+from mer_jax.models.text_transformer import abstract_model
+from mer_jax.models.text_transformer import dense
+from mer_jax.models.text_transformer import layer_norm
+from mer_jax.models.text_transformer import log_ignored
+from mer_jax.models.text_transformer import read_hf_folder
 from mer_jax.models.text_transformer import read_safetensors
-from mer_jax.models.text_transformer import WEIGHT_FILES
 
 ATTENTION_TYPES = ('divided_space_time', 'joint_space_time', 'space_only')
 # Checkpoint entries that belong to heads we do not build; they are listed, not loaded.
@@ -136,20 +138,6 @@ class TimesformerConfig:
         layer_norm_eps=float(get('layer_norm_eps', 1e-6)),
         qkv_bias=bool(get('qkv_bias', True)),
         attention_type=str(get('attention_type', 'divided_space_time')))
-
-
-def _dense(n_in: int, n_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
-           dtype) -> nnx.Linear:
-  return nnx.Linear(
-      n_in, n_out, dtype=dtype, rngs=rngs,
-      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]))
-
-
-def _layer_norm(n: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(n, epsilon=eps, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('embed',)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('embed',)))
 
 
 def _param(shape: tuple[int, ...], axes: tuple[str | None, ...], rngs: nnx.Rngs,
@@ -236,7 +224,7 @@ class Attention(nnx.Module):
         kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
                                           ('embed', None, 'heads')),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None, 'heads')))
-    self.output = _dense(h, h, ('heads', 'embed'), rngs, dtype)
+    self.output = dense(h, h, ('heads', 'embed'), rngs, dtype)
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
 
@@ -258,14 +246,14 @@ class Layer(nnx.Module):
     h = cfg.hidden_size
     self.divided = cfg.attention_type == 'divided_space_time'
     if self.divided:
-      self.temporal_norm = _layer_norm(h, cfg.layer_norm_eps, rngs)
+      self.temporal_norm = layer_norm(h, cfg.layer_norm_eps, rngs)
       self.temporal_attention = Attention(cfg, rngs=rngs, dtype=dtype)
-      self.temporal_dense = _dense(h, h, (None, 'embed'), rngs, dtype)
-    self.attention_norm = _layer_norm(h, cfg.layer_norm_eps, rngs)
+      self.temporal_dense = dense(h, h, (None, 'embed'), rngs, dtype)
+    self.attention_norm = layer_norm(h, cfg.layer_norm_eps, rngs)
     self.attention = Attention(cfg, rngs=rngs, dtype=dtype)
-    self.mlp_norm = _layer_norm(h, cfg.layer_norm_eps, rngs)
-    self.intermediate = _dense(h, cfg.intermediate_size, ('embed', 'mlp'), rngs, dtype)
-    self.output = _dense(cfg.intermediate_size, h, ('mlp', 'embed'), rngs, dtype)
+    self.mlp_norm = layer_norm(h, cfg.layer_norm_eps, rngs)
+    self.intermediate = dense(h, cfg.intermediate_size, ('embed', 'mlp'), rngs, dtype)
+    self.output = dense(cfg.intermediate_size, h, ('mlp', 'embed'), rngs, dtype)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
     # Stochastic depth: drops whole rows of the tensor it is applied to, as transformers does
     # (rows are (clip, patch) in the temporal step and (clip, frame) in the spatial one).
@@ -313,7 +301,7 @@ class Timesformer(nnx.Module):
     # transformers' stochastic depth decay rule: linspace(0, drop_path_rate, num_layers).
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.num_layers, dtype=np.float32)
     self.layers = nnx.List([Layer(cfg, float(r), rngs=rngs, dtype=dtype) for r in rates])
-    self.norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+    self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
 
   def _check_input(self, pixel_values: jax.Array, channels_last_input: bool) -> jax.Array:
     cfg = self.config
@@ -471,47 +459,10 @@ def load_weights(model: Timesformer, tensors: Mapping[str, np.ndarray], source: 
   return sorted(ignored)
 
 
-def _unloaded_model(cfg: TimesformerConfig, dtype, seed: int) -> Timesformer:
-  """A Timesformer with abstract parameters, for `load_weights` to fill, and seeded dropout.
-
-  Initialising parameters only to overwrite them would cost an eager XLA compile per parameter
-  shape (seconds) and, for a pretrained size, the random draws themselves.
-  """
-  model = nnx.eval_shape(lambda: Timesformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
-  streams = nnx.to_flat_state(nnx.state(model, nnx.RngState))
-  keys = jax.random.split(jax.random.key(seed), max(len(streams), 1))
-  for key, (_, variable) in zip(keys, streams):
-    if isinstance(variable, nnx.RngKey):
-      variable.set_value(key)
-    else:  # RngCount
-      variable.set_value(jnp.zeros(variable.shape, variable.dtype))
-  nnx.update(model, nnx.from_flat_state(streams))
-  return model
-
-
 def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
                        ) -> tuple[TimesformerConfig, Timesformer]:
   """(config, encoder) from a Hugging Face folder with config.json and model.safetensors."""
-  config_path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(config_path):
-    raise CheckpointError(f'{folder}: no config.json (not a Hugging Face checkpoint folder)')
-  with open(config_path) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f'{config_path}: not valid JSON ({e})') from None
-  try:
-    cfg = TimesformerConfig.from_hf(raw)
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f'{config_path}: {e}') from None
-  weights = [os.path.join(folder, w) for w in WEIGHT_FILES
-             if os.path.isfile(os.path.join(folder, w))]
-  if not weights:
-    raise CheckpointError(f'{folder}: no {" or ".join(WEIGHT_FILES)} (save the checkpoint with '
-                          'safe_serialization=True)')
-  model = _unloaded_model(cfg, dtype, seed)
-  ignored = load_weights(model, read_safetensors(weights[0]), weights[0])
-  if ignored:
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.info('%s: not loaded (heads this encoder does not use): %s', weights[0], ignored)
+  cfg, weights = read_hf_folder(folder, TimesformerConfig.from_hf)
+  model = abstract_model(lambda rngs: Timesformer(cfg, rngs=rngs, dtype=dtype), seed)
+  log_ignored(weights, load_weights(model, read_safetensors(weights), weights))
   return cfg, model

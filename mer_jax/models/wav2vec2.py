@@ -38,8 +38,6 @@ Not built: SpecAugment masking, LayerDrop and adapters (rejected in the config).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping
 
 from flax import nnx
@@ -49,9 +47,14 @@ import numpy as np
 
 from mer_jax.models.text_transformer import ACTIVATIONS
 from mer_jax.models.text_transformer import CheckpointError
+from mer_jax.models.text_transformer import abstract_model
+from mer_jax.models.text_transformer import dense
+from mer_jax.models.text_transformer import layer_norm
+from mer_jax.models.text_transformer import log_ignored
+from mer_jax.models.text_transformer import read_hf_folder
 from mer_jax.models.text_transformer import read_safetensors
+from mer_jax.models.text_transformer import SelfAttention
 
-WEIGHT_FILES = ('model.safetensors',)
 FEATURE_NORMS = ('group', 'layer')
 # transformers' conv LayerNorm / GroupNorm use torch's default eps, not config.layer_norm_eps.
 _CONV_NORM_EPS = 1e-5
@@ -190,20 +193,6 @@ def mean_pool(hidden: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
 
 
-def _dense(n_in: int, n_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
-           dtype) -> nnx.Linear:
-  return nnx.Linear(
-      n_in, n_out, dtype=dtype, rngs=rngs,
-      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]))
-
-
-def _layer_norm(n: int, eps: float, rngs: nnx.Rngs, axis: str | None = 'embed') -> nnx.LayerNorm:
-  return nnx.LayerNorm(n, epsilon=eps, rngs=rngs, use_fast_variance=False,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), (axis,)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axis,)))
-
-
 class FeatureConv(nnx.Module):
   """One conv of the feature encoder: Conv1d, optional GroupNorm/LayerNorm, activation."""
 
@@ -225,7 +214,7 @@ class FeatureConv(nnx.Module):
           scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), (None,)),
           bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
     elif norm == 'layer':
-      self.norm = _layer_norm(n_out, _CONV_NORM_EPS, rngs, axis=None)
+      self.norm = layer_norm(n_out, _CONV_NORM_EPS, rngs, axis=None, use_fast_variance=False)
     else:
       self.norm = None
     self.act = cfg.feat_extract_activation
@@ -267,8 +256,9 @@ class FeatureEncoder(nnx.Module):
 class FeatureProjection(nnx.Module):
 
   def __init__(self, cfg: Wav2Vec2Config, *, rngs: nnx.Rngs, dtype):
-    self.norm = _layer_norm(cfg.conv_dim[-1], cfg.layer_norm_eps, rngs, axis=None)
-    self.projection = _dense(cfg.conv_dim[-1], cfg.hidden_size, (None, 'embed'), rngs, dtype)
+    self.norm = layer_norm(cfg.conv_dim[-1], cfg.layer_norm_eps, rngs, axis=None,
+                           use_fast_variance=False)
+    self.projection = dense(cfg.conv_dim[-1], cfg.hidden_size, (None, 'embed'), rngs, dtype)
     self.dropout = nnx.Dropout(cfg.feat_proj_dropout, rngs=rngs)
 
   def __call__(self, x, *, train: bool):
@@ -294,40 +284,18 @@ class PositionalConv(nnx.Module):
     return ACTIVATIONS[self.act](self.conv(x))
 
 
-class SelfAttention(nnx.Module):
-
-  def __init__(self, cfg: Wav2Vec2Config, *, rngs: nnx.Rngs, dtype):
-    h = cfg.hidden_size
-    self.num_heads = cfg.num_heads
-    self.query = _dense(h, h, ('embed', 'heads'), rngs, dtype)
-    self.key = _dense(h, h, ('embed', 'heads'), rngs, dtype)
-    self.value = _dense(h, h, ('embed', 'heads'), rngs, dtype)
-    self.output = _dense(h, h, ('heads', 'embed'), rngs, dtype)
-    self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
-
-  def __call__(self, x, bias, *, train: bool):
-    b, length, h = x.shape
-    split = lambda t: t.reshape(b, length, self.num_heads, h // self.num_heads)
-    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    logits = logits / np.sqrt(h // self.num_heads) + bias
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    weights = self.attention_dropout(weights, deterministic=not train)
-    context = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, length, h)
-    return self.output(context)
-
-
 class Layer(nnx.Module):
   """A transformer layer; post-LN, or pre-LN when `do_stable_layer_norm`."""
 
   def __init__(self, cfg: Wav2Vec2Config, *, rngs: nnx.Rngs, dtype):
     self.pre_norm = cfg.do_stable_layer_norm
     self.attention = SelfAttention(cfg, rngs=rngs, dtype=dtype)
-    self.attention_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
-    self.intermediate = _dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), rngs,
+    self.attention_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs,
+                                     use_fast_variance=False)
+    self.intermediate = dense(cfg.hidden_size, cfg.intermediate_size, ('embed', 'mlp'), rngs,
                                dtype)
-    self.output = _dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), rngs, dtype)
-    self.mlp_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+    self.output = dense(cfg.intermediate_size, cfg.hidden_size, ('mlp', 'embed'), rngs, dtype)
+    self.mlp_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, use_fast_variance=False)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
     self.activation_dropout = nnx.Dropout(cfg.activation_dropout, rngs=rngs)
     self.act = cfg.hidden_act
@@ -356,7 +324,7 @@ class Wav2Vec2Encoder(nnx.Module):
     self.feature_projection = FeatureProjection(cfg, rngs=rngs, dtype=dtype)
     self.positional_conv = PositionalConv(cfg, rngs=rngs, dtype=dtype)
     # After the positional add (post-LN) or after the last layer (pre-LN).
-    self.norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+    self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, use_fast_variance=False)
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
     self.layers = nnx.List([Layer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
 
@@ -550,44 +518,10 @@ def load_weights(model: Wav2Vec2Encoder, tensors: Mapping[str, np.ndarray], sour
   return sorted(ignored)
 
 
-def _seed_dropout_streams(model: Wav2Vec2Encoder, seed: int) -> None:
-  """Gives the dropout RNG streams of an abstractly built model concrete keys from `seed`."""
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.RngState)))
-  key_paths = [path for path, variable in flat.items() if isinstance(variable, nnx.RngKey)]
-  keys = jax.random.split(jax.random.key(seed), max(len(key_paths), 1))
-  for i, path in enumerate(key_paths):
-    flat[path].set_value(keys[i])
-  for variable in flat.values():
-    if isinstance(variable, nnx.RngCount):
-      variable.set_value(jnp.zeros(variable.shape, variable.dtype))
-  nnx.update(model, nnx.from_flat_state(flat))
-
-
 def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
                        ) -> tuple[Wav2Vec2Config, Wav2Vec2Encoder]:
   """(config, encoder) from a Hugging Face folder with config.json and model.safetensors."""
-  config_path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(config_path):
-    raise CheckpointError(f'{folder}: no config.json (not a Hugging Face checkpoint folder)')
-  with open(config_path) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f'{config_path}: not valid JSON ({e})') from None
-  try:
-    cfg = Wav2Vec2Config.from_hf(raw)
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f'{config_path}: {e}') from None
-  weights = [os.path.join(folder, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(folder, w))]
-  if not weights:
-    raise CheckpointError(f'{folder}: no {" or ".join(WEIGHT_FILES)} (save the checkpoint with '
-                          'safe_serialization=True)')
-  # Built abstractly: every parameter comes from the checkpoint, so none is initialised.
-  model = nnx.eval_shape(lambda: Wav2Vec2Encoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
-  ignored = load_weights(model, read_safetensors(weights[0]), weights[0])
-  _seed_dropout_streams(model, seed)
-  if ignored:
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.info('%s: not loaded (heads this encoder does not use): %s', weights[0], ignored)
+  cfg, weights = read_hf_folder(folder, Wav2Vec2Config.from_hf)
+  model = abstract_model(lambda rngs: Wav2Vec2Encoder(cfg, rngs=rngs, dtype=dtype), seed)
+  log_ignored(weights, load_weights(model, read_safetensors(weights), weights))
   return cfg, model
-

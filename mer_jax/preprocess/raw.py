@@ -213,8 +213,8 @@ def choose_faces(config, model, cache: str, lipsync_folder: str, root: str, spli
         t = truth.get((int(d.dialogue_id), int(d.utterance_ids[u])))
         row = {'distances': [float(x) for x in distances],
                'selected': int(np.argmin(distances)),
-               'largest': int(np.argmax(clip.areas)),
-               'random': int(rng.integers(clip.num_tracks)),
+               'largest': lipsync.largest_face(clip),
+               'random': lipsync.random_face(clip, rng),
                'true': _truth_face(t, m.boxes), 'tracks': clip.num_tracks,
                'truth_faces': len(t['faces']) if t else None,
                'utterance': int(d.utterance_ids[u])}
