@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch.max_nodes = 48  # Utterance slots per batch (>= the longest dialogue).
   c.batch.max_graphs = 8  # Dialogue slots per batch (one more is reserved for padding).
   c.batch.utterances_per_batch = 16  # Only for graph scope 'batch': the authors' batch of 16.
+  # A step's batch is this many sub-batches, each packed into the budgets above (0: one per JAX
+  # process, so each host reads only its own dialogues; a pod's global batch grows with its hosts).
+  c.batch.groups = 0
 
   # --- graphs ----------------------------------------------------------------------------
   c.graph = ml_collections.ConfigDict()
@@ -163,6 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.progress_bar = True
   c.train.checkpoint_keep = 2  # latest-k checkpoints per stage (best is kept separately)
   c.train.checkpoint_every_steps = 0  # 0: at the end of every epoch only
+  # '' = workdir/checkpoints. A gs://bucket/run/checkpoints folder is written by Orbax directly;
+  # predict then needs --checkpoint_dir.
+  c.train.checkpoint_dir = ''
   # Persistent XLA compilation cache ('' = workdir/jax_cache, 'off' = none): the cross-fitting
   # folds and resumed runs then compile each step once.
   c.train.compilation_cache_dir = ''

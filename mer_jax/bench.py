@@ -56,7 +56,7 @@ def bench_stage(stage: str, ctx, trained, steps: int, label: str | None = None) 
   from mer_jax.train import sharding
   from mer_jax.train import trainer
   config = ctx.config
-  budget = pipeline.budget_from_config(config)
+  budget = sharding.batch_budget(config, ctx.mesh)
   run = trainer.StageRunner(stage, ctx, trained)
   ds = pipeline.make_dataset(ctx.data.train, config=config, budget=budget, train=True, epoch=0,
                              seed=config.seed)
@@ -65,8 +65,8 @@ def bench_stage(stage: str, ctx, trained, steps: int, label: str | None = None) 
   host_batches = [ds[i % len(ds)] for i in range(steps)]
   pipeline_time = (time.perf_counter() - t0) / steps
 
-  batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh)
-  device_batches = [sharding.put_batch(b, batch_sh) for b in host_batches]
+  batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh, budget)
+  device_batches = [sharding.put_batch(b, batch_sh, budget) for b in host_batches]
   step_fn = run.jitted_train_step(batch_sh)
   compiled = step_fn.lower(run.state, device_batches[0], run.frozen_states,
                            ctx.class_weights).compile()

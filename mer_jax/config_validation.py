@@ -38,7 +38,7 @@ def validate_config(config) -> None:
   if d.source == 'shards':
     need(bool(d.shard_dir), 'data.shard_dir', 'is empty; point it at a folder with manifest.json')
     if d.shard_dir:
-      need(os.path.isfile(os.path.join(d.shard_dir, 'manifest.json')), 'data.shard_dir',
+      need(_exists(os.path.join(d.shard_dir, 'manifest.json')), 'data.shard_dir',
            f'{d.shard_dir!r} has no manifest.json (a shard folder written by mer_jax)')
   mods = tuple(d.modalities)
   need(len(mods) > 0 and len(set(mods)) == len(mods) and set(mods) <= set(MODALITIES),
@@ -52,6 +52,7 @@ def validate_config(config) -> None:
   b = config.batch
   need(b.max_nodes >= 2, 'batch.max_nodes', 'must be >= 2 (one slot is padding)')
   need(b.max_graphs >= 2, 'batch.max_graphs', 'must be >= 2 (one slot is padding)')
+  need(b.groups >= 0, 'batch.groups', 'must be >= 0 (0: one sub-batch per JAX process)')
   need(1 <= b.utterances_per_batch <= b.max_nodes - 1, 'batch.utterances_per_batch',
        f'must be in [1, batch.max_nodes - 1 = {b.max_nodes - 1}]')
 
@@ -109,12 +110,31 @@ def validate_config(config) -> None:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
 
 
-def check_mesh_fits_batch(config, data_axis: int) -> None:
-  if config.batch.max_nodes % data_axis:
-    raise ConfigError(f'batch.max_nodes={config.batch.max_nodes} must be divisible by the data '
+def _exists(path: str) -> bool:
+  """os.path.exists, or through etils/epath for remote paths (gs://: needs gcsfs, `[gcs]`)."""
+  if '://' not in path:
+    return os.path.exists(path)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    return epath.Path(path).exists()
+  except ImportError as e:
+    raise ConfigError(f'cannot read {path}: {e} (pip install -e ".[gcs]")') from e
+
+
+def check_mesh_fits_batch(config, data_axis: int, groups: int = 1) -> None:
+  """Every array of a step's batch (`groups` sub-batches end to end) splits evenly over 'data'."""
+  b = config.batch
+  each = f'{groups} sub-batches of ' if groups > 1 else ''
+  if (groups * b.max_nodes) % data_axis:
+    raise ConfigError(f'{each}batch.max_nodes={b.max_nodes} must be divisible by the data '
                       f'axis size {data_axis} (nodes are split over it)')
-  if (4 * config.batch.max_nodes) % data_axis:
-    raise ConfigError(f'edge budget 4*batch.max_nodes must be divisible by {data_axis}')
+  if (4 * groups * b.max_nodes) % data_axis:
+    raise ConfigError(f'edge budget {each}4*batch.max_nodes must be divisible by {data_axis}')
+  graphs = 2 if config.graph.scope == 'batch' else b.max_graphs
+  if groups > 1 and (groups * graphs) % data_axis:
+    raise ConfigError(f'{each}{graphs} graph slots (batch.max_graphs) must be divisible by the '
+                      f'data axis size {data_axis} (with several sub-batches, per-graph arrays '
+                      'are split over it too)')
 
 
 def raw_frontend_errors(config) -> list[str]:

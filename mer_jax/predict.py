@@ -15,6 +15,7 @@ the checkpoints, so only the workdir is needed.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -26,6 +27,9 @@ from absl import flags
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir trained by mer_jax.main.')
 _INPUT = flags.DEFINE_string('input', None, 'JSONL file of dialogues.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Optional JSONL file for the predictions.')
+_CHECKPOINT_DIR = flags.DEFINE_string(
+    'checkpoint_dir', '', 'Where the run kept its checkpoints, if train.checkpoint_dir moved them '
+    '(e.g. gs://bucket/run/checkpoints); default: workdir/checkpoints.')
 
 
 class PredictInputError(ValueError):
@@ -88,17 +92,21 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
 class Predictor:
   """The final stage of a trained workdir (and the frozen stages it reads), restored."""
 
-  def __init__(self, workdir: str, stage: str | None = None):
+  def __init__(self, workdir: str, stage: str | None = None, checkpoint_dir: str = ''):
+    """`checkpoint_dir`: where the run's train.checkpoint_dir put them (default
+    workdir/checkpoints; gs:// paths are read by Orbax directly)."""
     from mer_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
     from mer_jax.train import sharding
     from mer_jax.train import stacking
     from mer_jax.train import trainer
     self.workdir = workdir
-    stages = _trained_stages(workdir)
+    directory = checkpoint_dir or os.path.join(workdir, 'checkpoints')
+    stages = _trained_stages(directory)
     if not stages:
-      raise FileNotFoundError(f'{workdir}: no trained stage checkpoints under checkpoints/')
+      raise FileNotFoundError(f'{directory}: no trained stage checkpoints')
     self.stage = stage or stages[-1]
-    meta = checkpointing.StageCheckpoints(workdir, self.stage, read_only=True).best_meta()
+    meta = checkpointing.StageCheckpoints(workdir, self.stage, read_only=True,
+                                          directory=directory).best_meta()
     self.config = ml_collections.ConfigDict(meta['config'])
     self.label_names = tuple(meta['label_names'])
     self.mesh = sharding.make_mesh(self.config)
@@ -107,7 +115,7 @@ class Predictor:
     self.stage_config = stacking.fusion_config(self.config) if self.stacked else self.config
     self.models = {}
     for name in _needed_for(self.stage, self.config):
-      ckpt = checkpointing.StageCheckpoints(workdir, name, read_only=True)
+      ckpt = checkpointing.StageCheckpoints(workdir, name, read_only=True, directory=directory)
       cfg = self.stage_config if name == self.stage else self.config
       graphdef, params, batch_stats, rng_state = trainer.build_sharded_model(
           name, cfg, self.mesh, seed=0)
@@ -137,15 +145,15 @@ class Predictor:
 
   def probabilities(self, records: list) -> list[np.ndarray]:
     """Per dialogue, [n_utterances, C] class probabilities."""
-    from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    from mer_jax.data import sources
+    from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
+    from mer_jax.train import sharding
     from mer_jax.train import stacking
     from mer_jax.train import trainer
     source = sources.InMemorySource(records)
     if self.stacked:
       source = sources.InMemorySource(stacking.stacked_records(
           source, stacking.encoder_log_probs(source, self.models, self.config, self.mesh)))
-    budget = pipeline.budget_from_config(self.stage_config)
+    budget = sharding.batch_budget(self.stage_config, self.mesh)
     pred = trainer.predict_split(source, self.stage_config, budget, self._predict_fn, self.mesh)
     return trainer.per_record_outputs(pred, source, 'probs')
 
@@ -177,10 +185,11 @@ class Predictor:
     return records
 
 
-def _trained_stages(workdir: str) -> list[str]:
-  import os  # pylint: disable=g-import-not-at-top
+def _trained_stages(directory: str) -> list[str]:
+  """The stages with a best checkpoint under `directory` (local, or gs:// through epath)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   order = ('teacher', 'audio', 'visual', 'fusion')
-  return [s for s in order if os.path.isdir(os.path.join(workdir, 'checkpoints', s, 'best'))]
+  return [s for s in order if (epath.Path(directory) / s / 'best').is_dir()]
 
 
 def _needed_for(stage: str, config) -> list[str]:
@@ -205,7 +214,7 @@ def format_predictions(records: Iterable, probs: Iterable[np.ndarray],
 
 def main(argv):
   del argv
-  predictor = Predictor(_WORKDIR.value)
+  predictor = Predictor(_WORKDIR.value, checkpoint_dir=_CHECKPOINT_DIR.value)
   records = predictor.read_jsonl(_INPUT.value)
   rows = format_predictions(records, predictor.probabilities(records), predictor.label_names)
   for row in rows:

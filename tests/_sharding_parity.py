@@ -32,9 +32,9 @@ def run(workdir: str, devices, shape) -> dict:
     runner = trainer.StageRunner(stage, ctx, trained)
     batch = pipeline.make_dataset(ctx.data.train, config=config, budget=budget, train=True,
                                   epoch=0, seed=config.seed)[0]
-    batch_sh = sharding.batch_shardings(batch, mesh)
+    batch_sh = sharding.batch_shardings(batch, mesh, budget)
     step = runner.jitted_train_step(batch_sh)
-    state, metrics = step(runner.state, sharding.put_batch(batch, batch_sh),
+    state, metrics = step(runner.state, sharding.put_batch(batch, batch_sh, budget),
                           runner.frozen_states, ctx.class_weights)
     params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
     shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}

@@ -412,3 +412,20 @@ def test_resume_after_a_crash_between_the_best_and_the_latest_save(tmp_path, cac
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert results_of(tmp_path)['teacher']['test_weighted_f1'] == pytest.approx(
       first['teacher']['test_weighted_f1'], abs=1e-6)
+
+
+def test_predictor_reads_checkpoints_kept_outside_the_workdir(reference, dialogues, predictor,
+                                                              tmp_path):
+  """train.checkpoint_dir moves checkpoints/ (e.g. to gs://); predict --checkpoint_dir finds them
+  there, and a workdir without them says where it looked."""
+  moved = tmp_path / 'bucket' / 'run' / 'ckpts'
+  shutil.copytree(os.path.join(reference['workdir'], 'checkpoints'), moved)
+  empty_workdir = tmp_path / 'workdir'
+  empty_workdir.mkdir()
+  with pytest.raises(FileNotFoundError, match='no trained stage checkpoints'):
+    predict.Predictor(str(empty_workdir))
+  elsewhere = predict.Predictor(str(empty_workdir), checkpoint_dir=str(moved))
+  assert elsewhere.stage == predictor.stage
+  records = predictor.read_jsonl(dialogues['path'])
+  np.testing.assert_array_equal(np.concatenate(elsewhere.probabilities(records)),
+                                np.concatenate(predictor.probabilities(records)))

@@ -1,5 +1,6 @@
-"""Two JAX processes on localhost (CPU, gloo collectives) train the same run as one process with
-two devices: same results and test predictions. Only process 0 writes reports and results."""
+"""Two JAX processes on localhost (CPU, gloo collectives), each reading only its own sub-batch of
+every step, train the same run as one process with two devices building both sub-batches: same
+results and test predictions. Only process 0 writes reports and results."""
 
 import json
 import os
@@ -30,7 +31,9 @@ def env(cache, devices: int):
 
 def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   single = tmp_path / 'single'
+  # Two sub-batches per step, as the two processes build (one each, reading only its own).
   proc = subprocess.run([sys.executable, '-m', 'mer_jax.main', *ARGS, '--workdir', str(single),
+                         '--config.batch.groups=2',
                          f'--config.train.compilation_cache_dir={tmp_path / "cache1"}'],
                         cwd=ROOT, env=env(tmp_path / 'cache1', 2), capture_output=True,
                         text=True, timeout=600)
@@ -49,6 +52,8 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert 'mesh {\'data\': 2, \'model\': 1}' in outputs[0][0] + outputs[0][1]
   assert 'test weighted F1' in outputs[0][0] and 'test weighted F1' not in outputs[1][0]
+  for i, (out, err) in enumerate(outputs):
+    assert f'process {i} reads and builds sub-batch(es) [{i}]' in out + err
 
   expected = json.loads((single / 'results.json').read_text())['teacher']
   got = json.loads((multi / 'results.json').read_text())['teacher']

@@ -1,5 +1,6 @@
 """Input pipeline: packing plans, collation into padded GraphsTuples, augmentation, resumption."""
 
+import jax
 import jraph
 import ml_collections
 import numpy as np
@@ -166,3 +167,71 @@ def test_iterator_state_resumes_mid_epoch(source):
   assert len(resumed) == len(expected) > 0
   for x, y in zip(expected, resumed):
     np.testing.assert_array_equal(x, y)
+
+
+class CountingSource(InMemorySource):
+  """Remembers which records were read."""
+
+  def __init__(self, records):
+    super().__init__(records)
+    self.read = set()
+
+  def __getitem__(self, index):
+    self.read.add(int(index))
+    return super().__getitem__(index)
+
+
+@pytest.mark.parametrize('scope', ['dialogue', 'batch'])
+def test_groups_give_each_process_its_own_records_and_compose_the_global_batch(source, scope):
+  """Two processes (one sub-batch each) read disjoint records, all of them between them, agree
+  on the step count, and their sub-batches end to end are the one-process two-group batch."""
+  config = small_config(**{'graph.scope': scope})
+  records = [source[i] for i in range(len(source))]
+  per_process, lengths = [], set()
+  for local in ((0,), (1,)):
+    counting = CountingSource(records)
+    budget = pipeline.budget_from_config(config, groups=2, local_groups=local)
+    ds = pipeline.make_dataset(counting, config=config, budget=budget, train=True, epoch=1, seed=3)
+    per_process.append([ds[i] for i in range(len(ds))])
+    lengths.add(len(ds))
+    per_process[-1].append(counting.read)
+  assert len(lengths) == 1
+  read0, read1 = per_process[0].pop(), per_process[1].pop()
+  assert read0 | read1 == set(range(len(source)))
+  if scope == 'dialogue':  # whole dialogues: no record is read by both
+    assert read0 and read1 and not read0 & read1
+  utterances = [{(int(r), int(u)) for g in batches for r, u, m in zip(
+      g.nodes['record'], g.nodes['utterance'], g.nodes['mask']) if m} for batches in per_process]
+  assert utterances[0] and utterances[1] and not utterances[0] & utterances[1]
+
+  both = pipeline.budget_from_config(config, groups=2, local_groups=(0, 1))
+  whole = pipeline.make_dataset(InMemorySource(records), config=config, budget=both, train=True,
+                                epoch=1, seed=3)
+  for step, (a, b) in enumerate(zip(*per_process)):
+    w = whole[step]
+    one = pipeline.budget_from_config(config)
+    assert a.nodes['mask'].shape == (one.max_nodes,) and a.n_node.shape == (one.max_graphs,)
+    for got, x, y in zip(jax.tree.leaves(w), jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(got, np.concatenate([x, y]))
+    # Process 1's edges point at its own rows of the global batch.
+    assert b.senders.min() >= one.max_nodes and b.receivers.max() < 2 * one.max_nodes
+  # Every utterance appears exactly once in the epoch.
+  nodes = [(int(r), int(u)) for s in range(len(whole))
+           for r, u, m in zip(whole[s].nodes['record'], whole[s].nodes['utterance'],
+                              whole[s].nodes['mask']) if m]
+  assert len(nodes) == len(set(nodes)) == int(source.dialogue_lengths.sum())
+
+
+def test_a_group_with_no_dialogues_left_is_all_padding(source):
+  config = small_config()
+  one = pipeline.budget_from_config(config)
+  plan_len = len(pipeline.make_dataset(source, config=config, budget=one, train=False, epoch=0,
+                                       seed=0))
+  groups = plan_len + 1  # more groups than sub-batches: the last one gets nothing
+  budget = pipeline.budget_from_config(config, groups=groups, local_groups=(groups - 1,))
+  ds = pipeline.make_dataset(source, config=config, budget=budget, train=False, epoch=0, seed=0)
+  assert len(ds) == 1
+  batch = ds[0]
+  assert not batch.nodes['mask'].any() and (batch.nodes['label'] == -1).all()
+  assert batch.n_node.sum() == one.max_nodes and batch.n_node.shape == (one.max_graphs,)
+  assert (batch.edges['kind'] == pipeline.PADDING_EDGE).all()

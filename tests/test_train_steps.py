@@ -72,7 +72,7 @@ def runners(tmp_path_factory):
     return [ds[i] for i in range(count)]
 
   host_batches = batches(0, 3) + batches(1, 2)
-  batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh)
+  batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh, budget)
   out, frozen = {}, {}
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(steps, 'train_step', counted_train)
@@ -87,7 +87,7 @@ def runners(tmp_path_factory):
           fresh_copy(params, shardings_of(params)),
           fresh_copy(batch_stats, shardings_of(batch_stats)), runner.rng_state))
   return {'config': config, 'ctx': ctx, 'runners': out, 'traces': traces,
-          'batches': [sharding.put_batch(b, batch_sh) for b in host_batches],
+          'batches': [sharding.put_batch(b, batch_sh, budget) for b in host_batches],
           'host_batches': host_batches}
 
 

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import grain
+import jax
 import jraph
 import numpy as np
 
@@ -29,9 +30,17 @@ PADDING_EDGE = -1
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-  """Static batch shape. Slot counts include jraph's padding node and padding graph."""
+  """Static batch shape. Slot counts include jraph's padding node and padding graph.
+
+  A batch is `groups` sub-batches laid end to end, each packed on its own into `max_nodes` node
+  and `max_graphs` graph slots; this process builds the sub-batches `local_groups`. A multi-host
+  run has one group per JAX process (mer_jax.train.sharding.batch_budget), so each host reads only
+  the dialogues of its own sub-batch. One group (the default) is one packed batch.
+  """
   max_nodes: int
   max_graphs: int
+  groups: int = 1
+  local_groups: tuple[int, ...] = (0,)
 
   @property
   def max_edges(self) -> int:
@@ -113,6 +122,19 @@ def plan_dialogue_batches(lengths: np.ndarray, budget: Budget, order: np.ndarray
   return batches
 
 
+def group_plan(plan: Sequence[np.ndarray], budget: Budget) -> list[tuple[np.ndarray, ...]]:
+  """Consecutive sub-batches of `plan` form one step: step s takes plan[s * groups + g] for group
+  g, and an empty entry where the plan has run out. Returns this process's entries per step.
+
+  Every process computes the same plan from the records' lengths (no record is read for it), so
+  all of them agree on the number of steps and on which group holds which dialogues.
+  """
+  g = budget.groups
+  empty = np.zeros((0,) + np.shape(plan[0])[1:], np.int64) if plan else np.zeros(0, np.int64)
+  return [tuple(plan[s * g + k] if s * g + k < len(plan) else empty for k in budget.local_groups)
+          for s in range(-(-len(plan) // g))]
+
+
 def plan_utterance_batches(lengths: np.ndarray, per_batch: int, seed: int | None,
                            epoch: int) -> list[np.ndarray]:
   """The authors' batches: utterances (record, index) shuffled across dialogues, `per_batch` each."""
@@ -164,6 +186,8 @@ def collate_graphs(graphs: Sequence[dict[str, Any]], budget: Budget, modalities:
   Each graph dict has 'features', 'present' (per modality), 'label', 'speaker', 'position',
   'record' (int, -1 if mixed) and 'utterance' (utterance ids, for reports).
   """
+  if not graphs:  # a group with nothing left to read this step: all padding
+    return _pad(_empty_graph(modalities, dims), budget, modalities, dims)
   n_node = np.asarray([len(g['label']) for g in graphs], np.int32)
   total = int(n_node.sum())
   if total > budget.max_nodes - 1 or len(graphs) > budget.max_graphs - 1:
@@ -192,6 +216,27 @@ def collate_graphs(graphs: Sequence[dict[str, Any]], budget: Budget, modalities:
       n_node=n_node, n_edge=n_edge,
       globals={'record': np.asarray([g['record'] for g in graphs], np.int32)})
   return _pad(graph, budget, modalities, dims)
+
+
+def _empty_graph(modalities, dims) -> jraph.GraphsTuple:
+  none = np.zeros(0, np.int32)
+  nodes = {'features': {m: np.zeros((0, dims[m]), np.float32) for m in modalities},
+           'present': {m: np.zeros(0, bool) for m in modalities},
+           'label': none, 'speaker': none, 'position': none, 'mask': np.zeros(0, bool),
+           'utterance': none, 'record': none}
+  return jraph.GraphsTuple(nodes=nodes, edges={'kind': none}, senders=none, receivers=none,
+                           n_node=none, n_edge=none, globals={'record': none})
+
+
+def concat_groups(parts: Sequence[jraph.GraphsTuple], budget: Budget) -> jraph.GraphsTuple:
+  """This process's sub-batches (one per local group) end to end; edge endpoints become rows of
+  the global batch, where group g starts at node row g * max_nodes."""
+  if budget.groups == 1:
+    return parts[0]
+  shifted = [p._replace(senders=p.senders + g * budget.max_nodes,
+                        receivers=p.receivers + g * budget.max_nodes)
+             for g, p in zip(budget.local_groups, parts)]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *shifted)
 
 
 def _pad(graph: jraph.GraphsTuple, budget: Budget, modalities, dims) -> jraph.GraphsTuple:
@@ -254,12 +299,24 @@ class BatchLoader:
   scope: str
   augmentation: Augmentation | None
 
-  def __call__(self, plan_entry: np.ndarray, rng: np.random.Generator | None = None):
+  def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
+    """One step: this process's sub-batches (see `group_plan`), each collated on its own."""
+    if rng is not None and self.budget.groups > 1:
+      # A group's augmentation must not depend on which other groups share its process.
+      base = int(rng.integers(2**62))
+      rngs = [np.random.default_rng([base, g]) for g in self.budget.local_groups]
+    else:
+      rngs = [rng] * len(step_entry)
+    return concat_groups([self._collate(e, r) for e, r in zip(step_entry, rngs)], self.budget)
+
+  def _collate(self, plan_entry: np.ndarray, rng) -> jraph.GraphsTuple:
     if self.scope == 'dialogue':
       graphs = [self._graph(r, None, rng) for r in plan_entry.tolist()]
-    else:
+    elif len(plan_entry):
       graphs = [_merge_as_one_graph([self._graph(r, u, rng) for r, u in plan_entry.tolist()],
                                     self.modalities)]
+    else:
+      graphs = []
     return collate_graphs(graphs, self.budget, self.modalities, self.dims, self.speaker_edges)
 
   def _graph(self, index: int, utterance: int | None, rng) -> dict[str, Any]:
@@ -303,14 +360,15 @@ def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int,
       scope=config.graph.scope,
       augmentation=(Augmentation.from_config(config.augment)
                     if train and config.augment.enabled else None))
-  ds = grain.MapDataset.source(plan)
+  ds = grain.MapDataset.source(group_plan(plan, budget))
   if loader.augmentation is not None:
     return ds.random_map(loader, seed=int(np.random.default_rng([seed, epoch, 7]).integers(2**31)))
   return ds.map(loader)
 
 
-def budget_from_config(config) -> Budget:
-  if config.graph.scope == 'batch':
-    # One graph per batch; node budget covers the batch plus a padding slot.
-    return Budget(max_nodes=config.batch.max_nodes, max_graphs=2)
-  return Budget(max_nodes=config.batch.max_nodes, max_graphs=config.batch.max_graphs)
+def budget_from_config(config, groups: int = 1, local_groups: Sequence[int] = (0,)) -> Budget:
+  """The per-group budget from config.batch; `groups` sub-batches make one step."""
+  # Graph scope 'batch': one graph per batch; the node budget covers it plus a padding slot.
+  max_graphs = 2 if config.graph.scope == 'batch' else config.batch.max_graphs
+  return Budget(max_nodes=config.batch.max_nodes, max_graphs=max_graphs, groups=groups,
+                local_groups=tuple(local_groups))

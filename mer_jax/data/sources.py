@@ -14,6 +14,7 @@ from absl import logging
 from mer_jax import console
 
 from mer_jax.data import shards
+from mer_jax.data import staging
 from mer_jax.data import synthetic
 
 
@@ -129,7 +130,8 @@ def open_splits(config, workdir: str) -> SplitSources:
     from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
     shard_dir = raw.ensure_raw_shards(config, workdir)
   else:
-    shard_dir = config.data.shard_dir
+    # gs:// folders are copied (verified) into the data cache: ArrayRecord reads local files.
+    shard_dir = staging.stage_shards(config.data.shard_dir, data_root(config, workdir))
   manifest = shards.load_manifest(shard_dir)
   check_manifest_matches_config(manifest, config, shard_dir)
   opened = {}

@@ -6,7 +6,8 @@ Per stage, two CheckpointManagers under `workdir/checkpoints/<stage>/`:
   best/    the evaluation weights (EMA where the stage has it) of the best dev weighted F1, with
            the config and label names (for prediction).
 Orbax writes each step into a temporary folder and renames it when complete, so a crash during a
-save leaves the previous checkpoint usable.
+save leaves the previous checkpoint usable. `train.checkpoint_dir` moves `checkpoints/` elsewhere,
+e.g. to gs://bucket/run/checkpoints, which Orbax writes directly (tensorstore).
 """
 
 from __future__ import annotations
@@ -17,12 +18,23 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mer_jax.data import staging
+
+
+def checkpoint_dir(config, workdir: str) -> str:
+  """The folder of every stage's checkpoints: train.checkpoint_dir, else workdir/checkpoints."""
+  return config.train.get('checkpoint_dir', '') or os.path.join(workdir, 'checkpoints')
+
+
+def _absolute(directory: str) -> str:
+  return directory if staging.is_remote(directory) else os.path.abspath(directory)
+
 
 def _manager(directory: str, keep: int, items: tuple[str, ...],
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          enable_async_checkpointing=False, read_only=read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=items)
+  return ocp.CheckpointManager(_absolute(directory), options=options, item_names=items)
 
 
 def _replace_step(manager: ocp.CheckpointManager, step: int) -> None:
@@ -46,8 +58,10 @@ class StageCheckpoints:
   LATEST_ITEMS = ('state', 'data', 'meta')
   BEST_ITEMS = ('weights', 'meta')
 
-  def __init__(self, workdir: str, stage: str, keep: int = 2, read_only: bool = False):
-    root = os.path.join(workdir, 'checkpoints', stage)
+  def __init__(self, workdir: str, stage: str, keep: int = 2, read_only: bool = False,
+               directory: str = ''):
+    """Under `directory`/<stage>/ (default: workdir/checkpoints; see `checkpoint_dir`)."""
+    root = os.path.join(directory or os.path.join(workdir, 'checkpoints'), stage)
     self.stage = stage
     self.root = root
     self._latest = _manager(os.path.join(root, 'latest'), keep, self.LATEST_ITEMS, read_only)

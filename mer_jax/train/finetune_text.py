@@ -167,8 +167,9 @@ class TextFinetuner:
   def fit(self) -> nnx.Module:
     """Trains (resuming from the workdir) and returns the encoder of the best dev F1."""
     ft, config = self.ft, self.config
-    ckpt = checkpointing.StageCheckpoints(self.workdir, CHECKPOINT_NAME,
-                                          keep=config.train.checkpoint_keep)
+    ckpt = checkpointing.StageCheckpoints(
+        self.workdir, CHECKPOINT_NAME, keep=config.train.checkpoint_keep,
+        directory=checkpointing.checkpoint_dir(config, self.workdir))
     state = self.state
     meta = ckpt.latest_meta()
     if meta is not None and meta.get('finished'):
@@ -268,7 +269,8 @@ def build_classifier(config, encoder: nnx.Module) -> text_classifier.TextClassif
 def restore_finetuned_encoder(config, workdir: str, encoder: nnx.Module) -> nnx.Module:
   """`encoder` (the pretrained one, resized) with the best fine-tuned weights of `workdir`."""
   graphdef, params, rest = nnx.split(build_classifier(config, encoder), nnx.Param, ...)
-  ckpt = checkpointing.StageCheckpoints(workdir, CHECKPOINT_NAME, read_only=True)
+  ckpt = checkpointing.StageCheckpoints(workdir, CHECKPOINT_NAME, read_only=True,
+                                        directory=checkpointing.checkpoint_dir(config, workdir))
   try:
     params, _, _ = ckpt.restore_best(params, {})
   finally:

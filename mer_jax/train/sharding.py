@@ -50,18 +50,76 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_shardings(batch: jraph.GraphsTuple, mesh: Mesh) -> jraph.GraphsTuple:
-  """Node- and edge-level arrays split over 'data'; per-graph arrays replicated."""
+def batch_groups(config) -> int:
+  """Sub-batches per step: config.batch.groups, or one per JAX process when it is 0."""
+  groups = int(config.batch.groups) or jax.process_count()
+  if groups % jax.process_count():
+    raise ValueError(f'batch.groups={groups} must be a multiple of the {jax.process_count()} '
+                     'JAX processes (each process builds whole sub-batches)')
+  return groups
+
+
+def _local_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
+  """The contiguous block [start, stop) of a P('data')-split axis of length `rows` that this
+  process's devices hold."""
+  index_map = NamedSharding(mesh, P('data')).addressable_devices_indices_map((rows,))
+  slices = sorted({(ix[0].start or 0, rows if ix[0].stop is None else ix[0].stop)
+                   for ix in index_map.values()})
+  start, stop = slices[0][0], slices[0][0]
+  for a, b in slices:
+    if a != stop:
+      raise ValueError(f'process {jax.process_index()} holds rows {slices} of the data axis, '
+                       'not one contiguous block; build the mesh so that each process\'s '
+                       'devices are adjacent along "data"')
+    stop = b
+  return start, stop
+
+
+def batch_budget(config, mesh: Mesh):
+  """The input pipeline's budget on `mesh`: config.batch per sub-batch, `batch_groups` of them
+  per step, this process building the groups its devices hold (so it reads only those)."""
+  from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  groups = batch_groups(config)
+  if groups == 1:
+    return pipeline.budget_from_config(config)
+  budget = pipeline.budget_from_config(config, groups)
+  local = None
+  for per_group in (budget.max_nodes, budget.max_graphs):
+    start, stop = _local_rows(mesh, groups * per_group)
+    if start % per_group or stop % per_group:
+      raise ValueError(
+          f'process {jax.process_index()} holds rows [{start}, {stop}) of {groups} sub-batches '
+          f'of {per_group} slots: not whole sub-batches. Use a data axis size that divides '
+          f'batch.groups * batch.max_nodes and batch.groups * batch.max_graphs per process.')
+    groups_here = tuple(range(start // per_group, stop // per_group))
+    if local is not None and groups_here != local:
+      raise ValueError(f'process {jax.process_index()}: node rows give sub-batches {local} but '
+                       f'graph rows give {groups_here}; make batch.max_graphs divisible by the '
+                       'data axis size per sub-batch')
+    local = groups_here
+  return pipeline.budget_from_config(config, groups, local)
+
+
+def batch_shardings(batch: jraph.GraphsTuple, mesh: Mesh, budget) -> jraph.GraphsTuple:
+  """Node- and edge-level arrays split over 'data'. Per-graph arrays are replicated for one
+  sub-batch per step, and split over 'data' with the nodes when there are several (each process
+  then only has its own)."""
   split = NamedSharding(mesh, P('data'))
-  rep = replicated(mesh)
+  per_graph = replicated(mesh) if budget.groups == 1 else split
   return batch._replace(
       nodes=jax.tree.map(lambda _: split, batch.nodes),
       edges=jax.tree.map(lambda _: split, batch.edges),
       senders=split, receivers=split,
-      n_node=rep, n_edge=rep,
-      globals=jax.tree.map(lambda _: rep, batch.globals))
+      n_node=per_graph, n_edge=per_graph,
+      globals=jax.tree.map(lambda _: per_graph, batch.globals))
 
 
-def put_batch(batch: jraph.GraphsTuple, shardings: jraph.GraphsTuple) -> jraph.GraphsTuple:
-  """Host numpy batch (the whole global batch, identical on every process) -> global arrays."""
-  return jax.tree.map(distributed.host_to_global, batch, shardings)
+def put_batch(batch: jraph.GraphsTuple, shardings: jraph.GraphsTuple, budget) -> jraph.GraphsTuple:
+  """Host numpy batch -> global arrays. With one group the host batch is the whole global batch
+  (identical on every process); with several it is this process's groups, end to end."""
+  if budget.groups == 1:
+    return jax.tree.map(distributed.host_to_global, batch, shardings)
+  scale = budget.groups // len(budget.local_groups)
+  return jax.tree.map(
+      lambda x, sh: jax.make_array_from_process_local_data(
+          sh, x, (x.shape[0] * scale,) + x.shape[1:]), batch, shardings)

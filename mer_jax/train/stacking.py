@@ -19,8 +19,8 @@ import numpy as np
 
 from mer_jax import console
 
-from mer_jax.data import pipeline
 from mer_jax.data import sources
+from mer_jax.train import sharding
 from mer_jax.train import steps
 
 ENCODERS = ('teacher', 'audio', 'visual')
@@ -39,7 +39,7 @@ def fusion_config(config) -> ml_collections.ConfigDict:
 def encoder_log_probs(source, models: dict, config, mesh) -> dict[str, list[np.ndarray]]:
   """Per modality, per record: [n, C] log-probabilities of that modality's frozen encoder."""
   from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  budget = pipeline.budget_from_config(config)
+  budget = sharding.batch_budget(config, mesh)
   out = {}
   for m in config.data.modalities:
     stage = steps.ENCODER_OF_MODALITY[m]

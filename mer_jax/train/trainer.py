@@ -107,8 +107,11 @@ def predict_split(source, config, budget, predict_fn, mesh, desc: str = 'eval',
   batch_sh = None
   for batch in tqdm(ds, desc=desc, leave=False, disable=not progress):
     if batch_sh is None:
-      batch_sh = sharding.batch_shardings(batch, mesh)
-    p = distributed.global_to_host(predict_fn(sharding.put_batch(batch, batch_sh)))
+      batch_sh = sharding.batch_shardings(batch, mesh, budget)
+    global_batch = sharding.put_batch(batch, batch_sh, budget)
+    p = distributed.global_to_host(predict_fn(global_batch))
+    if budget.groups > 1:  # this host has only its own groups' nodes: gather everyone's
+      batch = batch._replace(nodes=jax.tree.map(distributed.global_to_host, global_batch.nodes))
     mask = batch.nodes['mask']
     probs.append(p[mask])
     labels.append(batch.nodes['label'][mask])
@@ -157,7 +160,7 @@ class StageRunner:
     self.name = name or stage
     self.meta_config = meta_config if meta_config is not None else config
     self.scfg = scfg = config.optim[stage]
-    self.budget = pipeline.budget_from_config(config)
+    self.budget = sharding.batch_budget(config, ctx.mesh)
     self.seed = config.seed + {'teacher': 0, 'audio': 1, 'visual': 2, 'fusion': 3}[stage]
     self.graphdef, params, batch_stats, self.rng_state = build_sharded_model(
         stage, config, ctx.mesh, self.seed)
@@ -213,8 +216,9 @@ class StageRunner:
   def fit(self) -> FrozenModel:
     """Trains (or resumes, or skips if finished) and returns the best evaluation weights."""
     stage, config, scfg = self.stage, self.config, self.scfg
-    ckpt = checkpointing.StageCheckpoints(self.ctx.workdir, self.name,
-                                          keep=config.train.checkpoint_keep)
+    ckpt = checkpointing.StageCheckpoints(
+        self.ctx.workdir, self.name, keep=config.train.checkpoint_keep,
+        directory=checkpointing.checkpoint_dir(config, self.ctx.workdir))
     state = self.state
     meta = ckpt.latest_meta()
     if meta is not None and meta.get('finished'):
@@ -254,9 +258,9 @@ class StageRunner:
       bar.update(host_step - epoch_first_step)
       for batch in it:
         if train_step is None:
-          batch_sh = sharding.batch_shardings(batch, self.ctx.mesh)
+          batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
           train_step = self.jitted_train_step(batch_sh)
-        state, metrics = train_step(state, sharding.put_batch(batch, batch_sh),
+        state, metrics = train_step(state, sharding.put_batch(batch, batch_sh, self.budget),
                                     self.frozen_states, self.ctx.class_weights)
         host_step += 1
         pending.append(metrics)
@@ -365,7 +369,8 @@ def prepare(config, workdir: str, mesh=None) -> Context:
   if config.train.compilation_cache_dir != 'off':
     enable_compilation_cache(config, workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh(config)
-  config_validation.check_mesh_fits_batch(config, sharding.data_axis_size(mesh))
+  config_validation.check_mesh_fits_batch(config, sharding.data_axis_size(mesh),
+                                          sharding.batch_groups(config))
   data = sources.open_splits(config, workdir)
   class_weights = (losses.balanced_class_weights(data.class_counts)
                    if config.loss.class_weights == 'balanced'
@@ -421,6 +426,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ctx = prepare(config, workdir)
   console.say('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
                len(ctx.data.train), len(ctx.data.dev), len(ctx.data.test))
+  budget = sharding.batch_budget(config, ctx.mesh)
+  if budget.groups > 1:
+    console.say('batch: %d sub-batches of %d nodes / %d graphs per step; process %d reads and '
+                'builds sub-batch(es) %s', budget.groups, budget.max_nodes, budget.max_graphs,
+                jax.process_index(), list(budget.local_groups))
   trained: dict[str, FrozenModel] = {}
   results = {}
   for stage in config.train.stages:
@@ -433,7 +443,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       runner = StageRunner(stage, ctx, trained)
     trained[stage] = runner.fit()
     pred = predict_split(stage_ctx.data.test, stage_config,
-                         pipeline.budget_from_config(stage_config),
+                         sharding.batch_budget(stage_config, ctx.mesh),
                          stage_predict_fn(stage, trained[stage], stage_config, trained), ctx.mesh)
     test = split_metrics(pred, config.label_names)
     if distributed.is_main_process():
