@@ -33,8 +33,15 @@ def make_mesh(config, devices=None) -> Mesh:
     raise ValueError(f'config.mesh.shape={shape} needs {int(np.prod(sizes))} devices; '
                      f'{len(devices)} are available')
   # Auto axes: XLA propagates shardings through the model from the annotated inputs/params.
-  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(names)
+  if len({d.process_index for d in devices}) > 1:
+    # Several hosts: each process's devices must be one contiguous block of the data axis, so
+    # that it builds the sub-batch they hold from its own dialogues (batch_budget). A
+    # topology-ordered mesh can interleave hosts (a v5e-16 host is a 2x2 block of its 4x4
+    # chips); whole-axis collectives (the gradient all-reduce) do not depend on the order.
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(ordered).reshape(sizes), names, axis_types=axis_types)
+  return jax.make_mesh(tuple(sizes), names, axis_types=axis_types, devices=devices)
 
 
 def data_axis_size(mesh: Mesh) -> int:
