@@ -140,16 +140,44 @@ def test_augmentation_statistics_match_the_recipe():
   aug = pipeline.Augmentation(t_dropout=0.2, t_noise_std=0.0, t_shuffle_prob=0.0,
                               t_shuffle_fraction=0.1, t_scale_prob=0.0, t_scale_range=(1, 1),
                               a_noise_std=0.05, v_scale_range=(0.95, 1.05))
-  rng = np.random.default_rng(0)
   x = {'t': np.ones((200, 100), np.float32), 'a': np.zeros((200, 100), np.float32),
        'v': np.ones((200, 10), np.float32)}
   present = {m: np.ones(200, bool) for m in x}
-  out = aug.apply(x, present, rng)
+  out = aug.apply(x, present, pipeline.modality_rngs(0, 0))
   assert abs((out['t'] == 0).mean() - 0.2) < 0.01
   assert abs(out['a'].std() - 0.05) < 0.002
   v_scales = out['v'][:, 0]
   assert v_scales.min() >= 0.95 and v_scales.max() <= 1.05
   np.testing.assert_allclose(out['v'], v_scales[:, None] * np.ones((1, 10)), rtol=1e-6)
+
+
+def test_partial_shuffle_permutes_the_chosen_share_of_dimensions_within_a_row():
+  aug = pipeline.Augmentation(t_dropout=0.0, t_noise_std=0.0, t_shuffle_prob=0.5,
+                              t_shuffle_fraction=0.1, t_scale_prob=0.0, t_scale_range=(1, 1),
+                              a_noise_std=0.0, v_scale_range=(1, 1))
+  n, d = 400, 200
+  x = np.tile(np.arange(d, dtype=np.float32), (n, 1))
+  out = aug.apply({'t': x}, {'t': np.ones(n, bool)}, pipeline.modality_rngs(3, 0))['t']
+  changed = (out != x).any(axis=1)
+  assert abs(changed.mean() - 0.5) < 0.07  # rows drawn with t_shuffle_prob (+/- 3 sd)
+  # Each row keeps its values (a permutation), and a shuffled row moves at most 10% of them.
+  np.testing.assert_array_equal(np.sort(out, axis=1), x)
+  moved = (out != x).sum(axis=1)
+  assert moved.max() <= int(0.1 * d) and moved[changed].mean() > 0.8 * int(0.1 * d)
+
+
+def test_text_augmentation_does_not_depend_on_the_other_modalities_loaded(source):
+  """The teacher trains on the same augmented text whether audio and visual are loaded or not."""
+  full = small_config()
+  text_only = small_config(**{'data.modalities': ('t',)})
+  a = pipeline.make_dataset(source, config=full, budget=pipeline.budget_from_config(full),
+                            train=True, epoch=1, seed=5)
+  b = pipeline.make_dataset(source, config=text_only,
+                            budget=pipeline.budget_from_config(text_only), train=True, epoch=1,
+                            seed=5)
+  assert len(a) == len(b)
+  for i in range(len(a)):
+    np.testing.assert_array_equal(a[i].nodes['features']['t'], b[i].nodes['features']['t'])
 
 
 def test_iterator_state_resumes_mid_epoch(source):

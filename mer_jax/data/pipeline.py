@@ -68,19 +68,28 @@ class Augmentation:
                a_noise_std=cfg.a_noise_std, v_scale_range=tuple(cfg.v_scale_range))
 
   def apply(self, features: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray],
-            rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Augments [n, d] feature matrices; each utterance draws its own randomness."""
+            rngs: Mapping[str, np.random.Generator]) -> dict[str, np.ndarray]:
+    """Augments [n, d] feature matrices; each utterance draws its own randomness.
+
+    Each modality draws from its own generator (`modality_rngs`), so a modality's augmentation
+    does not depend on which other modalities are loaded: the text teacher sees the same
+    batches in a text-only run and in a three-modality run.
+    """
     out = {}
     for m, x in features.items():
+      rng = rngs[m]
       x = x.astype(np.float32, copy=True)
       n, d = x.shape
       if m == 't':
         x[rng.random((n, d)) < self.t_dropout] = 0.0
         x += rng.normal(0.0, self.t_noise_std, size=(n, d)).astype(np.float32)
-        num_shuffled = int(self.t_shuffle_fraction * d)
-        for i in np.flatnonzero(rng.random(n) < self.t_shuffle_prob):
-          idx = rng.choice(d, size=num_shuffled, replace=False)
-          x[i, idx] = x[i, rng.permutation(idx)]
+        rows = np.flatnonzero(rng.random(n) < self.t_shuffle_prob)
+        k = int(self.t_shuffle_fraction * d)
+        if len(rows) and k > 1:
+          # Per chosen row: k distinct dimensions, their values permuted among themselves.
+          chosen = rng.permuted(np.broadcast_to(np.arange(d), (len(rows), d)), axis=1)[:, :k]
+          moved = rng.permuted(chosen, axis=1)
+          x[rows[:, None], chosen] = x[rows[:, None], moved]
         scale = np.where(rng.random(n) < self.t_scale_prob,
                          rng.uniform(*self.t_scale_range, size=n), 1.0)
         x *= scale[:, None].astype(np.float32)
@@ -90,6 +99,14 @@ class Augmentation:
         x *= rng.uniform(*self.v_scale_range, size=(n, 1)).astype(np.float32)
       out[m] = np.where(present[m][:, None], x, 0.0).astype(np.float32)
     return out
+
+
+_STREAM_OF_MODALITY = {'t': 0, 'a': 1, 'v': 2}
+
+
+def modality_rngs(base: int, group: int) -> dict[str, np.random.Generator]:
+  """One generator per modality (and batch group), fixed whatever else is loaded."""
+  return {m: np.random.default_rng([base, group, i]) for m, i in _STREAM_OF_MODALITY.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,33 +317,32 @@ class BatchLoader:
   augmentation: Augmentation | None
 
   def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
-    """One step: this process's sub-batches (see `group_plan`), each collated on its own."""
-    if rng is not None and self.budget.groups > 1:
-      # A group's augmentation must not depend on which other groups share its process.
-      base = int(rng.integers(2**62))
-      rngs = [np.random.default_rng([base, g]) for g in self.budget.local_groups]
-    else:
-      rngs = [rng] * len(step_entry)
-    return concat_groups([self._collate(e, r) for e, r in zip(step_entry, rngs)], self.budget)
+    """One step: this process's sub-batches (see `group_plan`), each collated on its own, with
+    augmentation streams per group and modality (independent of what else this process builds
+    or loads)."""
+    base = None if rng is None else int(rng.integers(2**62))
+    return concat_groups(
+        [self._collate(e, None if base is None else modality_rngs(base, g))
+         for e, g in zip(step_entry, self.budget.local_groups)], self.budget)
 
-  def _collate(self, plan_entry: np.ndarray, rng) -> jraph.GraphsTuple:
+  def _collate(self, plan_entry: np.ndarray, rngs) -> jraph.GraphsTuple:
     if self.scope == 'dialogue':
-      graphs = [self._graph(r, None, rng) for r in plan_entry.tolist()]
+      graphs = [self._graph(r, None, rngs) for r in plan_entry.tolist()]
     elif len(plan_entry):
-      graphs = [_merge_as_one_graph([self._graph(r, u, rng) for r, u in plan_entry.tolist()],
+      graphs = [_merge_as_one_graph([self._graph(r, u, rngs) for r, u in plan_entry.tolist()],
                                     self.modalities)]
     else:
       graphs = []
     return collate_graphs(graphs, self.budget, self.modalities, self.dims, self.speaker_edges)
 
-  def _graph(self, index: int, utterance: int | None, rng) -> dict[str, Any]:
+  def _graph(self, index: int, utterance: int | None, rngs) -> dict[str, Any]:
     record = self.source[index]
     n = len(record.labels)
     sel = np.arange(n) if utterance is None else np.asarray([utterance])
     feats = {m: record.features[m][sel] for m in self.modalities if m in record.features}
-    if self.augmentation is not None and rng is not None:
+    if self.augmentation is not None and rngs is not None:
       present = {m: record.present[m][sel] for m in feats}
-      feats = self.augmentation.apply(feats, present, rng)
+      feats = self.augmentation.apply(feats, present, rngs)
     return dialogue_graph(record, index, feats, self.modalities, self.dims, sel)
 
 

@@ -110,13 +110,15 @@ def predict_split(source, config, budget, predict_fn, mesh, desc: str = 'eval',
       batch_sh = sharding.batch_shardings(batch, mesh, budget)
     global_batch = sharding.put_batch(batch, batch_sh, budget)
     p = distributed.global_to_host(predict_fn(global_batch))
-    if budget.groups > 1:  # this host has only its own groups' nodes: gather everyone's
-      batch = batch._replace(nodes=jax.tree.map(distributed.global_to_host, global_batch.nodes))
-    mask = batch.nodes['mask']
+    nodes = batch.nodes
+    if budget.groups > 1:  # this host has only its own groups' nodes: gather everyone's ids
+      nodes = {k: distributed.global_to_host(global_batch.nodes[k])
+               for k in ('mask', 'label', 'record', 'utterance')}
+    mask = nodes['mask']
     probs.append(p[mask])
-    labels.append(batch.nodes['label'][mask])
-    records.append(batch.nodes['record'][mask])
-    utterances.append(batch.nodes['utterance'][mask])
+    labels.append(nodes['label'][mask])
+    records.append(nodes['record'][mask])
+    utterances.append(nodes['utterance'][mask])
   return {'probs': np.concatenate(probs), 'labels': np.concatenate(labels),
           'records': np.concatenate(records), 'utterances': np.concatenate(utterances)}
 
