@@ -14,6 +14,7 @@ import pytest
 from configs import default
 from mer_jax import predict
 from mer_jax.config_validation import ConfigError
+from mer_jax.config_validation import check_mesh_fits_batch
 from mer_jax.config_validation import validate_config
 from mer_jax.data import pipeline
 from mer_jax.data import shards
@@ -41,6 +42,22 @@ def test_shards_source_without_a_shard_dir(tmp_path):
     with pytest.raises(ConfigError, match=r'data\.shard_dir') as e:
       validate_config(config)
     assert str(folder) in str(e.value) and 'manifest.json' in str(e.value)
+
+
+def test_batch_layouts_that_do_not_split_over_the_data_axis():
+  """Several sub-batches per step split their per-graph arrays over 'data' too."""
+  config = tiny()
+  config.batch.max_nodes, config.batch.max_graphs = 16, 3
+  check_mesh_fits_batch(config, data_axis=4, groups=1)  # per-graph arrays replicated: fine
+  with pytest.raises(ConfigError, match=r'2 sub-batches of 3 graph slots \(batch\.max_graphs\)'):
+    check_mesh_fits_batch(config, data_axis=4, groups=2)
+  config.batch.max_nodes = 10
+  with pytest.raises(ConfigError, match=r'batch\.max_nodes=10 must be divisible by the data axis'):
+    check_mesh_fits_batch(config, data_axis=4, groups=1)
+  config.batch.max_nodes = 16
+  config.batch.groups = -1
+  with pytest.raises(ConfigError, match=r'batch\.groups: must be >= 0'):
+    validate_config(config)
 
 
 def test_impossible_values_are_reported_together():
