@@ -112,7 +112,8 @@ def validate_config(config) -> None:
 
 def _exists(path: str) -> bool:
   """os.path.exists, or through etils/epath for remote paths (gs://: needs gcsfs, `[gcs]`)."""
-  if '://' not in path:
+  from mer_jax.data import staging  # pylint: disable=g-import-not-at-top
+  if not staging.is_remote(path):
     return os.path.exists(path)
   from etils import epath  # pylint: disable=g-import-not-at-top
   try:

@@ -353,11 +353,16 @@ def load_manifest(shard_dir: epath.PathLike) -> Manifest:
   if not path.exists():
     raise ShardError(f'manifest not found: {path} (incomplete or not a shard '
                      'folder)')
+  return parse_manifest(path.read_text(), path)
+
+
+def parse_manifest(text: str, path: epath.PathLike) -> Manifest:
+  """Checks the text of a manifest read from `path` (named in errors)."""
   try:
-    raw = json.loads(path.read_text())
+    raw = json.loads(text)
   except json.JSONDecodeError as e:
     raise ShardError(f'{path}: invalid JSON: {e}') from e
-  return _manifest_from_json(raw, path)
+  return _manifest_from_json(raw, epath.Path(path))
 
 
 def class_counts(source_or_manifest: DialogueShardSource | Manifest,

@@ -63,14 +63,18 @@ def stage_shards(shard_dir: str, cache_root: str) -> str:
   if not is_remote(shard_dir):
     return shard_dir
   remote = epath.Path(shard_dir)
-  manifest = shards.load_manifest(remote)  # names the remote file if it is missing or invalid
+  remote_manifest = remote / shards.MANIFEST_NAME
+  if not remote_manifest.exists():
+    raise shards.ShardError(f'manifest not found: {remote_manifest} (incomplete or not a shard '
+                            'folder)')
+  manifest_text = remote_manifest.read_text()  # the one read of the remote manifest
   local = staged_dir(shard_dir, cache_root)
-  manifest_text = (remote / shards.MANIFEST_NAME).read_text()
   local_manifest = os.path.join(local, shards.MANIFEST_NAME)
   if os.path.exists(local_manifest):
     with open(local_manifest, encoding='utf-8') as f:
       if f.read() == manifest_text:
         return local
+  manifest = shards.parse_manifest(manifest_text, remote_manifest)
   os.makedirs(local, exist_ok=True)
   for split in manifest.splits.values():
     for entry in split.files:

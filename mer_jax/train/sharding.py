@@ -13,7 +13,6 @@ import jraph
 import numpy as np
 
 from mer_jax import models
-from mer_jax.train import distributed
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -122,10 +121,8 @@ def batch_shardings(batch: jraph.GraphsTuple, mesh: Mesh, budget) -> jraph.Graph
 
 
 def put_batch(batch: jraph.GraphsTuple, shardings: jraph.GraphsTuple, budget) -> jraph.GraphsTuple:
-  """Host numpy batch -> global arrays. With one group the host batch is the whole global batch
-  (identical on every process); with several it is this process's groups, end to end."""
-  if budget.groups == 1:
-    return jax.tree.map(distributed.host_to_global, batch, shardings)
+  """Host numpy batch (this process's groups, end to end; with one group, the whole batch) ->
+  global arrays."""
   scale = budget.groups // len(budget.local_groups)
   return jax.tree.map(
       lambda x, sh: jax.make_array_from_process_local_data(
