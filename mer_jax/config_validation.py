@@ -104,6 +104,14 @@ def validate_config(config) -> None:
   need(0.0 <= l.label_smoothing < 1.0, 'loss.label_smoothing', 'must be in [0, 1)')
   need(0.0 <= l.main_focal_share <= 1.0, 'loss.main_focal_share', 'must be in [0, 1]')
 
+  shared = config.train.get('shared_stages_dir', '')
+  if shared:
+    from mer_jax.data import staging  # pylint: disable=g-import-not-at-top
+    need(not staging.is_remote(shared), 'train.shared_stages_dir',
+         f'{shared!r} must be a local folder (runs link their stages to it)')
+    need(not staging.is_remote(config.train.checkpoint_dir), 'train.checkpoint_dir',
+         'must be local when train.shared_stages_dir is set')
+
   shape = dict(config.mesh.shape)
   need(set(shape) >= {'data', 'model'}, 'mesh.shape', f'needs a data and a model axis, got {shape}')
   if errors:

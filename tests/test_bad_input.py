@@ -80,6 +80,7 @@ def test_text_frontend_config_problems(tmp_path):
   config = meld_text.get_config()
   config.text.csv.dir = str(tmp_path / 'nowhere')
   config.text.pooling = 'max'
+  config.text.layers = (4, 4)
   config.text.finetune.enabled = True
   config.text.finetune.optim.lr = 0.0
   with pytest.raises(ConfigError) as e:
@@ -88,6 +89,7 @@ def test_text_frontend_config_problems(tmp_path):
   assert 'text.csv.dir:' in message and 'nowhere' in message
   assert "text.pooling: must be 'mean', 'cls', 'last' or 'target_mean'" in message
   assert 'text.finetune.optim.lr: must be > 0' in message
+  assert 'text.layers: (4, 4) names a hidden state twice' in message
   (tmp_path / 'train_sent_emo.csv').write_text('x\n')
   config = meld_text.get_config()
   config.text.csv.dir = str(tmp_path)

@@ -79,6 +79,7 @@ def tiny_config(checkpoint, csv_dir, variant='utterance'):
   c.text.max_length = 64
   c.text.tokens_per_batch = 512
   c.text.num_shards = {'train': 2, 'dev': 1, 'test': 1}
+  c.text.layers = (-1,)  # the tiny encoder has 2 layers (MELD's utterance variant pools 1-6)
   c.data.dims.t = 32
   c.train.progress_bar = False
   c.train.compilation_cache_dir = 'off'
@@ -118,6 +119,34 @@ def test_bucketed_encoding_equals_one_by_one(checkpoint, pooling):
   for i, s in enumerate(seqs):
     single = text_batching.make_batch(seqs, np.array([i]), len(s), tok.pad_id)
     np.testing.assert_allclose(got[i], np.asarray(encode(single))[0], atol=1e-5)
+
+
+def test_layer_features_match_torch_hidden_states(checkpoint):
+  """text.layers=(0, 1, -1): each hidden state mean-pooled, L2-normalised and concatenated."""
+  _, model = text_transformer.load_hf_checkpoint(checkpoint)
+  tok = transformers.AutoTokenizer.from_pretrained(checkpoint)
+  texts = ['i am so happy .', 'what is it ?', 'they really are sad and angry ! ! yes']
+  enc = tok(texts, padding=True, return_tensors='np')
+  batch = text_batching.TokenBatch(
+      input_ids=jnp.asarray(enc['input_ids']), attention_mask=jnp.asarray(enc['attention_mask']),
+      last_index=jnp.asarray(enc['attention_mask'].sum(1) - 1),
+      target_mask=jnp.zeros(enc['input_ids'].shape, bool), labels=np.zeros(3, np.int32),
+      index=np.arange(3))
+  got = np.asarray(text_features.make_encode_fn(model, 'mean', True, (0, 1, -1))(batch))
+  with torch.no_grad():
+    states = transformers.BertModel.from_pretrained(checkpoint).eval()(
+        **{k: torch.tensor(v) for k, v in enc.items()}, output_hidden_states=True).hidden_states
+  mask = enc['attention_mask'][..., None].astype(np.float32)
+  want = []
+  for layer in (0, 1, 2):
+    pooled = (states[layer].numpy() * mask).sum(1) / mask.sum(1)
+    want.append(pooled / np.linalg.norm(pooled, axis=-1, keepdims=True))
+  assert got.shape == (3, 3 * 32)
+  np.testing.assert_allclose(got, np.concatenate(want, axis=-1), atol=1e-5)
+  with pytest.raises(ValueError, match='out of range: the encoder has 2 layers'):
+    text_features.make_encode_fn(model, 'mean', True, (3,))
+  with pytest.raises(ValueError, match='twice'):
+    text_features.make_encode_fn(model, 'mean', True, (2, -1))
 
 
 def test_build_text_shards(checkpoint, csv_dir, tmp_path):

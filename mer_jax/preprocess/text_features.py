@@ -6,7 +6,9 @@ them in length buckets with the (frozen or fine-tuned) encoder, pools one vector
 utterance and writes text-only shards (other modalities are simply absent from the manifest)
 that the graph and fusion stages train on.
 
-Pooling of the encoder's last hidden states:
+Pooling of the encoder's hidden states (`text.layers` picks which: -1 the last layer, 0 the
+embeddings; several are pooled one by one, each L2-normalised with `text.normalize`, and
+concatenated, so the feature has hidden_size * len(layers) dimensions):
   mean         average over the sequence's tokens (what sentence-transformers models are
                trained for);
   cls          the first position;
@@ -57,20 +59,41 @@ def resolve_encoder(name: str) -> str:
   return text_transformer.resolve_checkpoint_folder(name)
 
 
-def make_encode_fn(model: nnx.Module, pooling: str, normalize: bool):
-  """A jitted `batch -> f32[B, H]` for a frozen encoder (compiles once per bucket shape)."""
+def hidden_state_indices(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+  """`layers` as indices into the encoder's num_layers + 1 hidden states (0: embeddings)."""
+  if not layers:
+    raise ValueError('text.layers is empty: name at least one hidden state (-1 is the last)')
+  out = []
+  for layer in layers:
+    if not -(num_layers + 1) <= int(layer) <= num_layers:
+      raise ValueError(f'text.layers entry {layer} is out of range: the encoder has '
+                       f'{num_layers} layers, so hidden states 0..{num_layers} (or negative '
+                       'from the end)')
+    out.append(int(layer) % (num_layers + 1))
+  if len(set(out)) != len(out):
+    raise ValueError(f'text.layers {tuple(layers)} names a hidden state twice')
+  return tuple(out)
+
+
+def make_encode_fn(model: nnx.Module, pooling: str, normalize: bool,
+                   layers: Sequence[int] = (-1,)):
+  """A jitted `batch -> f32[B, H * len(layers)]` for a frozen encoder (one compile per bucket)."""
   if pooling not in POOLINGS:
     raise ValueError(f'pooling must be one of {POOLINGS}, got {pooling!r}')
+  indices = hidden_state_indices(layers, model.config.num_layers)
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def encode(state, input_ids, attention_mask, last_index, target_mask):
     encoder = nnx.merge(graphdef, state)
-    hidden = encoder(input_ids, attention_mask, train=False)
-    vectors = pool(hidden, attention_mask, last_index, target_mask, pooling)
-    if normalize:
-      vectors = vectors / jnp.maximum(jnp.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-    return vectors.astype(jnp.float32)
+    hidden = encoder(input_ids, attention_mask, train=False, all_hidden_states=True)
+    parts = []
+    for i in indices:
+      vectors = pool(hidden[i], attention_mask, last_index, target_mask, pooling)
+      if normalize:
+        vectors = vectors / jnp.maximum(jnp.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+      parts.append(vectors)
+    return jnp.concatenate(parts, axis=-1).astype(jnp.float32)
 
   def run(batch: text_batching.TokenBatch) -> jax.Array:
     return encode(state, batch.input_ids, batch.attention_mask, batch.last_index,
@@ -195,7 +218,7 @@ class TextFeaturizer:
         from mer_jax.train import finetune_text  # pylint: disable=g-import-not-at-top
         encoder = finetune_text.restore_finetuned_encoder(config, workdir, encoder)
     self.encoder = encoder
-    self.encode_fn = make_encode_fn(encoder, t.pooling, t.normalize)
+    self.encode_fn = make_encode_fn(encoder, t.pooling, t.normalize, tuple(t.layers))
     self.buckets = text_batching.bucket_lengths(t.max_length, t.smallest_bucket, t.bucket_growth)
 
   def sequences(self, dialogues) -> list[prompts_lib.Prompt]:
@@ -282,7 +305,7 @@ def build_text_shards(config, out_dir: str, *, workdir: str | None = None) -> di
                       num_shards={s: int(t.num_shards[s]) if s in t.num_shards else 1
                                   for s in records}, overwrite=True)
   summary = {'encoder': t.encoder, 'encoder_folder': folder, 'input': t.input,
-             'pooling': t.pooling, 'max_length': t.max_length, 'dim': dim, 'splits': stats,
+             'pooling': t.pooling, 'layers': list(t.layers), 'max_length': t.max_length, 'dim': dim, 'splits': stats,
              'finetune': finetune_stats}
   with open(os.path.join(out_dir, STATS_NAME), 'w') as f:
     json.dump(summary, f, indent=1)
