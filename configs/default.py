@@ -169,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
   # '' = workdir/checkpoints. A gs://bucket/run/checkpoints folder is written by Orbax directly;
   # predict then needs --checkpoint_dir.
   c.train.checkpoint_dir = ''
+  # Finished encoder stages shared between runs with the same settings for them (sweeps set it;
+  # see mer_jax/train/shared_stages.py). '' = off.
+  c.train.shared_stages_dir = ''
   # Persistent XLA compilation cache ('' = workdir/jax_cache, 'off' = none): the cross-fitting
   # folds and resumed runs then compile each step once.
   c.train.compilation_cache_dir = ''

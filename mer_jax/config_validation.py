@@ -215,6 +215,10 @@ def text_frontend_errors(config) -> list[str]:
   need(t.input in ('utterance', 'context'), 'input', "must be 'utterance' or 'context'")
   need(t.pooling in ('mean', 'cls', 'last', 'target_mean'), 'pooling',
        "must be 'mean', 'cls', 'last' or 'target_mean'")
+  layers = tuple(t.layers)
+  need(len(layers) >= 1 and all(isinstance(i, int) for i in layers), 'layers',
+       f'{layers} must name at least one hidden state by integer index (-1: the last layer)')
+  need(len(set(layers)) == len(layers), 'layers', f'{layers} names a hidden state twice')
   need(16 <= t.max_length <= 8192, 'max_length', f'{t.max_length} is not in [16, 8192]')
   need(1 <= t.max_speakers <= 100, 'max_speakers', 'must be in [1, 100]')
   need(1 <= t.smallest_bucket <= t.max_length, 'smallest_bucket', 'must be in [1, max_length]')

@@ -59,6 +59,13 @@ def test_sweep_runs_every_variant_and_seed(sweep_dir):
   assert [d for d in os.listdir(exp / 'data') if d.startswith('synthetic-')]
   assert not (exp / 'full' / 'seed_0' / 'data').exists()
   assert stdout.count('start ') == 4
+  # Each run's teacher was shared (no two runs here train the same one: loss_ce changes it).
+  shared = sorted(os.listdir(exp / 'shared_stages'))
+  assert len(shared) == 4 and all(s.startswith('teacher-') for s in shared)
+  for variant in ('full', 'loss_ce'):
+    teacher = exp / variant / 'seed_0' / 'checkpoints' / 'teacher'
+    assert teacher.is_symlink() and os.path.dirname(os.path.realpath(teacher)) == os.path.realpath(
+        exp / 'shared_stages')
 
 
 def test_sweep_comparison_and_page(sweep_dir):

@@ -8,7 +8,9 @@ A sweep definition is a Python file whose `get_sweep()` returns a dict with `tit
 `reference` (a variant name), `seeds` (default number), `variants` ({name: config spec as for
 mer_jax.main, `path[:arg]`}) and optionally `overrides` (--config.<key>=<value> for every run).
 Variant v's seed s trains in <workdir>/<v>/seed_<s>/; finished runs are skipped, so an
-interrupted sweep continues where it stopped.
+interrupted sweep continues where it stopped. Encoder stages (and cross-fitting folds) whose
+settings two runs share are trained once and linked into both (<workdir>/shared_stages/, see
+mer_jax/train/shared_stages.py); --no_shared_stages trains everything in every run.
 
 Each variant's final stage is compared with the reference's on the per-utterance test
 predictions (paired bootstrap CI and p-value; approximate randomization), seeds averaged. The
@@ -61,6 +63,15 @@ def select_variants(sweep: dict, only: str) -> dict[str, str]:
   return {n: sweep['variants'][n] for n in names}
 
 
+def with_shared_stages(overrides, experiment_dir: str) -> tuple[str, ...]:
+  """Adds train.shared_stages_dir=<experiment>/shared_stages: variants that only change fusion
+  (or drop modalities) link the encoder stages an earlier run of the same seed trained."""
+  if any(o.startswith('--config.train.shared_stages_dir=') for o in overrides):
+    return tuple(overrides)
+  shared = os.path.join(os.path.abspath(experiment_dir), 'shared_stages')
+  return tuple(overrides) + (f'--config.train.shared_stages_dir={shared}',)
+
+
 def summarize_sweep(sweep: dict, variants: dict[str, str], experiment_dir: str, *,
                     bootstrap_samples: int, allow_missing: bool = False) -> dict:
   """Summaries of every variant and comparisons with the reference.
@@ -101,12 +112,17 @@ def main(argv=None) -> None:
   parser.add_argument('--bootstrap_samples', type=int, default=1000)
   parser.add_argument('--report_only', action='store_true',
                       help='summarise the finished runs without training')
+  parser.add_argument('--no_shared_stages', action='store_true',
+                      help='train every encoder stage in every run (default: runs link the '
+                      'finished encoder stages they share, train.shared_stages_dir)')
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   try:
     sweep = load_sweep(args.sweep)
     variants = select_variants(sweep, args.only)
     overrides = seeds_lib.with_shared_cache(
         sweep['overrides'] + seeds_lib.check_overrides(rest), args.workdir)
+    if not args.no_shared_stages:
+      overrides = with_shared_stages(overrides, args.workdir)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   n_seeds = args.seeds or int(sweep['seeds'])

@@ -71,7 +71,7 @@ def train_fold_encoders(ctx, fold: int, indices: np.ndarray) -> dict:
   trained = {}
   for stage in ENCODERS:
     if stage in ctx.config.train.stages:
-      trained[stage] = trainer.StageRunner(stage, fold_ctx, trained,
+      trained[stage] = trainer.StageRunner(stage, fold_ctx, trained, fold=fold,
                                            name=os.path.join(f'fold{fold}', stage)).fit()
   return trained
 

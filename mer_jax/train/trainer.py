@@ -34,6 +34,7 @@ from mer_jax.train import checkpointing
 from mer_jax.train import distributed
 from mer_jax.train import optim
 from mer_jax.train import preemption
+from mer_jax.train import shared_stages
 from mer_jax.train import sharding
 from mer_jax.train import steps
 from mer_jax.train.metrics_writer import MetricsWriter
@@ -44,9 +45,13 @@ ENCODER_STAGES = ('teacher', 'audio', 'visual')
 
 @dataclasses.dataclass
 class FrozenModel:
-  """A trained stage ready for inference: graphdef + (params, batch_stats, rng_state)."""
+  """A trained stage ready for inference: graphdef + (params, batch_stats, rng_state).
+
+  `fingerprint` names it in `train.shared_stages_dir` (None when it is not shared).
+  """
   graphdef: Any
   states: tuple[Any, Any, Any]
+  fingerprint: str | None = None
 
 
 @dataclasses.dataclass
@@ -154,9 +159,10 @@ class StageRunner:
   """One stage: its sharded model, optimizer and jitted steps, and the epoch loop (`fit`)."""
 
   def __init__(self, stage: str, ctx: Context, frozen: dict[str, FrozenModel],
-               name: str | None = None, meta_config=None):
+               name: str | None = None, meta_config=None, fold: int | None = None):
     """`name` is the checkpoint folder (default: the stage); `meta_config` is saved with the best
-    checkpoint for prediction (default: ctx.config)."""
+    checkpoint for prediction (default: ctx.config); `fold` is the cross-fitting fold whose
+    held-out dialogues ctx.data.train lacks (None: all of them)."""
     config = ctx.config
     self.stage, self.ctx, self.config = stage, ctx, config
     self.name = name or stage
@@ -178,6 +184,12 @@ class StageRunner:
                        f'config.train.stages before {stage!r}')
     self.frozen_states = {n: frozen[n].states for n in needed}
     self.frozen_graphdefs = {n: frozen[n].graphdef for n in needed}
+    self.fingerprint = None
+    deps = {n: frozen[n].fingerprint for n in needed}
+    if (config.train.shared_stages_dir and stage in shared_stages.ENCODER_MODALITY
+        and None not in deps.values()):
+      self.fingerprint = shared_stages.fingerprint(
+          config, stage, shared_stages.data_identity(ctx.data.shard_dir, config), deps, fold=fold)
 
     self.plan_lengths = [
         len(pipeline.make_dataset(ctx.data.train, config=config, budget=self.budget, train=True,
@@ -216,11 +228,40 @@ class StageRunner:
     return split_metrics(pred, self.config.label_names)
 
   def fit(self) -> FrozenModel:
-    """Trains (or resumes, or skips if finished) and returns the best evaluation weights."""
+    """Trains (or resumes, or skips if finished) and returns the best evaluation weights.
+
+    With `train.shared_stages_dir`, a stage another run has finished with the same fingerprint
+    is linked in instead of trained, and a stage trained here is shared when finished.
+    """
+    directory = checkpointing.checkpoint_dir(self.config, self.ctx.workdir)
+    if self.fingerprint is None or self._finished(directory):
+      return self._fit(directory)
+    store = shared_stages.SharedStages(self.config.train.shared_stages_dir)
+    stage_dir = os.path.join(directory, self.name)
+    if not store.acquire(self.fingerprint):
+      console.say('stage %s: reusing %s', self.name, store.path(self.fingerprint))
+      store.link(self.fingerprint, stage_dir)
+      return self._fit(directory)
+    try:
+      model = self._fit(directory)
+      store.publish(self.fingerprint, stage_dir)
+    finally:
+      store.release(self.fingerprint)
+    return model
+
+  def _finished(self, directory: str) -> bool:
+    ckpt = checkpointing.StageCheckpoints(self.ctx.workdir, self.name, read_only=True,
+                                          directory=directory)
+    try:
+      meta = ckpt.latest_meta() if os.path.isdir(os.path.join(ckpt.root, 'latest')) else None
+    finally:
+      ckpt.close()
+    return bool(meta and meta.get('finished'))
+
+  def _fit(self, directory: str) -> FrozenModel:
     stage, config, scfg = self.stage, self.config, self.scfg
     ckpt = checkpointing.StageCheckpoints(
-        self.ctx.workdir, self.name, keep=config.train.checkpoint_keep,
-        directory=checkpointing.checkpoint_dir(config, self.ctx.workdir))
+        self.ctx.workdir, self.name, keep=config.train.checkpoint_keep, directory=directory)
     state = self.state
     meta = ckpt.latest_meta()
     if meta is not None and meta.get('finished'):
@@ -229,7 +270,7 @@ class StageRunner:
       self.loop = meta['loop']
       params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
       ckpt.close()
-      return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state))
+      return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state), self.fingerprint)
     loop = {'epoch': 0, 'best_f1': -1.0, 'best_epoch': -1, 'bad_epochs': 0,
             'plateau_epochs': 0, 'history': []}
     data_state = {'epoch': 0, 'iterator': None}
@@ -319,7 +360,7 @@ class StageRunner:
     self.loop = loop
     params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
     ckpt.close()
-    return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state))
+    return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state), self.fingerprint)
 
 
 def _frozen_needed(stage: str, statics: steps.StageStatics, config) -> tuple[str, ...]:
