@@ -61,6 +61,13 @@ def test_fingerprints_ignore_what_cannot_change_an_encoder_and_see_what_can():
     fp(full, 'fusion')
 
 
+def test_fingerprints_change_with_the_code(monkeypatch):
+  full = variant('full')
+  before = fp(full, 'teacher')
+  monkeypatch.setattr(shared_stages, 'code_identity', lambda: 'edited')
+  assert fp(full, 'teacher') != before
+
+
 def test_acquire_waits_for_another_trainer_and_takes_over_a_dead_ones_lock(tmp_path):
   store = shared_stages.SharedStages(str(tmp_path / 'shared'), poll_seconds=0.05)
   assert store.acquire('teacher-a')  # free: this process trains it

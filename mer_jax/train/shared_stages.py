@@ -6,7 +6,8 @@ and their cross-fitting folds, for each of them is most of a sweep's time and di
 `train.shared_stages_dir` set, each encoder stage gets a fingerprint: the hash of every setting
 that can change how it trains (the config minus the keys listed below as not affecting it; the
 data's manifest, which holds the checksum of every shard file; the fingerprints of the frozen
-stages it distils from; for a cross-fitting fold, its fold index). Then:
+stages it distils from; for a cross-fitting fold, its fold index; the hash of the mer_jax source,
+so a stage trained by other code is never reused). Then:
 
   * a finished stage with that fingerprint in the shared folder is linked into the run's
     checkpoint folder (a symlink) and restored, not trained;
@@ -22,6 +23,8 @@ reused stage equals a retrained one, prediction for prediction, for ablations th
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
 import os
@@ -95,11 +98,24 @@ def data_identity(shard_dir: str, config) -> str:
   return hashlib.sha256(manifest + json.dumps(splits).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def code_identity() -> str:
+  """Hash of every Python file of the mer_jax package (path and contents)."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  h = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(package, '**', '*.py'), recursive=True)):
+    h.update(os.path.relpath(path, package).encode())
+    with open(path, 'rb') as f:
+      h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()
+
+
 def fingerprint(config, stage: str, data_id: str, dependencies: dict[str, str], *,
                 fold: int | None = None) -> str:
   """The shared-folder name of a stage: `<stage>-<hash>`."""
   payload = json.dumps({'settings': stage_settings(config, stage, fold=fold), 'data': data_id,
-                        'frozen': dependencies}, sort_keys=True, default=str)
+                        'frozen': dependencies, 'code': code_identity()},
+                       sort_keys=True, default=str)
   return f'{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}'
 
 
