@@ -247,10 +247,9 @@ def test_lr_scale_scales_the_update(runners):
                     runner.state_shardings)
   new_full, m_full = runner.step_fn(full, batch, runner.frozen_states, ctx.class_weights)
   new_half, m_half = runner.step_fn(half, batch, runner.frozen_states, ctx.class_weights)
-  np.testing.assert_allclose(float(m_half['update_norm']), 0.5 * float(m_full['update_norm']),
-                             rtol=1e-6)
-  assert float(m_half['update_norm']) > 0
   assert float(m_half['loss']) == float(m_full['loss'])
+  assert any(not np.array_equal(a, h) for a, h in zip(leaves(runner.initial_state.params),
+                                                       leaves(new_half.params)))
   p0 = leaves(runner.initial_state.params)
   for a, f, h in zip(p0, leaves(new_full.params), leaves(new_half.params)):
     a, f, h = (x.astype(np.float64) for x in (a, f, h))

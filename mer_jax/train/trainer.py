@@ -19,6 +19,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mer_jax import console
 from flax import nnx
@@ -329,7 +330,8 @@ class StageRunner:
       dev = self.evaluate(self.ctx.data.dev, eval_params, state.model_state)
       f1 = float(dev['weighted_f1'])
       writer.scalars(host_step, {'dev/weighted_f1': f1, 'dev/macro_f1': dev['macro_f1'],
-                                 'dev/accuracy': dev['accuracy']})
+                                 'dev/accuracy': dev['accuracy'],
+                                 'train/param_norm': float(_tree_norm(state.params))})
       if f1 > loop['best_f1'] + config.train.early_stopping_min_delta:
         loop.update(best_f1=f1, best_epoch=epoch, bad_epochs=0, plateau_epochs=0)
         ckpt.save_best(host_step, eval_params, state.model_state,
@@ -361,6 +363,9 @@ class StageRunner:
     params, batch_stats, _ = ckpt.restore_best(state.params, state.model_state)
     ckpt.close()
     return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state), self.fingerprint)
+
+
+_tree_norm = jax.jit(optax.tree.norm)
 
 
 def _frozen_needed(stage: str, statics: steps.StageStatics, config) -> tuple[str, ...]:
