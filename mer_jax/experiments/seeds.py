@@ -48,12 +48,17 @@ def check_overrides(overrides) -> tuple[str, ...]:
   return tuple(overrides)
 
 
+def with_default(overrides, key: str, value: str) -> tuple[str, ...]:
+  """`overrides` plus --config.<key>=<value>, unless they already set that key."""
+  if any(o.startswith(f'--config.{key}=') for o in overrides):
+    return tuple(overrides)
+  return tuple(overrides) + (f'--config.{key}={value}',)
+
+
 def with_shared_cache(overrides, experiment_dir: str) -> tuple[str, ...]:
   """Adds data.cache_dir=<experiment>/data so the runs generate or encode their data once."""
-  if any(o.startswith('--config.data.cache_dir=') for o in overrides):
-    return tuple(overrides)
-  cache = os.path.join(os.path.abspath(experiment_dir), 'data')
-  return tuple(overrides) + (f'--config.data.cache_dir={cache}',)
+  return with_default(overrides, 'data.cache_dir',
+                      os.path.join(os.path.abspath(experiment_dir), 'data'))
 
 
 def run_jobs(jobs: list[Job], parallel: int = 1, env: dict | None = None,

@@ -66,10 +66,8 @@ def select_variants(sweep: dict, only: str) -> dict[str, str]:
 def with_shared_stages(overrides, experiment_dir: str) -> tuple[str, ...]:
   """Adds train.shared_stages_dir=<experiment>/shared_stages: variants that only change fusion
   (or drop modalities) link the encoder stages an earlier run of the same seed trained."""
-  if any(o.startswith('--config.train.shared_stages_dir=') for o in overrides):
-    return tuple(overrides)
-  shared = os.path.join(os.path.abspath(experiment_dir), 'shared_stages')
-  return tuple(overrides) + (f'--config.train.shared_stages_dir={shared}',)
+  return seeds_lib.with_default(overrides, 'train.shared_stages_dir',
+                                os.path.join(os.path.abspath(experiment_dir), 'shared_stages'))
 
 
 def summarize_sweep(sweep: dict, variants: dict[str, str], experiment_dir: str, *,

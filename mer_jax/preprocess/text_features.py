@@ -305,8 +305,8 @@ def build_text_shards(config, out_dir: str, *, workdir: str | None = None) -> di
                       num_shards={s: int(t.num_shards[s]) if s in t.num_shards else 1
                                   for s in records}, overwrite=True)
   summary = {'encoder': t.encoder, 'encoder_folder': folder, 'input': t.input,
-             'pooling': t.pooling, 'layers': list(t.layers), 'max_length': t.max_length, 'dim': dim, 'splits': stats,
-             'finetune': finetune_stats}
+             'pooling': t.pooling, 'layers': list(t.layers), 'max_length': t.max_length,
+             'dim': dim, 'splits': stats, 'finetune': finetune_stats}
   with open(os.path.join(out_dir, STATS_NAME), 'w') as f:
     json.dump(summary, f, indent=1)
   return summary

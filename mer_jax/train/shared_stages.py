@@ -13,7 +13,10 @@ so a stage trained by other code is never reused). Then:
     checkpoint folder (a symlink) and restored, not trained;
   * a stage the run trains is moved into the shared folder when finished and linked back;
   * while one run trains a fingerprint, others that need it wait for it (a lock file holding
-    the trainer's host and pid; a lock whose process has died is taken over).
+    the trainer's host and pid; a lock whose process has died on this host is taken over).
+
+Single-process runs only: the file operations are not coordinated between the processes of a
+multi-host job, which therefore refuses the setting.
 
 Keys are left out of the fingerprint only when they cannot change the stage's training (the
 fusion model's and the other encoders' settings, logging, caching); anything new counts, so a

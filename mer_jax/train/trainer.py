@@ -187,6 +187,9 @@ class StageRunner:
     self.frozen_graphdefs = {n: frozen[n].graphdef for n in needed}
     self.fingerprint = None
     deps = {n: frozen[n].fingerprint for n in needed}
+    if config.train.shared_stages_dir and jax.process_count() > 1:
+      raise ValueError('train.shared_stages_dir is for single-process runs (sweeps on one '
+                       f'machine); this job has {jax.process_count()} processes')
     if (config.train.shared_stages_dir and stage in shared_stages.ENCODER_MODALITY
         and None not in deps.values()):
       self.fingerprint = shared_stages.fingerprint(
