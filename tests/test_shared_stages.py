@@ -43,7 +43,7 @@ def test_fingerprints_ignore_what_cannot_change_an_encoder_and_see_what_can():
   # Anything that changes how the teacher trains changes its fingerprint.
   changed = {'seed': 1, 'optim.teacher.lr': 0.0123, 'augment.t_noise_std': 0.2, 'graph.k.t': 3,
              'model.teacher.hidden': 12, 'batch.max_nodes': 64, 'loss.class_weights': 'none',
-             'graph.scope': 'batch', 'train.epochs': 3}
+             'graph.scope': 'batch', 'train.epochs': 3, 'model.batchnorm_momentum': 0.5}
   for key, value in changed.items():
     assert fp(variant('full', **{key: value}), 'teacher') != teacher, key
   assert fp(full, 'teacher', data='other shards') != teacher

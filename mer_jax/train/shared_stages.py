@@ -76,8 +76,10 @@ def stage_settings(config, stage: str, *, fold: int | None = None) -> dict[str, 
   tree = config.to_dict()
   for key in IGNORED:
     _drop(tree, key)
-  for block in ('model', 'optim'):
-    tree[block] = {stage: tree[block][stage]}
+  for block in ('model', 'optim'):  # drop the other stages' blocks, keep shared keys
+    for other in (*ENCODER_MODALITY, 'fusion'):
+      if other != stage:
+        tree[block].pop(other, None)
   if stage == 'teacher':
     for key in DISTILL_KEYS:
       _drop(tree, key)
