@@ -187,9 +187,6 @@ class StageRunner:
     self.frozen_graphdefs = {n: frozen[n].graphdef for n in needed}
     self.fingerprint = None
     deps = {n: frozen[n].fingerprint for n in needed}
-    if config.train.shared_stages_dir and jax.process_count() > 1:
-      raise ValueError('train.shared_stages_dir is for single-process runs (sweeps on one '
-                       f'machine); this job has {jax.process_count()} processes')
     if (config.train.shared_stages_dir and stage in shared_stages.ENCODER_MODALITY
         and None not in deps.values()):
       self.fingerprint = shared_stages.fingerprint(
@@ -417,6 +414,9 @@ def enable_compilation_cache(config, workdir: str) -> None:
 
 def prepare(config, workdir: str, mesh=None) -> Context:
   os.makedirs(workdir, exist_ok=True)
+  if config.train.shared_stages_dir and jax.process_count() > 1:
+    raise ValueError('train.shared_stages_dir is for single-process runs (sweeps on one '
+                     f'machine); this job has {jax.process_count()} processes')
   if config.train.compilation_cache_dir != 'off':
     enable_compilation_cache(config, workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh(config)
