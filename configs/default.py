@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   # What to do with a record that fails validation (NaN/Inf features, bad shapes, labels out
   # of range): 'error' stops with the file and record named; 'skip' counts and reports it.
   c.data.on_bad_record = 'error'
+  # A split whose features fit in this many MiB is decoded and validated once, then read from
+  # memory (MELD's train split, 9,989 utterances at t/a/v 1024/1024/768: 107 MiB). 0: never.
+  c.data.cache_mib = 1024
   # Grain read threads and prefetch buffer (batches) of the training iterator.
   c.data.read_threads = 2
   c.data.prefetch = 8

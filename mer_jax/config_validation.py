@@ -46,6 +46,7 @@ def validate_config(config) -> None:
   for m in mods:
     need(m in d.dims and int(d.dims[m]) > 0, f'data.dims.{m}', 'must be a positive dimension')
   need(d.on_bad_record in ('error', 'skip'), 'data.on_bad_record', "must be 'error' or 'skip'")
+  need(d.cache_mib >= 0, 'data.cache_mib', 'must be >= 0 (0: read every record from its file)')
   need(len(config.label_names) >= 2 and len(set(config.label_names)) == len(config.label_names),
        'label_names', 'needs at least two distinct names')
 

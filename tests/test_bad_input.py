@@ -66,12 +66,14 @@ def test_impossible_values_are_reported_together():
   config.model.fusion.top_k = config.model.fusion.num_experts + 1
   config.graph.scope = 'global'
   config.train.stages = ('audio', 'teacher', 'visual', 'fusion')
+  config.data.cache_mib = -1
   with pytest.raises(ConfigError) as e:
     validate_config(config)
   message = str(e.value)
   problems = [line.strip() for line in message.splitlines()[1:]]
   keys = sorted({p.split(':')[0] for p in problems})
-  assert keys == ['graph.scope', 'model.fusion.top_k', 'optim.audio.lr', 'train.stages'], message
+  assert keys == ['data.cache_mib', 'graph.scope', 'model.fusion.top_k', 'optim.audio.lr',
+                  'train.stages'], message
   assert "'global'" in message
 
 

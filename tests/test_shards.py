@@ -405,3 +405,41 @@ def test_decoding_a_meld_sized_dialogue_is_fast(tmp_path):
   for _ in range(20):
     source[0]
   assert (time.perf_counter() - start) / 20 < 5e-3
+
+
+def test_record_cache_serves_validated_records_from_memory(tmp_path):
+  write(tmp_path)
+  shard_dir = tmp_path / 'shards'
+  split_bytes = 4 * sum(range(1, 8)) * sum(DIMS.values())  # train: 28 utterances
+  uncached = shards.DialogueShardSource(shard_dir, 'train')
+  too_small = shards.DialogueShardSource(shard_dir, 'train', cache_max_bytes=split_bytes - 1)
+  cached = shards.DialogueShardSource(shard_dir, 'train', cache_max_bytes=split_bytes)
+  assert not uncached.caches_records and not too_small.caches_records
+  assert cached.caches_records
+  assert uncached[3] is not uncached[3]
+  first = cached[3]
+  assert cached[3] is first  # decoded once
+  assert_records_equal(first, uncached[3])
+  assert not first.features['t'].flags.writeable
+  with pytest.raises(ValueError, match='read-only'):
+    first.features['a'][0, 0] = 0.0
+  clone = pickle.loads(pickle.dumps(cached))
+  assert clone.caches_records and clone[3] is not first
+  assert_records_equal(clone[3], first)
+
+  # A bad record is never cached: every read raises, naming the file and record.
+  records = [uncached[i] for i in range(7)]
+  nan_record = make_record('d4', ['Ann', 'Bob', 'Ann', 'Cy', 'Bob'], [0, 1, 2, 0, 1], seed=4)
+  nan_record.features['v'][1, 2] = np.inf
+  write_raw_file(shard_dir, 'train', 'train-00001-of-00003.array_record',
+                 [shards.encode_record(records[1]), shards.encode_record(nan_record)])
+  cached = shards.DialogueShardSource(shard_dir, 'train', cache_max_bytes=split_bytes)
+  for _ in range(2):
+    with pytest.raises(shards.BadRecordError, match=r'00001-of-00003.array_record: record 1 '
+                       r"\(dialogue_id='d4'\)"):
+      cached[4]
+  skipping = shards.DialogueShardSource(shard_dir, 'train', on_bad_record='skip',
+                                        cache_max_bytes=split_bytes)
+  assert skipping.num_skipped == 1
+  assert [skipping[i].dialogue_id for i in range(6)] == ['d0', 'd1', 'd2', 'd3', 'd5', 'd6']
+  assert skipping[3] is skipping[3]

@@ -53,6 +53,8 @@ def test_fingerprints_ignore_what_cannot_change_an_encoder_and_see_what_can():
   # Other modalities' settings do not touch the teacher; its distillation partner does touch
   # the students.
   assert fp(variant('full', **{'augment.a_noise_std': 0.5, 'graph.k.v': 2}), 'teacher') == teacher
+  # How records are read (held in memory or not) is not what they are.
+  assert fp(variant('full', **{'data.cache_mib': 0}), 'teacher') == teacher
   assert fp(full, 'audio', {'teacher': 'x'}) != fp(full, 'audio', {'teacher': 'y'})
   assert fp(variant('full', **{'loss.distill_alpha': 0.1}), 'teacher') == teacher
   assert (fp(variant('full', **{'loss.distill_alpha': 0.1}), 'audio', {'teacher': teacher}) !=

@@ -528,12 +528,17 @@ class DialogueShardSource:
   record is validated when read; a bad one raises `BadRecordError`. With
   `on_bad_record='skip'` all records are validated once here and bad ones are
   left out of the index and listed in `skipped`.
+
+  When the split's features fit in `cache_max_bytes`, each record is decoded and
+  validated once and then served from memory (its arrays are read-only views of
+  the record's bytes, so no reader can alter what the next one gets).
   """
 
   def __init__(self, shard_dir: epath.PathLike, split: str, *,
                modalities: Sequence[str] | None = None,
                verify_checksums: bool = True,
-               on_bad_record: Literal['error', 'skip'] = 'error'):
+               on_bad_record: Literal['error', 'skip'] = 'error',
+               cache_max_bytes: int = 0):
     if on_bad_record not in ('error', 'skip'):
       raise ValueError(f"on_bad_record must be 'error' or 'skip', got "
                        f'{on_bad_record!r}')
@@ -556,6 +561,9 @@ class DialogueShardSource:
     self._readers = [self._open_checked(p, f, verify_checksums)
                      for p, f in zip(self._paths, self._info.files)]
     self._lock = threading.Lock()
+    feature_bytes = 4 * self._info.num_utterances * sum(self.dims.values())
+    self._cache: dict[int, DialogueRecord] | None = (
+        {} if 0 < feature_bytes <= cache_max_bytes else None)
     self.skipped: list[SkippedRecord] = []
     self._index = np.arange(self._info.num_dialogues, dtype=np.int64)
     self.class_counts = np.asarray(self._info.class_counts, np.int64)
@@ -584,6 +592,10 @@ class DialogueShardSource:
       raise BadRecordError(self._describe(record))
     return record
 
+  @property
+  def caches_records(self) -> bool:
+    return self._cache is not None
+
   def __repr__(self) -> str:
     return (f'DialogueShardSource(shard_dir={os.fspath(self.shard_dir)!r}, '
             f'split={self.split!r}, num_records={len(self)}, '
@@ -592,6 +604,8 @@ class DialogueShardSource:
   def __getstate__(self) -> dict[str, Any]:
     state = self.__dict__.copy()
     state['_readers'] = [None] * len(self._paths)
+    if state['_cache'] is not None:  # each process fills its own
+      state['_cache'] = {}
     del state['_lock']
     return state
 
@@ -634,7 +648,18 @@ class DialogueShardSource:
     return self._readers[file_index]
 
   def _read(self, global_index: int) -> DialogueRecord | SkippedRecord:
-    """Reads and validates a record; returns it or what is wrong with it."""
+    """Reads and validates a record (or takes it from the cache); returns it or
+    what is wrong with it."""
+    if self._cache is not None:
+      record = self._cache.get(global_index)
+      if record is None:
+        record = self._read_file(global_index)
+        if isinstance(record, DialogueRecord):
+          self._cache[global_index] = record
+      return record
+    return self._read_file(global_index)
+
+  def _read_file(self, global_index: int) -> DialogueRecord | SkippedRecord:
     num_files = len(self._paths)
     file_index, position = global_index % num_files, global_index // num_files
     name = self._info.files[file_index].name

@@ -118,7 +118,8 @@ def check_manifest_matches_config(manifest: shards.Manifest, config, shard_dir: 
 def open_source(shard_dir: str, split: str, config) -> shards.DialogueShardSource:
   return shards.DialogueShardSource(
       shard_dir, split, modalities=tuple(config.data.modalities),
-      verify_checksums=config.data.verify_checksums, on_bad_record=config.data.on_bad_record)
+      verify_checksums=config.data.verify_checksums, on_bad_record=config.data.on_bad_record,
+      cache_max_bytes=int(config.data.cache_mib) * 2**20)
 
 
 def open_splits(config, workdir: str) -> SplitSources:

@@ -49,7 +49,8 @@ IGNORED = (
     'train.shared_stages_dir', 'eval',
     # Where the data comes from and how it is read; what it is, is the manifest's checksums.
     'data.source', 'data.shard_dir', 'data.synthetic', 'data.cache_dir', 'data.read_threads',
-    'data.prefetch', 'data.verify_checksums', 'data.modalities', 'text', 'raw', 'lipsync',
+    'data.prefetch', 'data.cache_mib', 'data.verify_checksums', 'data.modalities', 'text', 'raw',
+    'lipsync',
     # The fusion loss's own terms.
     'loss.focal_gamma', 'loss.main_focal_share', 'loss.label_smoothing', 'loss.use_uncertainty',
     'loss.main_weight', 'loss.aux_weights', 'loss.contrastive', 'loss.contrastive_weight',
