@@ -151,6 +151,41 @@ def test_augmentation_statistics_match_the_recipe():
   np.testing.assert_allclose(out['v'], v_scales[:, None] * np.ones((1, 10)), rtol=1e-6)
 
 
+def test_augmentation_draws_follow_the_documented_sequence():
+  """Pins each modality's draws (a faster rewrite must not change a seed's batches) and checks
+  that read-only record features are left as they were."""
+  aug = pipeline.Augmentation(t_dropout=0.3, t_noise_std=0.02, t_shuffle_prob=0.0,
+                              t_shuffle_fraction=0.1, t_scale_prob=0.5, t_scale_range=(0.8, 1.2),
+                              a_noise_std=0.05, v_scale_range=(0.9, 1.1))
+  rng = np.random.default_rng(4)
+  dims = {'t': 12, 'a': 7, 'v': 5}
+  x = {m: rng.normal(size=(9, d)).astype(np.float32) for m, d in dims.items()}
+  for v in x.values():
+    v.setflags(write=False)
+  before = {m: v.copy() for m, v in x.items()}
+  present = {m: np.arange(9) % 4 != i for i, m in enumerate(dims)}
+  out = aug.apply(x, present, pipeline.modality_rngs(11, 2))
+
+  ref = pipeline.modality_rngs(11, 2)
+  t = ref['t']
+  dropped = t.random((9, 12)) < 0.3
+  noise = t.normal(0.0, 0.02, size=(9, 12)).astype(np.float32)
+  t.random(9)  # rows to shuffle (probability 0 here)
+  scaled = t.random(9) < 0.5
+  scale = np.where(scaled, t.uniform(0.8, 1.2, size=9), 1.0).astype(np.float32)
+  want = {
+      't': (np.where(dropped, 0.0, x['t']).astype(np.float32) + noise) * scale[:, None],
+      'a': x['a'] + ref['a'].normal(0.0, 0.05, size=(9, 7)).astype(np.float32),
+      'v': x['v'] * ref['v'].uniform(0.9, 1.1, size=(9, 1)).astype(np.float32),
+  }
+  for m in dims:
+    want[m][~present[m]] = 0.0
+    assert out[m].dtype == np.float32
+    np.testing.assert_array_equal(out[m], want[m])
+    np.testing.assert_array_equal(x[m], before[m])
+  assert 0 < scaled.sum() < 9 and 0 < dropped.mean() < 1
+
+
 def test_partial_shuffle_permutes_the_chosen_share_of_dimensions_within_a_row():
   aug = pipeline.Augmentation(t_dropout=0.0, t_noise_std=0.0, t_shuffle_prob=0.5,
                               t_shuffle_fraction=0.1, t_scale_prob=0.0, t_scale_range=(1, 1),

@@ -78,11 +78,15 @@ class Augmentation:
     out = {}
     for m, x in features.items():
       rng = rngs[m]
-      x = x.astype(np.float32, copy=True)
       n, d = x.shape
+      # Draws as rng.random < p and rng.normal(0, std); written as keep-masks and scaled
+      # standard normals, which give the same numbers faster.
       if m == 't':
-        x[rng.random((n, d)) < self.t_dropout] = 0.0
-        x += rng.normal(0.0, self.t_noise_std, size=(n, d)).astype(np.float32)
+        keep = rng.random((n, d)) >= self.t_dropout
+        noise = rng.standard_normal((n, d))
+        noise *= self.t_noise_std
+        x = np.where(keep, x.astype(np.float32, copy=False), np.float32(0.0))
+        x += noise.astype(np.float32)
         rows = np.flatnonzero(rng.random(n) < self.t_shuffle_prob)
         k = int(self.t_shuffle_fraction * d)
         if len(rows) and k > 1:
@@ -94,10 +98,16 @@ class Augmentation:
                          rng.uniform(*self.t_scale_range, size=n), 1.0)
         x *= scale[:, None].astype(np.float32)
       elif m == 'a':
-        x += rng.normal(0.0, self.a_noise_std, size=(n, d)).astype(np.float32)
+        noise = rng.standard_normal((n, d))
+        noise *= self.a_noise_std
+        x = x.astype(np.float32, copy=False) + noise.astype(np.float32)
       elif m == 'v':
-        x *= rng.uniform(*self.v_scale_range, size=(n, 1)).astype(np.float32)
-      out[m] = np.where(present[m][:, None], x, 0.0).astype(np.float32)
+        scale = rng.uniform(*self.v_scale_range, size=(n, 1)).astype(np.float32)
+        x = x.astype(np.float32, copy=False) * scale
+      else:
+        x = x.astype(np.float32, copy=True)
+      x[~present[m]] = 0.0
+      out[m] = x
     return out
 
 
