@@ -140,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fusion.pool_queries = 3
   c.model.fusion.classifier_heads = 3
   c.model.fusion.alignment_scope = 'dialogue'  # 'dialogue' (ours) or 'batch' (authors').
+  # Each modality's input also reaches the logits through a zero-initialised linear map (ours):
+  # with stacked inputs a learned weighted product of the encoders' predictions, which the
+  # hierarchical blocks then correct. On the embedded corpus (seeds 0, 1) it lifts fusion from
+  # 64.67 / 63.82 to 67.42 / 65.36 test weighted F1, with fusion lr 2e-3.
+  c.model.fusion.linear_skip = True
 
   # --- losses ----------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
@@ -211,7 +216,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.data.synthetic.num_shards = ml_collections.ConfigDict({'train': 2, 'dev': 1, 'test': 1})
   c.train.epochs = 8
   c.train.log_every_steps = 20
-  for name, lr in (('teacher', 1e-3), ('audio', 1e-3), ('visual', 1e-3), ('fusion', 5e-4)):
+  for name, lr in (('teacher', 1e-3), ('audio', 1e-3), ('visual', 1e-3), ('fusion', 2e-3)):
     c.optim[name].lr = lr
     c.optim[name].early_stopping_patience = 3
     c.optim[name].lr_reduce_patience = 2

@@ -244,7 +244,7 @@ def test_param_groups_follow_the_authors_optimizer_groups():
       'classifiers': {'classifiers'},
       'other': {'feature_gates', 'aligners', 'fusion_gate', 'information_gates',
                 'context_gates', 'cross_attention', 'pool_queries', 'pool', 'integrator',
-                'aux_classifiers', 'loss_log_vars'}}
+                'aux_classifiers', 'loss_log_vars', 'skip'}}
   key_paths = [path for path, _ in
                jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
   assert {models.param_group(path) for path in key_paths} == set(models.PARAM_GROUPS)
@@ -290,3 +290,25 @@ def test_factory_rejects_bad_arguments():
     build_fusion(config)
   assert models.representation_dim('fusion', config) == 16
   assert models.representation_dim('visual', config) == 256
+
+
+def test_linear_skip_starts_at_zero_and_adds_each_present_modality_linearly():
+  inputs, present, graph_ids, node_mask = batch(seed=3)
+  without = build_fusion(tiny_config(linear_skip=False))
+  model = build_fusion(tiny_config(linear_skip=True))
+  base = run(without, inputs, present, graph_ids, node_mask)['logits']
+  # Zero-initialised: the same logits as the model without the skip (same other parameters).
+  np.testing.assert_allclose(run(model, inputs, present, graph_ids, node_mask)['logits'], base,
+                             rtol=1e-6, atol=1e-6)
+  rng = np.random.default_rng(4)
+  kernels = {m: rng.normal(size=(d, 7)).astype(np.float32) for m, d in DIMS.items()}
+  for m, kernel in kernels.items():
+    model.skip[m].kernel[...] = jnp.asarray(kernel)
+  # Absent modalities' inputs are made large and nonzero: they must not reach the logits.
+  noisy = {m: np.where(np.asarray(present[m])[:, None], np.asarray(inputs[m]), 100.0)
+           for m in DIMS}
+  logits = run(model, jax.tree.map(jnp.asarray, noisy), present, graph_ids, node_mask)['logits']
+  want = np.asarray(base) + sum(
+      np.asarray(present[m] & node_mask)[:, None] * (np.asarray(inputs[m]) @ kernels[m])
+      for m in DIMS)
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)

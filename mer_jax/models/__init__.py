@@ -111,7 +111,7 @@ def build_model(stage: str, config: ml_collections.ConfigDict, *,
       gate_residual=c.gate_residual, cross_attention=c.cross_attention,
       cross_residual=c.cross_residual, pool_queries=c.pool_queries,
       classifier_heads=c.classifier_heads, contrastive=bool(config.loss.contrastive),
-      contrastive_dim=config.loss.contrastive_dim, rngs=rngs)
+      contrastive_dim=config.loss.contrastive_dim, linear_skip=c.linear_skip, rngs=rngs)
 
 
 def mesh_partition_spec(logical_axes: Sequence[str | None] | None,

@@ -5,6 +5,8 @@ features, softly align it to the other modalities' vectors of the same dialogue,
 modalities into a context vector, gate each modality on that context, let each modality
 attend to the others, run a small pre-norm transformer over the modality tokens, pool with
 learned queries, integrate, and classify (averaged heads + one auxiliary head per modality).
+With `linear_skip`, each modality's input also reaches the logits through a linear map that
+starts at zero (ours, not the authors').
 
 Absent modalities (present[m] False) are zero tokens, get zero fusion weight, and are
 masked as attention keys, so their input features cannot reach any output.
@@ -244,7 +246,7 @@ class HierarchicalFusion(nnx.Module):
                gate_residual: float = 0.1, cross_attention: bool = True,
                cross_residual: float = 0.2, pool_queries: int = 3,
                classifier_heads: int = 3, contrastive: bool = False,
-               contrastive_dim: int = 128, rngs: nnx.Rngs):
+               contrastive_dim: int = 128, linear_skip: bool = False, rngs: nnx.Rngs):
     modalities = tuple(modalities)
     if not modalities or len(set(modalities)) != len(modalities):
       raise ValueError(f'data.modalities must be non-empty and distinct, got {modalities}.')
@@ -304,6 +306,10 @@ class HierarchicalFusion(nnx.Module):
         for m in modalities})
     self.contrastive_head = (ContrastiveHead(dim, contrastive_dim, rngs=rngs)
                              if contrastive else None)
+    self.skip = (nnx.Dict({
+        m: graph_lib.linear(in_dims[m], num_classes, use_bias=False, axes=('embed', None),
+                            kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+        for m in modalities}) if linear_skip else None)
     # Uncertainty weights of the loss (main task, then one per modality): parameters of the
     # model so that the optimizer trains them.
     self.loss_log_vars = nnx.Param(jnp.zeros((1 + num_modalities,)))
@@ -396,6 +402,8 @@ class HierarchicalFusion(nnx.Module):
     fused = self.integrator(pooled.reshape(pooled.shape[0], -1), train=train)
 
     logits = jnp.mean(jnp.stack([head(fused) for head in self.classifiers]), axis=0)
+    if self.skip is not None:
+      logits = logits + sum(zero_absent(m, self.skip[m](inputs[m])) for m in self.modalities)
     aux_logits = {m: self.aux_classifiers[m](gated[m], train=train)
                   for m in self.modalities}
     contrastive = (None if self.contrastive_head is None

@@ -63,11 +63,12 @@ class EdgeSpec(NamedTuple):
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs,
            use_bias: bool = True,
-           axes: tuple[str | None, str | None] = ('embed', 'mlp')) -> nnx.Linear:
+           axes: tuple[str | None, str | None] = ('embed', 'mlp'),
+           kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
   """A dense layer whose kernel and bias carry logical axis names for sharding."""
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias,
-      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
+      kernel_init=nnx.with_partitioning(kernel_init, axes),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[-1:]),
       rngs=rngs)
 
