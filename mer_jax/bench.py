@@ -164,5 +164,6 @@ def main(argv):
           f'(stacked fusion, + {folds} cross-fitted encoder sets on {folds - 1}/{folds} of the '
           'data)')
 
+
 if __name__ == '__main__':
   app.run(main)
