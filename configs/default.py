@@ -106,6 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.teacher.heads = 4
   c.model.teacher.dropout = 0.15
   c.model.teacher.input_dropout = 0.1
+  # The normalised input also reaches the logits through a zero-initialised linear map (ours).
+  c.model.teacher.linear_skip = False
   c.model.audio = ml_collections.ConfigDict()  # Audio student, 3 graph-convolution layers.
   c.model.audio.hidden = 256
   c.model.audio.layers = 3

@@ -241,3 +241,20 @@ def test_dense_and_segment_message_passing_agree(stage):
 def test_unknown_message_passing_is_rejected():
   with pytest.raises(ValueError, match="message_passing must be one of .* got 'sparse'"):
     build_with_message_passing('audio', 'sparse')
+
+
+def test_teacher_linear_skip_starts_at_zero_and_adds_a_probe_of_the_normalised_input():
+  rng = np.random.default_rng(3)
+  batch = pad([dialogue(rng, 5), dialogue(rng, 4)], 12, 40, 3)
+  config = tiny_config()
+  base, _ = run(build('teacher', config), 'teacher', batch, False)
+  config.model.teacher.linear_skip = True
+  model = build('teacher', config)
+  logits, _ = run(model, 'teacher', batch, False)
+  np.testing.assert_allclose(logits, base, rtol=1e-6, atol=1e-6)
+  kernel = rng.normal(size=(DIMS['t'], 7)).astype(np.float32)
+  model.skip.kernel[...] = jnp.asarray(kernel)
+  logits, _ = run(model, 'teacher', batch, False)
+  # Evaluation batch norm with its initial statistics (mean 0, variance 1): x / sqrt(1 + eps).
+  x = np.asarray(batch.nodes['features']['t']) / np.sqrt(1.0 + 1e-5)
+  np.testing.assert_allclose(logits, np.asarray(base) + x @ kernel, rtol=1e-4, atol=1e-4)

@@ -115,22 +115,36 @@ class ResidualGraphBlock(nnx.Module):
 
 
 class GraphEncoder(nnx.Module):
-  """Input stage, residual graph blocks, dropout and a linear classifier."""
+  """Input stage, residual graph blocks, dropout and a linear classifier.
+
+  With `linear_skip` (ours), the normalised input also reaches the logits through a linear map
+  that starts at zero: a linear probe trained jointly with the graph network.
+  """
 
   def __init__(self, input_stage: GraphInput, blocks: Sequence[ResidualGraphBlock],
-               width: int, num_classes: int, *, dropout: float, rngs: nnx.Rngs):
+               width: int, num_classes: int, *, dropout: float, rngs: nnx.Rngs,
+               in_features: int | None = None, linear_skip: bool = False):
     self.input_stage = input_stage
     self.blocks = nnx.List(blocks)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.classifier = graph_lib.linear(width, num_classes, axes=('embed', None), rngs=rngs)
     self.representation_width = width
+    if linear_skip and in_features is None:
+      raise ValueError('GraphEncoder: linear_skip needs in_features.')
+    self.skip = (graph_lib.linear(in_features, num_classes, use_bias=False,
+                                  axes=('embed', None),
+                                  kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+                 if linear_skip else None)
 
   def __call__(self, x: jax.Array, graph: jraph.GraphsTuple, *,
                train: bool) -> tuple[jax.Array, jax.Array]:
-    h, edges = self.input_stage(x, graph, train=train)
+    x, edges = self.input_stage(x, graph, train=train)
+    h = x
     for block in self.blocks:
       h = block(h, edges, train=train)
     logits = self.classifier(self.dropout(h, deterministic=not train))
+    if self.skip is not None:
+      logits = logits + self.skip(x)
     return logits, h
 
 
@@ -161,7 +175,7 @@ class TextGraphTeacher(GraphEncoder):
                hidden: int = 256, heads: int = 4, dropout: float = 0.15,
                input_dropout: float = 0.1, gat_edge_weights: str = 'bias',
                batchnorm_momentum: float = 0.9, modality: str = 't',
-               message_passing: str = 'dense', rngs: nnx.Rngs):
+               message_passing: str = 'dense', linear_skip: bool = False, rngs: nnx.Rngs):
     layers = ((hidden, heads, True), (hidden, heads, True),
               (hidden, heads, False), (hidden, heads, False))
     input_stage = GraphInput(in_features, modality=modality, edge_spec=edge_spec,
@@ -170,7 +184,8 @@ class TextGraphTeacher(GraphEncoder):
                              message_passing=message_passing, rngs=rngs)
     blocks = _attention_blocks(in_features, layers, project_all_residuals=False,
                                edge_weights=gat_edge_weights, dropout=dropout, rngs=rngs)
-    super().__init__(input_stage, blocks, hidden, num_classes, dropout=dropout, rngs=rngs)
+    super().__init__(input_stage, blocks, hidden, num_classes, dropout=dropout, rngs=rngs,
+                     in_features=in_features, linear_skip=linear_skip)
 
 
 class VisualGraphStudent(GraphEncoder):
