@@ -70,6 +70,7 @@ class GraphInput(nnx.Module):
       raise ValueError(f'message_passing must be one of {graph_lib.MESSAGE_PASSING_MODES}, '
                        f'got {message_passing!r}.')
     self.modality = modality
+    self.in_features = in_features
     self.message_passing = message_passing
     self.edge_spec = edge_spec
     self.self_loops = self_loops
@@ -123,17 +124,13 @@ class GraphEncoder(nnx.Module):
 
   def __init__(self, input_stage: GraphInput, blocks: Sequence[ResidualGraphBlock],
                width: int, num_classes: int, *, dropout: float, rngs: nnx.Rngs,
-               in_features: int | None = None, linear_skip: bool = False):
+               linear_skip: bool = False):
     self.input_stage = input_stage
     self.blocks = nnx.List(blocks)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.classifier = graph_lib.linear(width, num_classes, axes=('embed', None), rngs=rngs)
     self.representation_width = width
-    if linear_skip and in_features is None:
-      raise ValueError('GraphEncoder: linear_skip needs in_features.')
-    self.skip = (graph_lib.linear(in_features, num_classes, use_bias=False,
-                                  axes=('embed', None),
-                                  kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.skip = (graph_lib.zero_linear(input_stage.in_features, num_classes, rngs=rngs)
                  if linear_skip else None)
 
   def __call__(self, x: jax.Array, graph: jraph.GraphsTuple, *,
@@ -185,7 +182,7 @@ class TextGraphTeacher(GraphEncoder):
     blocks = _attention_blocks(in_features, layers, project_all_residuals=False,
                                edge_weights=gat_edge_weights, dropout=dropout, rngs=rngs)
     super().__init__(input_stage, blocks, hidden, num_classes, dropout=dropout, rngs=rngs,
-                     in_features=in_features, linear_skip=linear_skip)
+                     linear_skip=linear_skip)
 
 
 class VisualGraphStudent(GraphEncoder):

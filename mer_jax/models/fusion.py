@@ -306,10 +306,8 @@ class HierarchicalFusion(nnx.Module):
         for m in modalities})
     self.contrastive_head = (ContrastiveHead(dim, contrastive_dim, rngs=rngs)
                              if contrastive else None)
-    self.skip = (nnx.Dict({
-        m: graph_lib.linear(in_dims[m], num_classes, use_bias=False, axes=('embed', None),
-                            kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
-        for m in modalities}) if linear_skip else None)
+    self.skip = (nnx.Dict({m: graph_lib.zero_linear(in_dims[m], num_classes, rngs=rngs)
+                           for m in modalities}) if linear_skip else None)
     # Uncertainty weights of the loss (main task, then one per modality): parameters of the
     # model so that the optimizer trains them.
     self.loss_log_vars = nnx.Param(jnp.zeros((1 + num_modalities,)))

@@ -73,6 +73,12 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs,
       rngs=rngs)
 
 
+def zero_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+  """A bias-free [in, classes] map that starts at zero (the linear skips to the logits)."""
+  return linear(in_features, out_features, use_bias=False, axes=('embed', None),
+                kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
 def num_node_slots(graph: jraph.GraphsTuple) -> int:
   return graph.nodes['mask'].shape[0]
 
