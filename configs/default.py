@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.t_scale_range = (0.8, 1.2)
   c.augment.a_noise_std = 0.05
   c.augment.v_scale_range = (0.95, 1.05)
+  # Encoder stages augment only the modality they train: the frozen teacher reads the stored
+  # text, so its distillation targets are its real predictions. False: the authors' (the
+  # teacher's text is augmented too).
+  c.augment.clean_frozen_inputs = True
 
   # --- batching: static budgets so every step compiles once ------------------------------
   c.batch = ml_collections.ConfigDict()

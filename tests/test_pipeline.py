@@ -215,6 +215,44 @@ def test_text_augmentation_does_not_depend_on_the_other_modalities_loaded(source
     np.testing.assert_array_equal(a[i].nodes['features']['t'], b[i].nodes['features']['t'])
 
 
+def test_a_stage_can_leave_the_frozen_teachers_text_as_stored(source):
+  """augmented=('a',): audio gets the same draws as when everything is augmented, text none."""
+  config = small_config()
+  budget = pipeline.budget_from_config(config)
+  every = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=1, seed=5)
+  audio = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=1, seed=5,
+                                augmented=('a',))
+  stored = pipeline.make_dataset(source, config=config, budget=budget, train=False, epoch=1,
+                                 seed=5)
+  # Training shuffles dialogues; the unaugmented text must be the stored text of the same nodes.
+  by_utterance = {}
+  for b in stored:
+    for key, row in zip(_node_keys(b), b.nodes['features']['t']):
+      by_utterance[key] = row
+  for i in range(len(every)):
+    np.testing.assert_array_equal(audio[i].nodes['features']['a'], every[i].nodes['features']['a'])
+    assert not np.array_equal(audio[i].nodes['features']['t'], every[i].nodes['features']['t'])
+    for key, row in zip(_node_keys(audio[i]), audio[i].nodes['features']['t']):
+      np.testing.assert_array_equal(row, by_utterance[key])
+
+
+def test_encoder_stages_augment_their_own_modality_unless_the_authors_way_is_asked_for():
+  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  clean = small_config()
+  authors = small_config(**{'augment.clean_frozen_inputs': False})
+  assert [trainer.augmented_modalities(s, clean) for s in ('teacher', 'audio', 'visual')] == [
+      ('t',), ('a',), ('v',)]
+  assert trainer.augmented_modalities('fusion', clean) == ('t', 'a', 'v')
+  for stage in ('teacher', 'audio', 'visual', 'fusion'):
+    assert trainer.augmented_modalities(stage, authors) == ('t', 'a', 'v')
+
+
+def _node_keys(batch):
+  real = np.asarray(batch.nodes['mask'])
+  return list(zip(np.asarray(batch.nodes['record'])[real].tolist(),
+                  np.asarray(batch.nodes['utterance'])[real].tolist()))
+
+
 def test_iterator_state_resumes_mid_epoch(source):
   config = small_config()
   budget = pipeline.budget_from_config(config)

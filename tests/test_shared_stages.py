@@ -59,6 +59,14 @@ def test_fingerprints_ignore_what_cannot_change_an_encoder_and_see_what_can():
   assert fp(variant('full', **{'loss.distill_alpha': 0.1}), 'teacher') == teacher
   assert (fp(variant('full', **{'loss.distill_alpha': 0.1}), 'audio', {'teacher': teacher}) !=
           fp(full, 'audio', {'teacher': teacher}))
+  # A student reads the text's augmentation only through a teacher that sees augmented text.
+  student = fp(full, 'audio', {'teacher': teacher})
+  authors = variant('full', **{'augment.clean_frozen_inputs': False})
+  assert fp(authors, 'teacher') == teacher
+  assert fp(authors, 'audio', {'teacher': teacher}) != student
+  assert fp(variant('full', **{'augment.t_noise_std': 0.2}), 'audio', {'teacher': teacher}) == student
+  assert (fp(variant('full', **{'augment.clean_frozen_inputs': False, 'augment.t_noise_std': 0.2}),
+             'audio', {'teacher': teacher}) != fp(authors, 'audio', {'teacher': teacher}))
   with pytest.raises(ValueError, match='only encoder stages'):
     fp(full, 'fusion')
 

@@ -325,6 +325,7 @@ class BatchLoader:
   speaker_edges: bool
   scope: str
   augmentation: Augmentation | None
+  augmented: tuple[str, ...] = ('t', 'a', 'v')  # the loaded modalities that get augmented
 
   def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
     """One step: this process's sub-batches (see `group_plan`), each collated on its own, with
@@ -351,8 +352,9 @@ class BatchLoader:
     sel = np.arange(n) if utterance is None else np.asarray([utterance])
     feats = {m: record.features[m][sel] for m in self.modalities if m in record.features}
     if self.augmentation is not None and rngs is not None:
-      present = {m: record.present[m][sel] for m in feats}
-      feats = self.augmentation.apply(feats, present, rngs)
+      chosen = {m: x for m, x in feats.items() if m in self.augmented}
+      present = {m: record.present[m][sel] for m in chosen}
+      feats = {**feats, **self.augmentation.apply(chosen, present, rngs)}
     return dialogue_graph(record, index, feats, self.modalities, self.dims, sel)
 
 
@@ -371,9 +373,13 @@ def _merge_as_one_graph(parts: Sequence[dict[str, Any]], modalities) -> dict[str
   return merged
 
 
-def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int,
-                 seed: int) -> grain.MapDataset:
-  """The batches of one epoch as a Grain MapDataset (augmented and shuffled when training)."""
+def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int, seed: int,
+                 augmented: Sequence[str] | None = None) -> grain.MapDataset:
+  """The batches of one epoch as a Grain MapDataset (augmented and shuffled when training).
+
+  `augmented`: the modalities that training augments (default: every loaded one); the others
+  arrive as stored.
+  """
   lengths = np.asarray(source.dialogue_lengths)
   shuffle_seed = seed if train else None
   if config.graph.scope == 'dialogue':
@@ -385,7 +391,8 @@ def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int,
       dims=dict(config.data.dims), speaker_edges=config.graph.speaker_edges,
       scope=config.graph.scope,
       augmentation=(Augmentation.from_config(config.augment)
-                    if train and config.augment.enabled else None))
+                    if train and config.augment.enabled else None),
+      augmented=tuple(config.data.modalities if augmented is None else augmented))
   ds = grain.MapDataset.source(group_plan(plan, budget))
   if loader.augmentation is not None:
     return ds.random_map(loader, seed=int(np.random.default_rng([seed, epoch, 7]).integers(2**31)))

@@ -87,8 +87,14 @@ def stage_settings(config, stage: str, *, fold: int | None = None) -> dict[str, 
   for key in PER_MODALITY:
     group, name = key.split('.')
     tree[group][name] = tree[group][name].get(m)
+  # The augmentation settings the stage reads: its own modality's, and the text's too for a
+  # student distilling from a teacher that reads augmented text.
+  read = {m}
+  if stage != 'teacher' and config.loss.distill and not config.augment.clean_frozen_inputs:
+    read.add('t')
   tree['augment'] = {k: v for k, v in tree['augment'].items()
-                     if k == 'enabled' or k.startswith(f'{m}_')}
+                     if k == 'enabled' or k.split('_')[0] in read
+                     or (k == 'clean_frozen_inputs' and stage != 'teacher')}
   # Fold membership depends on the number of folds (and the seed, kept above).
   tree['fold'] = None if fold is None else [fold, config.model.fusion.stacking_folds]
   tree['stage'] = stage

@@ -178,6 +178,7 @@ class StageRunner:
         fusion_input=config.model.fusion.input, loss=config.loss,
         distill=bool(config.loss.distill) and 'teacher' in frozen,
         ema_decay=float(scfg.ema_decay))
+    self.augmented = augmented_modalities(stage, config)
     needed = _frozen_needed(stage, self.statics, config)
     missing = [n for n in needed if n not in frozen]
     if missing:
@@ -288,7 +289,8 @@ class StageRunner:
     stop = False
     while epoch < epochs and not stop:
       ds = pipeline.make_dataset(self.ctx.data.train, config=config, budget=self.budget,
-                                 train=True, epoch=epoch, seed=config.seed)
+                                 train=True, epoch=epoch, seed=config.seed,
+                                 augmented=self.augmented)
       it = iter(ds.to_iter_dataset(grain.ReadOptions(
           num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch)))
       if data_state.get('iterator') is not None and data_state['epoch'] == epoch:
@@ -366,6 +368,19 @@ class StageRunner:
 
 
 _tree_norm = jax.jit(optax.tree.norm)
+
+
+def augmented_modalities(stage: str, config) -> tuple[str, ...]:
+  """The modalities a stage's training batches augment.
+
+  An encoder stage with `augment.clean_frozen_inputs` augments only its own modality, so the
+  frozen teacher's distillation targets are its predictions on the stored text; otherwise (the
+  authors') every loaded modality is augmented, the teacher's text included. Fusion trains on
+  every modality and augments them all.
+  """
+  if config.augment.clean_frozen_inputs and stage in steps.MODALITY_OF_STAGE:
+    return (steps.MODALITY_OF_STAGE[stage],)
+  return tuple(config.data.modalities)
 
 
 def _frozen_needed(stage: str, statics: steps.StageStatics, config) -> tuple[str, ...]:
