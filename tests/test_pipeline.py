@@ -168,14 +168,14 @@ def test_augmentation_draws_follow_the_documented_sequence():
 
   ref = pipeline.modality_rngs(11, 2)
   t = ref['t']
-  dropped = t.random((9, 12)) < 0.3
-  noise = t.normal(0.0, 0.02, size=(9, 12)).astype(np.float32)
+  dropped = t.random((9, 12), dtype=np.float32) < 0.3
+  noise = t.standard_normal((9, 12), dtype=np.float32) * np.float32(0.02)
   t.random(9)  # rows to shuffle (probability 0 here)
   scaled = t.random(9) < 0.5
   scale = np.where(scaled, t.uniform(0.8, 1.2, size=9), 1.0).astype(np.float32)
   want = {
       't': (np.where(dropped, 0.0, x['t']).astype(np.float32) + noise) * scale[:, None],
-      'a': x['a'] + ref['a'].normal(0.0, 0.05, size=(9, 7)).astype(np.float32),
+      'a': x['a'] + ref['a'].standard_normal((9, 7), dtype=np.float32) * np.float32(0.05),
       'v': x['v'] * ref['v'].uniform(0.9, 1.1, size=(9, 1)).astype(np.float32),
   }
   for m in dims:

@@ -79,14 +79,14 @@ class Augmentation:
     for m, x in features.items():
       rng = rngs[m]
       n, d = x.shape
-      # Draws as rng.random < p and rng.normal(0, std); written as keep-masks and scaled
-      # standard normals, which give the same numbers faster.
+      # Dense draws in float32: half the bits of float64 draws, the numpy cost that dominates
+      # this pipeline.
       if m == 't':
-        keep = rng.random((n, d)) >= self.t_dropout
-        noise = rng.standard_normal((n, d))
-        noise *= self.t_noise_std
+        keep = rng.random((n, d), dtype=np.float32) >= self.t_dropout
+        noise = rng.standard_normal((n, d), dtype=np.float32)
+        noise *= np.float32(self.t_noise_std)
         x = np.where(keep, x.astype(np.float32, copy=False), np.float32(0.0))
-        x += noise.astype(np.float32)
+        x += noise
         rows = np.flatnonzero(rng.random(n) < self.t_shuffle_prob)
         k = int(self.t_shuffle_fraction * d)
         if len(rows) and k > 1:
@@ -98,9 +98,9 @@ class Augmentation:
                          rng.uniform(*self.t_scale_range, size=n), 1.0)
         x *= scale[:, None].astype(np.float32)
       elif m == 'a':
-        noise = rng.standard_normal((n, d))
-        noise *= self.a_noise_std
-        x = x.astype(np.float32, copy=False) + noise.astype(np.float32)
+        x = rng.standard_normal((n, d), dtype=np.float32)
+        x *= np.float32(self.a_noise_std)
+        x += features[m]
       elif m == 'v':
         scale = rng.uniform(*self.v_scale_range, size=(n, 1)).astype(np.float32)
         x = x.astype(np.float32, copy=False) * scale
