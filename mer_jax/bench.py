@@ -3,14 +3,17 @@
   python -m mer_jax.bench [--config configs/default.py] [--steps 30] [--moe both]
 
 Prints, per stage: examples (utterances) per second, model FLOPs per step from XLA's cost
-analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, and the input
-pipeline's batches per second against the step's. Then projects a full MELD run (9,989 training
+analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, the time of the
+step's parameter update alone (optimizer and EMA: a pass over every parameter, the same at any
+batch size) and what the rest of the step achieves, and the input pipeline's batches per second
+against the step's. Then projects a full MELD run (9,989 training
 utterances, 30 epochs, every stage, no early stopping), for the authors' stages and for our
 default (which adds the cross-fitted encoders of stacked fusion).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -86,14 +89,36 @@ def bench_stage(stage: str, ctx, trained, steps: int, label: str | None = None) 
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   step_time = statistics.median(times)
+  update_time = time_parameter_update(run, state)
   utts = statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches)
   # A trained stage for the next ones (fusion reads the teacher and students).
   trained[stage] = trainer.FrozenModel(run.graphdef, (state.params, state.model_state,
                                                       run.rng_state))
   return {'stage': label or stage, 'step_ms': 1e3 * step_time, 'utterances_per_step': utts,
           'examples_per_s': utts / step_time, 'flops_per_step': flops,
-          'flops_per_s': flops / step_time, 'pipeline_ms': 1e3 * pipeline_time,
-          'pipeline_vs_step': step_time / pipeline_time}
+          'flops_per_s': flops / step_time, 'update_ms': 1e3 * update_time,
+          'params': sum(x.size for x in jax.tree.leaves(state.params)),
+          'pipeline_ms': 1e3 * pipeline_time, 'pipeline_vs_step': step_time / pipeline_time}
+
+
+def time_parameter_update(run, state, repeats: int = 30) -> float:
+  """Median seconds of the step's parameter side alone (optimizer, lr scale, EMA), which does
+  the same work whatever the batch: what is left of a step is the model's forward and backward."""
+  from mer_jax.train import steps  # pylint: disable=g-import-not-at-top
+  update = jax.jit(functools.partial(steps.apply_gradients, tx=run.tx,
+                                     ema_decay=run.statics.ema_decay), donate_argnums=(0,))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
+  state = jax.tree.map(jnp.copy, state)  # the caller keeps its state; this one is donated
+  for _ in range(3):
+    state = update(state, grads)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state = update(state, grads)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
 
 
 def stacked_context(ctx, trained):
@@ -150,13 +175,19 @@ def main(argv):
         r['moe'] = use_moe
         rows.append(r)
   print()
-  print(f'{"stage":8} {"moe":4} {"step ms":>8} {"utt/step":>8} {"utt/s":>8} {"GFLOP/step":>10} '
-        f'{"GFLOP/s":>8} {"% peak":>7} {"input ms":>8} {"input x":>8}')
+  # 'update ms': the parameter side of the step alone (apply_gradients); 'model % peak': the
+  # step's FLOPs over the rest of its time.
+  print(f'{"stage":13} {"moe":5} {"step ms":>7} {"utt/step":>8} {"utt/s":>6} {"GFLOP/step":>10} '
+        f'{"GFLOP/s":>7} {"% peak":>6} {"params M":>8} {"update ms":>9} {"model % peak":>12} '
+        f'{"input ms":>8} {"input x":>7}')
   for r in rows:
-    print(f'{r["stage"]:8} {str(r["moe"]):4} {r["step_ms"]:8.2f} {r["utterances_per_step"]:8.1f} '
-          f'{r["examples_per_s"]:8.0f} {r["flops_per_step"] / 1e9:10.3f} '
-          f'{r["flops_per_s"] / 1e9:8.1f} {100 * r["flops_per_s"] / peak:7.1f} '
-          f'{r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:8.1f}')
+    model_s = (r['step_ms'] - r['update_ms']) / 1e3
+    print(f'{r["stage"]:13} {str(r["moe"]):5} {r["step_ms"]:7.2f} {r["utterances_per_step"]:8.1f} '
+          f'{r["examples_per_s"]:6.0f} {r["flops_per_step"] / 1e9:10.3f} '
+          f'{r["flops_per_s"] / 1e9:7.1f} {100 * r["flops_per_s"] / peak:6.1f} '
+          f'{r["params"] / 1e6:8.2f} {r["update_ms"]:9.2f} '
+          f'{100 * r["flops_per_step"] / model_s / peak:12.1f} '
+          f'{r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:7.1f}')
   for use_moe, totals in projected.items():
     print(f'projected full MELD run, {MELD_EPOCHS} epochs, moe={use_moe}, train steps only: '
           f'{totals["authors"] / 60:.1f} min for the authors\' stages (teacher, students, fusion '

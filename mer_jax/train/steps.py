@@ -161,20 +161,8 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
   # nnx.value_and_grad (not jax's) so the model's rng streams and batch statistics may be
   # updated in place while tracing; the gradients come back as a State shaped like the params.
   (loss, (logits, parts)), grads = nnx.value_and_grad(compute_loss, has_aux=True)(model)
-  model_state = nnx.state(model, nnx.BatchStat)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
-  if ema is not None:
-    if isinstance(tx, optax.MultiSteps):
-      # Only move the average when the accumulated update was actually applied.
-      applied = opt_state.mini_step == 0
-      # gradient_step already counts this update; the warm-up uses the count before it.
-      new_ema = _ema_update(ema, params, opt_state.gradient_step - 1, statics.ema_decay)
-      ema = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new_ema, ema)
-    else:
-      ema = _ema_update(ema, params, state.step, statics.ema_decay)
+  new_state = apply_gradients(state, grads, tx=tx, ema_decay=statics.ema_decay).replace(
+      model_state=nnx.state(model, nnx.BatchStat))
   labels = batch.nodes['label']
   valid = batch.nodes['mask'] & (labels >= 0)
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
@@ -188,9 +176,29 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
       'lr_scale': state.lr_scale,
       **{f'loss/{k}': v for k, v in parts.items() if jnp.ndim(v) == 0},
   }
-  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                            opt_state=opt_state, ema_params=ema)
   return new_state, metrics
+
+
+def apply_gradients(state: TrainState, grads, *, tx, ema_decay: float) -> TrainState:
+  """The parameter side of a step: (accumulated) AdamW update, lr scale, EMA, step count.
+
+  One pass over every parameter and its optimizer and EMA slots, whatever the batch size: at the
+  authors' batch of 16 utterances this memory traffic is a fixed share of a step on CPU.
+  """
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    if isinstance(tx, optax.MultiSteps):
+      # Only move the average when the accumulated update was actually applied.
+      applied = opt_state.mini_step == 0
+      # gradient_step already counts this update; the warm-up uses the count before it.
+      new_ema = _ema_update(ema, params, opt_state.gradient_step - 1, ema_decay)
+      ema = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new_ema, ema)
+    else:
+      ema = _ema_update(ema, params, state.step, ema_decay)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def predict_step(params, model_state, batch, frozen_states, *, graphdef, rng_state,
