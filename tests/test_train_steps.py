@@ -191,6 +191,33 @@ def test_lr_multipliers_scale_each_groups_update():
                              rtol=1e-7)
 
 
+def test_lr_multipliers_match_a_separate_adamw_per_group_with_weight_decay():
+  """Three steps with decoupled weight decay and a schedule: each group's parameters follow
+  optax.adamw at lr * multiplier, as if it had its own optimizer."""
+  params = two_group_params()
+  multipliers = {'slow': 1.0, 'fast': 2.0, 'other': 0.5}
+  cfg = stage_cfg(lr=0.05, weight_decay=0.1, schedule='warmup_cosine', warmup_fraction=0.2,
+                  lr_multipliers=multipliers)
+  tx = optim.make_optimizer(cfg, params, total_steps=10, group_of=lambda path: path[0])
+  schedule = optim.make_schedule(cfg, total_steps=10)
+  state, p = tx.init(params), params
+  refs = {g: optax.adamw(lambda step, m=m: schedule(step) * m, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                         weight_decay=0.1) for g, m in multipliers.items()}
+  ref_states = {g: refs[g].init(params[g]) for g in multipliers}
+  ref_p = dict(params)
+  for i in range(3):
+    grads = jax.tree.map(lambda w: jnp.sin(w * (i + 1)), p)
+    updates, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+    for g in multipliers:
+      u, ref_states[g] = refs[g].update(jax.tree.map(lambda w: jnp.sin(w * (i + 1)), ref_p[g]),
+                                        ref_states[g], ref_p[g])
+      ref_p[g] = optax.apply_updates(ref_p[g], u)
+  for g in multipliers:
+    np.testing.assert_allclose(p[g]['w'], ref_p[g]['w'], rtol=1e-6, atol=1e-7)
+  assert not np.allclose(p['fast']['w'], p['slow']['w'])
+
+
 def test_lr_multiplier_for_unknown_group_is_an_error():
   cfg = stage_cfg(lr_multipliers={'slow': 1.0})
   with pytest.raises(ValueError, match=r"\['fast', 'other'\]"):
