@@ -98,9 +98,10 @@ class Augmentation:
                          rng.uniform(*self.t_scale_range, size=n), 1.0)
         x *= scale[:, None].astype(np.float32)
       elif m == 'a':
-        x = rng.standard_normal((n, d), dtype=np.float32)
-        x *= np.float32(self.a_noise_std)
-        x += features[m]
+        noise = rng.standard_normal((n, d), dtype=np.float32)
+        noise *= np.float32(self.a_noise_std)
+        noise += x
+        x = noise
       elif m == 'v':
         scale = rng.uniform(*self.v_scale_range, size=(n, 1)).astype(np.float32)
         x = x.astype(np.float32, copy=False) * scale
