@@ -1,0 +1,34 @@
+"""The training process's allocator settings (glibc hosts)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mer_jax.train import host_memory
+
+# Counts glibc's mmapped blocks while a 1 MiB array is alive, before and after the call.
+_PROBE = """
+import ctypes, numpy as np
+from mer_jax.train import host_memory
+libc = ctypes.CDLL('libc.so.6')
+class Info(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',
+                                             'usmblks', 'fsmblks', 'uordblks', 'fordblks',
+                                             'keepcost')]
+libc.mallinfo2.restype = Info
+def mmapped_with_live_array():
+  base = libc.mallinfo2().hblks
+  a = np.ones(1 << 18, np.float32)
+  return libc.mallinfo2().hblks - base
+before = mmapped_with_live_array()
+assert host_memory.keep_freed_blocks_in_heap()
+print(before, mmapped_with_live_array())
+"""
+
+
+@pytest.mark.skipif(not hasattr(host_memory._libc(), 'mallinfo2'), reason='glibc >= 2.33 only')
+def test_large_temporaries_come_from_the_heap_after_the_call():
+  out = subprocess.run([sys.executable, '-c', _PROBE], capture_output=True, text=True, check=True)
+  before, after = map(int, out.stdout.split())
+  assert (before, after) == (1, 0)
