@@ -326,7 +326,7 @@ class BatchLoader:
   speaker_edges: bool
   scope: str
   augmentation: Augmentation | None
-  augmented: tuple[str, ...] = ('t', 'a', 'v')  # the loaded modalities that get augmented
+  augmented: tuple[str, ...]  # the loaded modalities that training augments
 
   def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
     """One step: this process's sub-batches (see `group_plan`), each collated on its own, with
