@@ -1,5 +1,7 @@
 """Input pipeline: packing plans, collation into padded GraphsTuples, augmentation, resumption."""
 
+import statistics
+
 import jax
 import jraph
 import ml_collections
@@ -167,15 +169,22 @@ def test_augmentation_draws_follow_the_documented_sequence():
   out = aug.apply(x, present, pipeline.modality_rngs(11, 2))
 
   ref = pipeline.modality_rngs(11, 2)
+
+  def normal(rng, shape):  # 16 random bits per value, each the midpoint quantile of its bin
+    bits = np.frombuffer(rng.bytes(2 * int(np.prod(shape))), np.uint16)
+    dist = statistics.NormalDist()
+    return np.asarray([dist.inv_cdf((b + 0.5) / 65536) for b in bits.tolist()],
+                      np.float32).reshape(shape)
+
   t = ref['t']
   dropped = t.random((9, 12), dtype=np.float32) < 0.3
-  noise = t.standard_normal((9, 12), dtype=np.float32) * np.float32(0.02)
+  noise = normal(t, (9, 12)) * np.float32(0.02)
   t.random(9)  # rows to shuffle (probability 0 here)
   scaled = t.random(9) < 0.5
   scale = np.where(scaled, t.uniform(0.8, 1.2, size=9), 1.0).astype(np.float32)
   want = {
       't': (np.where(dropped, 0.0, x['t']).astype(np.float32) + noise) * scale[:, None],
-      'a': x['a'] + ref['a'].standard_normal((9, 7), dtype=np.float32) * np.float32(0.05),
+      'a': x['a'] + normal(ref['a'], (9, 7)) * np.float32(0.05),
       'v': x['v'] * ref['v'].uniform(0.9, 1.1, size=(9, 1)).astype(np.float32),
   }
   for m in dims:
@@ -184,6 +193,22 @@ def test_augmentation_draws_follow_the_documented_sequence():
     np.testing.assert_array_equal(out[m], want[m])
     np.testing.assert_array_equal(x[m], before[m])
   assert 0 < scaled.sum() < 9 and 0 < dropped.mean() < 1
+
+
+def test_gaussian_noise_is_a_finely_quantised_standard_normal():
+  z = pipeline.gaussian_noise(np.random.default_rng(0), (1000, 400))
+  assert z.shape == (1000, 400) and z.dtype == np.float32
+  # Moments of N(0, 1) within about 4 standard errors of 400,000 draws.
+  assert abs(z.mean()) < 0.007 and abs(z.std() - 1) < 0.005
+  assert abs(np.mean(z**4) - 3) < 0.05
+  for q, want in [(0.025, -1.95996), (0.5, 0.0), (0.8413, 0.99982)]:
+    assert abs(np.quantile(z, q) - want) < 0.01, q
+  levels = np.unique(z)
+  assert len(levels) > 60000  # nearly every one of the 65,536 levels appears
+  np.testing.assert_allclose(levels.max(), 4.3, atol=0.05)  # the outermost bin's midpoint
+  np.testing.assert_allclose(levels.min(), -levels.max(), rtol=1e-5)
+  # Distinct generator states give distinct noise.
+  assert not np.array_equal(z[0], pipeline.gaussian_noise(np.random.default_rng(1), (400,)))
 
 
 def test_partial_shuffle_permutes_the_chosen_share_of_dimensions_within_a_row():

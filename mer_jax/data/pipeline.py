@@ -14,6 +14,8 @@ epoch), so a Grain iterator over it is checkpointable by its position alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import statistics
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -46,6 +48,25 @@ class Budget:
   def max_edges(self) -> int:
     # Temporal edges: < 2 per node; same-speaker edges: < 2 per node.
     return 4 * self.max_nodes
+
+
+@functools.cache
+def _normal_quantiles() -> np.ndarray:
+  """The N(0, 1) quantiles at the midpoints of 65,536 equal-probability bins, float32."""
+  dist = statistics.NormalDist()
+  return np.asarray([dist.inv_cdf((i + 0.5) / 65536) for i in range(65536)], np.float32)
+
+
+def gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  """Standard normal noise, float32, as quantiles looked up by 16 random bits.
+
+  numpy's float32 `standard_normal` was most of a student batch's host time (0.9 ms for one
+  [42, 1024] draw, against 0.3 ms for this). The values are N(0, 1) quantised to 65,536
+  equally likely levels, so the tails stop at +-4.3 sd (probability 2e-5 beyond): no difference
+  an augmentation can feel.
+  """
+  n = int(np.prod(shape))
+  return _normal_quantiles()[np.frombuffer(rng.bytes(2 * n), np.uint16)].reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +104,7 @@ class Augmentation:
       # this pipeline.
       if m == 't':
         keep = rng.random((n, d), dtype=np.float32) >= self.t_dropout
-        noise = rng.standard_normal((n, d), dtype=np.float32)
+        noise = gaussian_noise(rng, (n, d))
         noise *= np.float32(self.t_noise_std)
         x = np.where(keep, x.astype(np.float32, copy=False), np.float32(0.0))
         x += noise
@@ -98,7 +119,7 @@ class Augmentation:
                          rng.uniform(*self.t_scale_range, size=n), 1.0)
         x *= scale[:, None].astype(np.float32)
       elif m == 'a':
-        noise = rng.standard_normal((n, d), dtype=np.float32)
+        noise = gaussian_noise(rng, (n, d))
         noise *= np.float32(self.a_noise_std)
         noise += x
         x = noise
@@ -115,9 +136,11 @@ class Augmentation:
 _STREAM_OF_MODALITY = {'t': 0, 'a': 1, 'v': 2}
 
 
-def modality_rngs(base: int, group: int) -> dict[str, np.random.Generator]:
-  """One generator per modality (and batch group), fixed whatever else is loaded."""
-  return {m: np.random.default_rng([base, group, i]) for m, i in _STREAM_OF_MODALITY.items()}
+def modality_rngs(base: int, group: int,
+                  modalities: Sequence[str] = tuple(_STREAM_OF_MODALITY)
+                  ) -> dict[str, np.random.Generator]:
+  """One generator per modality (and batch group), fixed whatever else is loaded or drawn."""
+  return {m: np.random.default_rng([base, group, _STREAM_OF_MODALITY[m]]) for m in modalities}
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,13 +351,17 @@ class BatchLoader:
   augmentation: Augmentation | None
   augmented: tuple[str, ...]  # the loaded modalities that training augments
 
+  @property
+  def _drawn(self) -> tuple[str, ...]:
+    return tuple(m for m in self.modalities if m in self.augmented)
+
   def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
     """One step: this process's sub-batches (see `group_plan`), each collated on its own, with
     augmentation streams per group and modality (independent of what else this process builds
     or loads)."""
     base = None if rng is None else int(rng.integers(2**62))
     return concat_groups(
-        [self._collate(e, None if base is None else modality_rngs(base, g))
+        [self._collate(e, None if base is None else modality_rngs(base, g, self._drawn))
          for e, g in zip(step_entry, self.budget.local_groups)], self.budget)
 
   def _collate(self, plan_entry: np.ndarray, rngs) -> jraph.GraphsTuple:
