@@ -160,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.distill = True
   c.loss.distill_temperature = 1.8246074213744867
   c.loss.distill_alpha = 0.5772777397767895
+  # Compute the frozen teacher's targets once per student stage instead of in every step; used
+  # only where they cannot differ (clean text, dialogue-scope graphs: train/teacher_cache.py).
+  c.loss.distill_cached_teacher = True
   c.loss.focal_gamma = 2.5
   c.loss.main_focal_share = 0.8  # main = share * focal-weighted poly + (1 - share) * smoothed CE
   c.loss.label_smoothing = 0.14402230062019625

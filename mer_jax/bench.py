@@ -62,8 +62,9 @@ def bench_stage(stage: str, ctx, trained, steps: int, label: str | None = None) 
   config = ctx.config
   budget = sharding.batch_budget(config, ctx.mesh)
   run = trainer.StageRunner(stage, ctx, trained)
-  ds = pipeline.make_dataset(ctx.data.train, config=config, budget=budget, train=True, epoch=0,
-                             seed=config.seed, augmented=run.augmented)
+  train_source, batch_config = run.training_data()
+  ds = pipeline.make_dataset(train_source, config=batch_config, budget=budget, train=True,
+                             epoch=0, seed=config.seed, augmented=run.augmented)
   # Input pipeline alone: batches per second, host side, after one pass has filled the record
   # cache (config.data.cache_mib), as in every epoch but the first.
   for i in range(len(ds)):

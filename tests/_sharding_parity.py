@@ -30,7 +30,8 @@ def run(workdir: str, devices, shape) -> dict:
   trained, out = {}, {}
   for stage in config.train.stages:
     runner = trainer.StageRunner(stage, ctx, trained)
-    batch = pipeline.make_dataset(ctx.data.train, config=config, budget=budget, train=True,
+    source, batch_config = runner.training_data()
+    batch = pipeline.make_dataset(source, config=batch_config, budget=budget, train=True,
                                   epoch=0, seed=config.seed)[0]
     batch_sh = sharding.batch_shardings(batch, mesh, budget)
     step = runner.jitted_train_step(batch_sh)

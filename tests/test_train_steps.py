@@ -52,6 +52,9 @@ def runners(tmp_path_factory):
   config = default.get_config('tiny')
   config.optim.teacher.update(grad_accum_steps=2, ema_decay=EMA_DECAY, schedule='constant')
   config.optim.audio.update(ema_decay=EMA_DECAY)
+  # Every stage steps on the same batches, so the student runs the frozen teacher in its step
+  # (tests/test_teacher_cache.py covers the cached targets).
+  config.loss.distill_cached_teacher = False
   ctx = trainer.prepare(config, str(tmp_path_factory.mktemp('steps_workdir')))
   budget = pipeline.budget_from_config(config)
   traces = {'train': collections.Counter(), 'predict': collections.Counter()}

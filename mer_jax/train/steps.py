@@ -45,6 +45,9 @@ class StageStatics:
   loss: Any  # config.loss (a frozen ConfigDict)
   distill: bool
   ema_decay: float
+  # The batch's text slot holds the frozen teacher's log-probabilities, computed once before the
+  # stage (train/teacher_cache.py), instead of text for the teacher to run on every step.
+  teacher_in_batch: bool = False
 
 
 def frozen_outputs(frozen: Mapping[str, tuple[Any, Any]], batch: jraph.GraphsTuple,
@@ -107,7 +110,9 @@ def loss_fn(statics: StageStatics, model, batch, frozen, class_weights):
   valid = valid & nodes['present'][m]
   poly = dict(class_weights=class_weights, poly_alpha=cfg.poly_alpha, poly_gamma=cfg.poly_gamma)
   if statics.stage != 'teacher' and statics.distill:
-    teacher_logits = frozen_outputs(frozen, batch, ('teacher',))['teacher'][0]
+    # Log-probabilities distil exactly like logits: softmax(x / T) ignores a per-row shift.
+    teacher_logits = (nodes['features']['t'] if statics.teacher_in_batch
+                      else frozen_outputs(frozen, batch, ('teacher',))['teacher'][0])
     # Distil only where the teacher saw text; elsewhere the student learns from labels alone.
     has_text = nodes['present']['t']
     kd = losses.distillation_loss(logits, teacher_logits, labels, valid & has_text,
@@ -202,9 +207,9 @@ def apply_gradients(state: TrainState, grads, *, tx, ema_decay: float) -> TrainS
 
 
 def predict_step(params, model_state, batch, frozen_states, *, graphdef, rng_state,
-                 frozen_graphdefs, statics: StageStatics):
-  """Class probabilities [N, C] in eval mode."""
+                 frozen_graphdefs, statics: StageStatics, log_probs: bool = False):
+  """Class probabilities [N, C] in eval mode (their logarithms with `log_probs`)."""
   model = nnx.merge(graphdef, params, model_state, rng_state)
   frozen = _with_graphdefs(frozen_states, frozen_graphdefs)
   logits, _ = forward(statics, model, batch, frozen, train=False)
-  return jax.nn.softmax(logits, axis=-1)
+  return (jax.nn.log_softmax if log_probs else jax.nn.softmax)(logits, axis=-1)

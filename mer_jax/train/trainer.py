@@ -18,6 +18,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -38,6 +39,7 @@ from mer_jax.train import preemption
 from mer_jax.train import shared_stages
 from mer_jax.train import sharding
 from mer_jax.train import steps
+from mer_jax.train import teacher_cache
 from mer_jax.train.metrics_writer import MetricsWriter
 
 STAGE_TO_MODALITY = steps.MODALITY_OF_STAGE
@@ -173,19 +175,24 @@ class StageRunner:
     self.seed = config.seed + {'teacher': 0, 'audio': 1, 'visual': 2, 'fusion': 3}[stage]
     self.graphdef, params, batch_stats, self.rng_state = build_sharded_model(
         stage, config, ctx.mesh, self.seed)
+    distill = bool(config.loss.distill) and 'teacher' in frozen and stage in ('audio', 'visual')
     self.statics = steps.StageStatics(
         stage=stage, modalities=tuple(config.data.modalities),
-        fusion_input=config.model.fusion.input, loss=config.loss,
-        distill=bool(config.loss.distill) and 'teacher' in frozen,
-        ema_decay=float(scfg.ema_decay))
+        fusion_input=config.model.fusion.input, loss=config.loss, distill=distill,
+        ema_decay=float(scfg.ema_decay),
+        teacher_in_batch=distill and teacher_cache.applies(config))
     self.augmented = augmented_modalities(stage, config)
     needed = _frozen_needed(stage, self.statics, config)
     missing = [n for n in needed if n not in frozen]
     if missing:
       raise ValueError(f'stage {stage!r} needs the trained {missing} stage(s); add them to '
                        f'config.train.stages before {stage!r}')
-    self.frozen_states = {n: frozen[n].states for n in needed}
-    self.frozen_graphdefs = {n: frozen[n].graphdef for n in needed}
+    # The frozen models the step runs (the cached teacher's targets come with the batch).
+    in_step = [n for n in needed if not (n == 'teacher' and self.statics.teacher_in_batch)]
+    self.frozen_states = {n: frozen[n].states for n in in_step}
+    self.frozen_graphdefs = {n: frozen[n].graphdef for n in in_step}
+    self._teacher = frozen['teacher'] if self.statics.teacher_in_batch else None
+    self._training_data = None
     self.fingerprint = None
     deps = {n: frozen[n].fingerprint for n in needed}
     if (config.train.shared_stages_dir and stage in shared_stages.ENCODER_MODALITY
@@ -222,6 +229,25 @@ class StageRunner:
     frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen_states)
     return jax.jit(fn, in_shardings=(self.state_shardings, batch_shardings, frozen_sh, rep),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+  def training_data(self):
+    """(source, config) the training batches are built from (computed on the first call).
+
+    The batches carry only the modalities the step reads (`batch_modalities`). With the teacher's
+    targets cached (train/teacher_cache.py), the source is the training split carrying them in
+    its text slot, of num_classes dims.
+    """
+    if self._training_data is None:
+      source = self.ctx.data.train
+      batch_config = ml_collections.ConfigDict(self.config.to_dict())
+      batch_config.data.modalities = batch_modalities(self.stage, self.statics, self.config)
+      if self.statics.teacher_in_batch:
+        console.say('stage %s: the frozen teacher predicts its %d training dialogues once',
+                    self.name, len(source))
+        source = teacher_cache.teacher_source(source, self._teacher, self.config, self.ctx.mesh)
+        batch_config.data.dims.t = len(self.config.label_names)
+      self._training_data = (source, batch_config)
+    return self._training_data
 
   def evaluate(self, source, params, batch_stats) -> dict:
     pred = predict_split(source, self.config, self.budget,
@@ -287,8 +313,9 @@ class StageRunner:
     epochs = config.train.epochs
     epoch = data_state['epoch']
     stop = False
+    train_source, batch_config = self.training_data()
     while epoch < epochs and not stop:
-      ds = pipeline.make_dataset(self.ctx.data.train, config=config, budget=self.budget,
+      ds = pipeline.make_dataset(train_source, config=batch_config, budget=self.budget,
                                  train=True, epoch=epoch, seed=config.seed,
                                  augmented=self.augmented)
       it = iter(ds.to_iter_dataset(grain.ReadOptions(
@@ -383,6 +410,15 @@ def augmented_modalities(stage: str, config) -> tuple[str, ...]:
   return tuple(config.data.modalities)
 
 
+def batch_modalities(stage: str, statics: steps.StageStatics, config) -> tuple[str, ...]:
+  """The modalities a stage's training step reads: an encoder's own, and the text (the teacher's
+  input or its cached targets, and where it is present) for a distilling student; fusion, all."""
+  if stage not in steps.MODALITY_OF_STAGE:
+    return tuple(config.data.modalities)
+  read = {steps.MODALITY_OF_STAGE[stage]} | ({'t'} if statics.distill else set())
+  return tuple(m for m in config.data.modalities if m in read)
+
+
 def _frozen_needed(stage: str, statics: steps.StageStatics, config) -> tuple[str, ...]:
   if stage == 'teacher':
     return ()
@@ -446,14 +482,16 @@ def prepare(config, workdir: str, mesh=None) -> Context:
                  class_weights=class_weights)
 
 
-def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, FrozenModel]):
+def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, FrozenModel],
+                     log_probs: bool = False):
   statics = steps.StageStatics(stage=stage, modalities=tuple(config.data.modalities),
                                fusion_input=config.model.fusion.input, loss=config.loss,
                                distill=False, ema_decay=0.0)
   needed = _frozen_needed(stage, statics, config)
   fn = jax.jit(functools.partial(
       steps.predict_step, graphdef=model.graphdef, rng_state=model.states[2],
-      frozen_graphdefs={n: frozen[n].graphdef for n in needed}, statics=statics))
+      frozen_graphdefs={n: frozen[n].graphdef for n in needed}, statics=statics,
+      log_probs=log_probs))
   frozen_states = {n: frozen[n].states for n in needed}
   return lambda batch: fn(model.states[0], model.states[1], batch, frozen_states)
 

@@ -1,0 +1,102 @@
+"""The frozen teacher's cached distillation targets (train/teacher_cache.py): a student step on
+a batch carrying them equals a step that runs the teacher, and the cache is used only where it
+cannot differ."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from mer_jax.data import pipeline
+from mer_jax.train import sharding
+from mer_jax.train import teacher_cache
+from mer_jax.train import trainer
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  config = default.get_config('tiny')
+  ctx = trainer.prepare(config, str(tmp_path_factory.mktemp('cache_workdir')))
+  teacher = trainer.StageRunner('teacher', ctx, {})
+  # A teacher whose predictions differ between utterances: its initial weights, one step on.
+  batch = pipeline.make_dataset(ctx.data.train, config=config, budget=teacher.budget, train=True,
+                                epoch=0, seed=config.seed)[0]
+  sh = sharding.batch_shardings(batch, ctx.mesh, teacher.budget)
+  state, _ = teacher.jitted_train_step(sh)(teacher.state, sharding.put_batch(batch, sh, teacher.budget),
+                                          teacher.frozen_states, ctx.class_weights)
+  frozen = {'teacher': trainer.FrozenModel(teacher.graphdef,
+                                           (state.params, state.model_state, teacher.rng_state))}
+  return config, ctx, frozen
+
+
+def student_step(ctx, frozen, config, stage):
+  """(loss, updated parameters) of the first train step of a fresh `stage` runner."""
+  run = trainer.StageRunner(stage, _with_config(ctx, config), frozen)
+  source, batch_config = run.training_data()
+  batch = pipeline.make_dataset(source, config=batch_config, budget=run.budget, train=True,
+                                epoch=1, seed=config.seed, augmented=run.augmented)[0]
+  sh = sharding.batch_shardings(batch, ctx.mesh, run.budget)
+  state, metrics = run.jitted_train_step(sh)(run.state, sharding.put_batch(batch, sh, run.budget),
+                                            run.frozen_states, ctx.class_weights)
+  return run, batch, float(metrics['loss']), jax.device_get(state.params)
+
+
+def _with_config(ctx, config):
+  return dataclasses.replace(ctx, config=config)
+
+
+@pytest.mark.parametrize('stage', ['audio', 'visual'])
+def test_cached_targets_give_the_step_of_the_teacher_run_in_it(setup, stage):
+  config, ctx, frozen = setup
+  in_step = config.copy_and_resolve_references()
+  in_step.loss.distill_cached_teacher = False
+  run_c, batch_c, loss_c, params_c = student_step(ctx, frozen, config, stage)
+  run_s, batch_s, loss_s, params_s = student_step(ctx, frozen, in_step, stage)
+  assert run_c.statics.teacher_in_batch and not run_s.statics.teacher_in_batch
+  assert 'teacher' not in run_c.frozen_states and 'teacher' in run_s.frozen_states
+  # Same dialogues, same augmentation of the student's modality; the text slot differs.
+  m = {'audio': 'a', 'visual': 'v'}[stage]
+  # A student's batches carry its own modality and the text slot, nothing it does not read.
+  assert set(batch_c.nodes['features']) == set(batch_s.nodes['features']) == {'t', m}
+  np.testing.assert_array_equal(batch_c.nodes['features'][m], batch_s.nodes['features'][m])
+  num_classes = len(config.label_names)
+  assert batch_c.nodes['features']['t'].shape[-1] == num_classes
+  assert batch_s.nodes['features']['t'].shape[-1] == config.data.dims.t
+  # The slot holds log-probabilities: each real utterance's row exponentiates to a distribution.
+  rows = batch_c.nodes['features']['t'][batch_c.nodes['mask']]
+  np.testing.assert_allclose(np.exp(rows).sum(-1), 1.0, rtol=1e-5)
+  assert np.ptp(rows, axis=0).max() > 1e-3  # not one prediction for every utterance
+  np.testing.assert_allclose(loss_c, loss_s, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params_c), jax.tree.leaves(params_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_cache_applies_only_where_the_teacher_cannot_differ():
+  config = default.get_config('tiny')
+  assert teacher_cache.applies(config)
+  for key, value in [('loss.distill_cached_teacher', False), ('loss.distill', False),
+                     ('augment.clean_frozen_inputs', False), ('graph.scope', 'batch')]:
+    c = config.copy_and_resolve_references()
+    group, name = key.split('.')
+    c[group][name] = value
+    assert not teacher_cache.applies(c), key
+
+
+def test_the_teacher_stage_and_fusion_never_read_cached_targets(setup):
+  config, ctx, _ = setup
+  teacher = trainer.StageRunner('teacher', ctx, {})
+  assert not teacher.statics.teacher_in_batch
+  assert tuple(teacher.training_data()[1].data.modalities) == ('t',)
+  graph = config.copy_and_resolve_references()
+  graph.model.fusion.input = 'graph'
+  encoders = {}  # fusion on graph inputs runs every frozen encoder in its step
+  for stage in ('teacher', 'audio', 'visual'):
+    run = trainer.StageRunner(stage, _with_config(ctx, graph), encoders)
+    encoders[stage] = trainer.FrozenModel(run.graphdef, (run.state.params, run.state.model_state,
+                                                         run.rng_state))
+  fusion = trainer.StageRunner('fusion', _with_config(ctx, graph), encoders)
+  assert not fusion.statics.teacher_in_batch
+  assert tuple(fusion.training_data()[1].data.modalities) == tuple(graph.data.modalities)
+  assert set(fusion.frozen_states) == {'teacher', 'audio', 'visual'}
