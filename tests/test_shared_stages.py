@@ -57,6 +57,10 @@ def test_fingerprints_ignore_what_cannot_change_an_encoder_and_see_what_can():
   assert fp(variant('full', **{'data.cache_mib': 0}), 'teacher') == teacher
   assert fp(full, 'audio', {'teacher': 'x'}) != fp(full, 'audio', {'teacher': 'y'})
   assert fp(variant('full', **{'loss.distill_alpha': 0.1}), 'teacher') == teacher
+  # Where the students' teacher runs is a student setting (a new key: counted, not ignored).
+  assert fp(variant('full', **{'loss.distill_cached_teacher': False}), 'teacher') == teacher
+  assert (fp(variant('full', **{'loss.distill_cached_teacher': False}), 'audio',
+             {'teacher': teacher}) != fp(full, 'audio', {'teacher': teacher}))
   assert (fp(variant('full', **{'loss.distill_alpha': 0.1}), 'audio', {'teacher': teacher}) !=
           fp(full, 'audio', {'teacher': teacher}))
   # A student reads the text's augmentation only through a teacher that sees augmented text.

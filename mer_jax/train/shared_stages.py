@@ -56,7 +56,8 @@ IGNORED = (
     'loss.main_weight', 'loss.aux_weights', 'loss.contrastive', 'loss.contrastive_weight',
     'loss.contrastive_temperature', 'loss.contrastive_dim',
 )
-DISTILL_KEYS = ('loss.distill', 'loss.distill_temperature', 'loss.distill_alpha')
+DISTILL_KEYS = ('loss.distill', 'loss.distill_temperature', 'loss.distill_alpha',
+                'loss.distill_cached_teacher')
 PER_MODALITY = ('data.dims', 'graph.k', 'graph.temporal_weight')
 
 
