@@ -351,17 +351,13 @@ class BatchLoader:
   augmentation: Augmentation | None
   augmented: tuple[str, ...]  # the loaded modalities that training augments
 
-  @property
-  def _drawn(self) -> tuple[str, ...]:
-    return tuple(m for m in self.modalities if m in self.augmented)
-
   def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
     """One step: this process's sub-batches (see `group_plan`), each collated on its own, with
     augmentation streams per group and modality (independent of what else this process builds
     or loads)."""
     base = None if rng is None else int(rng.integers(2**62))
     return concat_groups(
-        [self._collate(e, None if base is None else modality_rngs(base, g, self._drawn))
+        [self._collate(e, None if base is None else modality_rngs(base, g, self.augmented))
          for e, g in zip(step_entry, self.budget.local_groups)], self.budget)
 
   def _collate(self, plan_entry: np.ndarray, rngs) -> jraph.GraphsTuple:
@@ -420,7 +416,8 @@ def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int, see
       scope=config.graph.scope,
       augmentation=(Augmentation.from_config(config.augment)
                     if train and config.augment.enabled else None),
-      augmented=tuple(config.data.modalities if augmented is None else augmented))
+      augmented=tuple(m for m in config.data.modalities
+                      if augmented is None or m in augmented))
   ds = grain.MapDataset.source(group_plan(plan, budget))
   if loader.augmentation is not None:
     return ds.random_map(loader, seed=int(np.random.default_rng([seed, epoch, 7]).integers(2**31)))

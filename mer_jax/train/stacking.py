@@ -20,7 +20,6 @@ import numpy as np
 from mer_jax import console
 
 from mer_jax.data import sources
-from mer_jax.train import sharding
 from mer_jax.train import steps
 
 ENCODERS = ('teacher', 'audio', 'visual')
@@ -39,13 +38,10 @@ def fusion_config(config) -> ml_collections.ConfigDict:
 def encoder_log_probs(source, models: dict, config, mesh) -> dict[str, list[np.ndarray]]:
   """Per modality, per record: [n, C] log-probabilities of that modality's frozen encoder."""
   from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  budget = sharding.batch_budget(config, mesh)
   out = {}
   for m in config.data.modalities:
     stage = steps.ENCODER_OF_MODALITY[m]
-    fn = trainer.stage_predict_fn(stage, models[stage], config, models)
-    pred = trainer.predict_split(source, config, budget, fn, mesh)
-    probs = trainer.per_record_outputs(pred, source, 'probs')
+    probs = trainer.record_predictions(source, stage, models[stage], config, mesh, models)
     out[m] = [np.log(np.maximum(p, LOG_PROB_FLOOR)).astype(np.float32) for p in probs]
   return out
 

@@ -47,9 +47,6 @@ class TeacherLogProbsSource:
 
 def teacher_source(source, teacher, config, mesh) -> TeacherLogProbsSource:
   """`source` with the frozen `teacher`'s log-probabilities (one eval pass) in its text slot."""
-  from mer_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import trainer
-  fn = trainer.stage_predict_fn('teacher', teacher, config, {}, log_probs=True)
-  pred = trainer.predict_split(source, config, sharding.batch_budget(config, mesh), fn, mesh)
-  log_probs = trainer.per_record_outputs(pred, source, 'probs')  # predict_split's key
+  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  log_probs = trainer.record_predictions(source, 'teacher', teacher, config, mesh, log_probs=True)
   return TeacherLogProbsSource(source, [lp.astype(np.float32) for lp in log_probs])

@@ -146,6 +146,16 @@ def per_record_outputs(pred: dict[str, np.ndarray], source, key: str = 'probs') 
   return out
 
 
+def record_predictions(source, stage: str, model: FrozenModel, config, mesh,
+                       frozen: dict[str, FrozenModel] | None = None,
+                       log_probs: bool = False) -> list[np.ndarray]:
+  """A frozen stage's class probabilities (or log-probabilities), one [n, C] array per record of
+  `source`, in eval mode."""
+  fn = stage_predict_fn(stage, model, config, frozen or {}, log_probs=log_probs)
+  pred = predict_split(source, config, sharding.batch_budget(config, mesh), fn, mesh)
+  return per_record_outputs(pred, source, 'probs')
+
+
 def split_metrics(pred: dict[str, np.ndarray], label_names) -> dict:
   return evaluate.classification_metrics(pred['labels'], pred['probs'].argmax(-1), label_names)
 
