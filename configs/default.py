@@ -7,7 +7,11 @@ Usage:
 Every number the recipe needs lives here (or in the dataset configs that start from it).
 """
 
+import dataclasses
+
 import ml_collections
+
+from mer_jax.data import synthetic
 
 
 def stage_optim(lr: float, wd: float, schedule: str = 'constant') -> ml_collections.ConfigDict:
@@ -64,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.seed = 1234
   c.data.synthetic.num_dialogues = ml_collections.ConfigDict({'train': 1038, 'dev': 114, 'test': 280})
   c.data.synthetic.num_shards = ml_collections.ConfigDict({'train': 4, 'dev': 1, 'test': 1})
+  # The generative story (mer_jax/data/synthetic.py), e.g. --config.data.synthetic.story.
+  # label_noise=0.2 or ...story.modalities.a.signal=3.0: a corpus to probe a claim on.
+  c.data.synthetic.story = ml_collections.ConfigDict(dataclasses.asdict(synthetic.CorpusStory()))
 
   # Training augmentation, as the authors apply it per utterance (text: dropout, noise,
   # partial shuffle, scaling; audio: noise; visual: scaling).

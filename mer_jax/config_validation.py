@@ -40,6 +40,15 @@ def validate_config(config) -> None:
     if d.shard_dir:
       need(_exists(os.path.join(d.shard_dir, 'manifest.json')), 'data.shard_dir',
            f'{d.shard_dir!r} has no manifest.json (a shard folder written by mer_jax)')
+  if d.source == 'synthetic':
+    from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
+    try:
+      story = sources.corpus_story(config)
+    except ValueError as e:
+      errors.append(f'data.synthetic.{e}')
+    else:
+      unknown = sorted(set(d.modalities) - set(story.modalities))
+      need(not unknown, 'data.synthetic.story.modalities', f'has no story for {unknown}')
   mods = tuple(d.modalities)
   need(len(mods) > 0 and len(set(mods)) == len(mods) and set(mods) <= set(MODALITIES),
        'data.modalities', f'{mods!r} must be distinct entries of {MODALITIES}')

@@ -177,3 +177,63 @@ def test_rejects_unknown_modalities_and_small_dims():
     synthetic.generate_records(seed=0, dims={'t': 16, 'v': 8})
   with pytest.raises(ValueError, match='7 MELD classes; got 3'):
     synthetic.generate_records(seed=0, label_names=('a', 'b', 'c'))
+
+
+def test_story_round_trips_through_plain_values_and_names_bad_keys():
+  story = synthetic.CorpusStory()
+  values = dataclasses.asdict(story)
+  assert synthetic.story_from_dict(values) == story
+  changed = dataclasses.asdict(story)
+  changed['label_noise'] = 0.2
+  changed['modalities']['a']['signal'] = 3.0
+  changed['modalities']['v']['groups'] = [[0, 1, 2, 3, 4, 5, 6]]
+  new = synthetic.story_from_dict(changed)
+  assert new.label_noise == 0.2 and new.modalities['a'].signal == 3.0
+  assert new.modalities['v'].groups == ((0, 1, 2, 3, 4, 5, 6),)
+
+  def broken(edit):
+    v = dataclasses.asdict(story)
+    edit(v)
+    return v
+
+  cases = [
+      (lambda v: v.update(lable_noise=0.1), r"story: unknown keys \['lable_noise'\]"),
+      (lambda v: v.pop('cue_rate'), r"story: missing keys \['cue_rate'\]"),
+      (lambda v: v['modalities']['a'].update(weak_rate=1.5),
+       r'story\.modalities\.a\.weak_rate = 1\.5 is not in \[0, 1\]'),
+      (lambda v: v['modalities']['t'].update(signal=0.0),
+       r'story\.modalities\.t\.signal = 0\.0 must be > 0'),
+      (lambda v: v.update(keep_own_emotion=0.9),
+       r'keep_own_emotion \+ story\.copy_previous_emotion must be <= 1'),
+      (lambda v: v['modalities']['v'].update(groups=[[0, 1], [2, 3]]),
+       r'story\.modalities\.v\.groups: .* must hold each class index once'),
+  ]
+  for edit, message in cases:
+    with pytest.raises(ValueError, match=message):
+      synthetic.story_from_dict(broken(edit))
+
+
+def test_config_story_sets_the_corpus_and_its_cache_folder(tmp_path):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from mer_jax.config_validation import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
+  from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
+  config = default.get_config('tiny')
+  config.data.synthetic.num_dialogues = {'train': 30, 'dev': 2, 'test': 2}
+  assert sources.corpus_story(config) == synthetic.CorpusStory()
+  clean = default.get_config('tiny')
+  clean.data.synthetic.num_dialogues = {'train': 30, 'dev': 2, 'test': 2}
+  clean.data.synthetic.story.label_noise = 0.0
+  assert sources.synthetic_dir(clean, str(tmp_path)) != sources.synthetic_dir(config,
+                                                                                str(tmp_path))
+  # The generator reads the config's story. Emotions are drawn before the label noise, so the
+  # labels differ exactly where the default story flips one (8%).
+  def labels(c):
+    folder = sources.ensure_synthetic(c, str(tmp_path))
+    src = shards.DialogueShardSource(folder, 'train', modalities=('t',))
+    return np.concatenate([src[i].labels for i in range(len(src))])
+  noisy, exact = labels(config), labels(clean)
+  assert len(noisy) == len(exact) and 0.03 < np.mean(noisy != exact) < 0.15
+
+  config.data.synthetic.story.modalities.a.missing_rate = -0.1
+  with pytest.raises(ConfigError, match=r'data\.synthetic\.story\.modalities\.a\.missing_rate'):
+    validate_config(config)

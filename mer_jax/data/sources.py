@@ -37,9 +37,14 @@ def synthetic_dir(config, workdir: str) -> str:
   s = config.data.synthetic
   key = json.dumps({'seed': s.seed, 'n': s.num_dialogues.to_dict(), 'dims': config.data.dims.to_dict(),
                     'labels': list(config.label_names),
-                    'story': dataclasses.asdict(synthetic.CorpusStory())},
+                    'story': dataclasses.asdict(corpus_story(config))},
                    sort_keys=True, default=str)
   return os.path.join(data_root(config, workdir), 'synthetic-' + hashlib.sha1(key.encode()).hexdigest()[:10])
+
+
+def corpus_story(config) -> synthetic.CorpusStory:
+  """The embedded corpus's generative story: data.synthetic.story (CorpusStory's fields)."""
+  return synthetic.story_from_dict(config.data.synthetic.story.to_dict())
 
 
 def data_root(config, workdir: str) -> str:
@@ -77,7 +82,7 @@ def ensure_synthetic(config, workdir: str) -> str:
     console.say('generating the synthetic corpus into %s', out)
     synthetic.generate_corpus(folder, seed=s.seed, num_dialogues=s.num_dialogues.to_dict(),
                               num_shards=s.num_shards.to_dict(), dims=config.data.dims.to_dict(),
-                              label_names=tuple(config.label_names))
+                              label_names=tuple(config.label_names), story=corpus_story(config))
   return build_once(out, build)
 
 

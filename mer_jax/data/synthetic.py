@@ -36,6 +36,9 @@ Its generative story (all randomness from `seed`):
 7. Transcripts: a bare interjection where text is weak, else a template
    sentence, half of them with a cue of the emotion.
 
+Every parameter above is a field of `CorpusStory`; runs set them through
+`config.data.synthetic.story` (`story_from_dict`).
+
 Calibration at the default size and dims (train 360 / test 120 dialogues;
 test weighted F1 of StandardScaler + LogisticRegression on single utterances,
 mean of seeds 1234, 1, 2): text 0.55, audio 0.39, visual 0.38, concatenated
@@ -141,6 +144,47 @@ class CorpusStory:
   offset_in_subspace: float = 0.3
   offset_per_dim: float = 0.3
   cue_rate: float = 0.5  # transcripts with an emotion cue
+
+
+def story_from_dict(values: Mapping) -> CorpusStory:
+  """A `CorpusStory` from nested plain values (`dataclasses.asdict` of one, e.g. a config's).
+
+  Raises ValueError naming the first key that is unknown, missing or out of range.
+  """
+  def fields_of(cls, given: Mapping, where: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown, missing = sorted(set(given) - names), sorted(names - set(given))
+    if unknown or missing:
+      raise ValueError(f'{where}: unknown keys {unknown}, missing keys {missing}'
+                       if unknown else f'{where}: missing keys {missing}')
+    return dict(given)
+
+  values = fields_of(CorpusStory, values, 'story')
+  modalities = {}
+  for m, given in values.pop('modalities').items():
+    f = fields_of(ModalityStory, given, f'story.modalities.{m}')
+    f['groups'] = tuple(tuple(int(c) for c in g) for g in f['groups'])
+    modalities[m] = ModalityStory(**f)
+    for rate in ('weak_rate', 'missing_rate'):
+      if not 0.0 <= f[rate] <= 1.0:
+        raise ValueError(f'story.modalities.{m}.{rate} = {f[rate]} is not in [0, 1]')
+    if f['signal'] <= 0:
+      raise ValueError(f'story.modalities.{m}.signal = {f["signal"]} must be > 0')
+  for rate in ('keep_own_emotion', 'copy_previous_emotion', 'label_noise',
+               'cue_rate'):
+    if not 0.0 <= values[rate] <= 1.0:
+      raise ValueError(f'story.{rate} = {values[rate]} is not in [0, 1]')
+  if values['keep_own_emotion'] + values['copy_previous_emotion'] > 1.0:
+    raise ValueError('story.keep_own_emotion + story.copy_previous_emotion '
+                     'must be <= 1')
+  story = CorpusStory(modalities=modalities, **values)
+  for m, modality in modalities.items():
+    try:
+      _class_means(modality.groups, np.eye(story.subspace_dim),
+                   story.within_group)
+    except ValueError as e:
+      raise ValueError(f'story.modalities.{m}.groups: {e}') from None
+  return story
 
 
 @dataclasses.dataclass(frozen=True)
