@@ -147,16 +147,18 @@ class CorpusStory:
 
 
 def story_from_dict(values: Mapping) -> CorpusStory:
-  """A `CorpusStory` from nested plain values (`dataclasses.asdict` of one, e.g. a config's).
+  """A `CorpusStory` from nested plain values (`dataclasses.asdict` of one).
 
-  Raises ValueError naming the first key that is unknown, missing or out of range.
+  Raises ValueError naming the first key that is unknown, missing or out of
+  range.
   """
   def fields_of(cls, given: Mapping, where: str) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown, missing = sorted(set(given) - names), sorted(names - set(given))
     if unknown or missing:
-      raise ValueError(f'{where}: unknown keys {unknown}, missing keys {missing}'
-                       if unknown else f'{where}: missing keys {missing}')
+      raise ValueError(
+          f'{where}: unknown keys {unknown}, missing keys {missing}'
+          if unknown else f'{where}: missing keys {missing}')
     return dict(given)
 
   values = fields_of(CorpusStory, values, 'story')
@@ -167,13 +169,23 @@ def story_from_dict(values: Mapping) -> CorpusStory:
     modalities[m] = ModalityStory(**f)
     for rate in ('weak_rate', 'missing_rate'):
       if not 0.0 <= f[rate] <= 1.0:
-        raise ValueError(f'story.modalities.{m}.{rate} = {f[rate]} is not in [0, 1]')
+        raise ValueError(
+            f'story.modalities.{m}.{rate} = {f[rate]} is not in [0, 1]')
     if f['signal'] <= 0:
-      raise ValueError(f'story.modalities.{m}.signal = {f["signal"]} must be > 0')
+      raise ValueError(
+          f'story.modalities.{m}.signal = {f["signal"]} must be > 0')
   for rate in ('keep_own_emotion', 'copy_previous_emotion', 'label_noise',
                'cue_rate'):
     if not 0.0 <= values[rate] <= 1.0:
       raise ValueError(f'story.{rate} = {values[rate]} is not in [0, 1]')
+  for scale in ('within_group', 'weak_intensity', 'zipf_exponent',
+                'style_in_subspace', 'style_per_dim', 'offset_in_subspace',
+                'offset_per_dim'):
+    if values[scale] < 0:
+      raise ValueError(f'story.{scale} = {values[scale]} must be >= 0')
+  if values['speaker_repeat_weight'] <= 0:
+    raise ValueError('story.speaker_repeat_weight = '
+                     f'{values["speaker_repeat_weight"]} must be > 0')
   if values['keep_own_emotion'] + values['copy_previous_emotion'] > 1.0:
     raise ValueError('story.keep_own_emotion + story.copy_previous_emotion '
                      'must be <= 1')
