@@ -240,3 +240,27 @@ def test_config_story_sets_the_corpus_and_its_cache_folder(tmp_path):
   config.data.synthetic.story.modalities.a.missing_rate = -0.1
   with pytest.raises(ConfigError, match=r'data\.synthetic\.story\.modalities\.a\.missing_rate'):
     validate_config(config)
+
+
+def test_shared_weakness_silences_every_modality_on_the_same_utterances():
+  story = synthetic.CorpusStory()
+  no_own_weakness = {m: dataclasses.replace(s, weak_rate=0.0)
+                     for m, s in story.modalities.items()}
+  story = dataclasses.replace(story, modalities=no_own_weakness,
+                              shared_weak_rate=0.3)
+  records = synthetic.generate_records(
+      seed=4, num_dialogues={'train': 300}, dims=SMALL_DIMS, story=story)['train']
+  maps = synthetic.class_subspaces(seed=4, dims=SMALL_DIMS, story=story)
+  # Text is weak exactly where its transcript is a bare interjection.
+  weak = np.concatenate([[t in synthetic._INTERJECTIONS for t in r.transcripts]
+                         for r in records])
+  assert abs(weak.mean() - 0.3) < 0.03
+  for m in 'av':
+    present = np.concatenate([r.present[m] for r in records])
+    # The class signal along the utterance's own emotion mean, per modality.
+    low = np.concatenate([r.features[m] @ maps[m].T for r in records])
+    means = synthetic._world(4, SMALL_DIMS, story).class_means[m]
+    along = np.einsum('nk,nk->n', low, means[np.concatenate(
+        [r.labels for r in records])])
+    # About 12x with shared weakness; about 1x were the same rate independent per modality.
+    assert along[present & ~weak].mean() > 5 * along[present & weak].mean(), m

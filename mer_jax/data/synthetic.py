@@ -27,7 +27,9 @@ Its generative story (all randomness from `seed`):
    except in a `weak_rate` fraction of utterances (independently per
    modality; text 35%, the bare interjections of MELD, audio and visual 20%)
    where a = 0.1 and the modality says next to nothing. Signal scales s_m:
-   text 6.0, audio 2.4, visual 1.9.
+   text 6.0, audio 2.4, visual 1.9. Optionally (`shared_weak_rate`, 0 by
+   default) a further fraction of utterances is weak in every modality at
+   once, as a backchannel says little in words, voice or face alike.
 5. Missing modalities: audio is absent in 5% of utterances and visual in 12%
    (features zero, present False); text is always present.
 6. Labels: 8% are replaced by another class drawn from the prior (in every
@@ -137,6 +139,7 @@ class CorpusStory:
   keep_own_emotion: float = 0.65
   copy_previous_emotion: float = 0.15
   label_noise: float = 0.08
+  shared_weak_rate: float = 0.0  # utterances weak in every modality at once
   speaker_repeat_weight: float = 0.3  # relative weight of the same speaker
   zipf_exponent: float = 1.0
   style_in_subspace: float = 0.3
@@ -175,7 +178,7 @@ def story_from_dict(values: Mapping) -> CorpusStory:
       raise ValueError(
           f'story.modalities.{m}.signal = {f["signal"]} must be > 0')
   for rate in ('keep_own_emotion', 'copy_previous_emotion', 'label_noise',
-               'cue_rate'):
+               'shared_weak_rate', 'cue_rate'):
     if not 0.0 <= values[rate] <= 1.0:
       raise ValueError(f'story.{rate} = {values[rate]} is not in [0, 1]')
   for scale in ('within_group', 'weak_intensity', 'zipf_exponent',
@@ -323,12 +326,13 @@ def _noisy_labels(rng: np.random.Generator, emotion: np.ndarray,
 
 def _modality_features(rng: np.random.Generator, m: str, d: int,
                        world: _World, story: CorpusStory, emotion: np.ndarray,
-                       speaker: np.ndarray, dialogue: np.ndarray
+                       speaker: np.ndarray, dialogue: np.ndarray,
+                       shared_weak: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Features float32[N, d], present bool[N] and weak-signal bool[N]."""
   modality = story.modalities[m]
   total, num_dialogues = len(emotion), dialogue.max() + 1
-  weak = rng.random(total) < modality.weak_rate
+  weak = (rng.random(total) < modality.weak_rate) | shared_weak
   intensity = np.where(weak, story.weak_intensity,
                        rng.uniform(0.7, 1.3, total))
   low = intensity[:, None] * modality.signal * world.class_means[m][emotion]
@@ -358,9 +362,13 @@ def _split_records(rng: np.random.Generator, split: str, num_dialogues: int,
                        [len(e) for _, e in dialogues])
   labels = _noisy_labels(rng, emotion, prior, story.label_noise)
   features, present, weak = {}, {}, {}
+  # Drawn only when used, so the default corpus keeps its bytes.
+  shared_weak = np.zeros(len(emotion), bool)
+  if story.shared_weak_rate > 0:
+    shared_weak = rng.random(len(emotion)) < story.shared_weak_rate
   for m, d in dims.items():
     features[m], present[m], weak[m] = _modality_features(
-        rng, m, d, world, story, emotion, speaker, dialogue)
+        rng, m, d, world, story, emotion, speaker, dialogue, shared_weak)
   text_is_weak = weak.get('t', np.zeros(len(emotion), bool))
 
   records = []
