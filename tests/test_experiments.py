@@ -217,6 +217,27 @@ def test_failed_runs_are_reported_with_their_logs(tmp_path):
                    poll_seconds=0.1)
   assert 'no_such_variant' in (tmp_path / 'bad' / 'run.log').read_text()
   assert not (ok / 'run.log').exists()
+  [attempt] = seeds.load_attempts(str(tmp_path / 'bad'))
+  assert attempt['returncode'] != 0
+  assert 0 < attempt['cpu_seconds'] and 0 < attempt['wall_seconds'] < 300
+  assert seeds.load_attempts(str(ok)) is None
+
+
+def test_run_time_sums_every_attempt_and_counts_untimed_runs(tmp_path):
+  resumed, once, untimed = (str(tmp_path / n) for n in ('resumed', 'once', 'untimed'))
+  for workdir in (resumed, once, untimed):
+    os.makedirs(workdir)
+  seeds.record_attempt(resumed, 100.0, 150.5, -9)  # killed, then resumed
+  seeds.record_attempt(resumed, 20.0, 30.25, 0)
+  seeds.record_attempt(once, 7.5, 12.0, 0)
+  total = seeds.total_run_time([resumed, once, untimed])
+  assert total == {'runs': 3, 'untimed': 1, 'attempts': 3, 'wall_seconds': 127.5,
+                   'cpu_seconds': 192.75}
+  text = seeds.format_run_time(total)
+  assert '128 s wall' in text and '193 s CPU' in text and '1 run(s) have no timing' in text
+  (tmp_path / 'once' / seeds.RUN_TIMES).write_text('[{"wall')
+  with pytest.raises(runs.RunError, match='once/run_times.json is not valid JSON'):
+    seeds.total_run_time([once])
 
 
 def test_command_lines():

@@ -85,6 +85,11 @@ def test_sweep_comparison_and_page(sweep_dir):
   assert f'{100 * stored["difference"]:+.2f}' in page
   assert (exp / 'report' / 'curves_loss_ce.png').is_file()
   assert 'Main results' in stdout
+  # Every run's one attempt is timed, and the page gives the sums.
+  total = result['run_time']
+  assert (total['runs'], total['attempts'], total['untimed']) == (4, 4, 0)
+  assert 0 < total['cpu_seconds'] and 0 < total['wall_seconds'] < result['wall_seconds'] * 4
+  assert f'{total["cpu_seconds"]:.0f} s CPU' in page
 
 
 def test_rerunning_a_sweep_skips_finished_runs(sweep_dir):

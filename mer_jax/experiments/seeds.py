@@ -25,6 +25,7 @@ import numpy as np
 from mer_jax.experiments import runs
 
 HEADLINE = ('weighted_f1', 'macro_f1', 'accuracy')
+RUN_TIMES = 'run_times.json'  # in each run's workdir: one entry per attempt the runner made
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +86,15 @@ def run_jobs(jobs: list[Job], parallel: int = 1, env: dict | None = None,
                               stderr=subprocess.STDOUT)
       running[i] = (proc, time.time(), log)
     time.sleep(poll_seconds)
-    for i in [i for i, (proc, _, _) in running.items() if proc.poll() is not None]:
-      proc, t0, log = running.pop(i)
+    for i, (proc, t0, log) in list(running.items()):
+      usage = _reap(proc)
+      if usage is None:
+        continue
+      del running[i]
       log.close()
       seconds[i] = time.time() - t0
+      record_attempt(jobs[i].workdir, seconds[i], usage.ru_utime + usage.ru_stime,
+                     proc.returncode)
       status = 'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'
       print(f'[{time.strftime("%H:%M:%S")}] {status} {jobs[i].workdir} in {seconds[i]:.0f} s',
             flush=True)
@@ -98,6 +104,64 @@ def run_jobs(jobs: list[Job], parallel: int = 1, env: dict | None = None,
   if failures:
     raise RuntimeError(f'{len(failures)} of {len(jobs)} runs failed: ' + '; '.join(failures))
   return seconds
+
+
+def _reap(proc: subprocess.Popen):
+  """The ended child's resource usage (CPU seconds), its exit code set on `proc`; None while
+  it runs."""
+  pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+  if pid == 0:
+    return None
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  return usage
+
+
+def record_attempt(workdir: str, wall_seconds: float, cpu_seconds: float,
+                   returncode: int) -> None:
+  """Appends one attempt at a run to its run_times.json (a resumed run has several)."""
+  path = os.path.join(workdir, RUN_TIMES)
+  attempts = load_attempts(workdir) or []
+  attempts.append({'ended': time.strftime('%Y-%m-%dT%H:%M:%S'), 'returncode': returncode,
+                   'wall_seconds': round(wall_seconds, 3), 'cpu_seconds': round(cpu_seconds, 3)})
+  with open(path + '.tmp', 'w') as f:
+    json.dump(attempts, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def load_attempts(workdir: str) -> list[dict] | None:
+  path = os.path.join(workdir, RUN_TIMES)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise runs.RunError(f'{path} is not valid JSON ({e}).') from e
+
+
+def total_run_time(workdirs) -> dict:
+  """Wall and CPU seconds summed over every recorded attempt of these runs; `untimed` counts
+  the runs with no record (trained outside the runner, or by a version before it kept one)."""
+  total = {'runs': len(workdirs), 'untimed': 0, 'attempts': 0, 'wall_seconds': 0.0,
+           'cpu_seconds': 0.0}
+  for workdir in workdirs:
+    attempts = load_attempts(workdir)
+    if not attempts:
+      total['untimed'] += 1
+      continue
+    total['attempts'] += len(attempts)
+    total['wall_seconds'] += sum(a['wall_seconds'] for a in attempts)
+    total['cpu_seconds'] += sum(a['cpu_seconds'] for a in attempts)
+  return total
+
+
+def format_run_time(total: dict) -> str:
+  text = (f'Run time of the {total["runs"]} runs, summed over the runner\'s attempts: '
+          f'{total["wall_seconds"]:.0f} s wall ({total["wall_seconds"] / 3600:.2f} h; '
+          f'a paused run counts its pause), {total["cpu_seconds"]:.0f} s CPU.')
+  if total['untimed']:
+    text += f' {total["untimed"]} run(s) have no timing record and are not counted.'
+  return text
 
 
 def seed_jobs(config: str, experiment_dir: str, seeds, overrides=()) -> list[Job]:
@@ -117,7 +181,8 @@ def summarize(experiment_dir: str) -> dict:
   workdirs = runs.seed_runs(experiment_dir)
   results = {workdir: runs.load_results(workdir) for workdir in workdirs}
   stages = list(results[workdirs[0]])
-  summary = {'runs': workdirs, 'headline_stage': stages[-1], 'stages': {}}
+  summary = {'runs': workdirs, 'headline_stage': stages[-1], 'stages': {},
+             'run_time': total_run_time(workdirs)}
   for stage in stages:
     per_seed = []
     for workdir in workdirs:
@@ -151,7 +216,8 @@ def format_summary(summary: dict, title: str) -> str:
   """Markdown: mean +- sd per stage, then the per-seed rows and per-class F1 of each stage."""
   n = len(summary['runs'])
   lines = [f'# {title}', '', f'{n} seed(s); model selection on dev, test scored once per run.',
-           '', '| stage | weighted F1 | macro F1 | accuracy |', '| --- | --- | --- | --- |']
+           '', format_run_time(summary['run_time']), '',
+           '| stage | weighted F1 | macro F1 | accuracy |', '| --- | --- | --- | --- |']
   for stage, s in summary['stages'].items():
     lines.append(f'| {stage} | {pct(s["weighted_f1"])} | {pct(s["macro_f1"])} | '
                  f'{pct(s["accuracy"])} |')

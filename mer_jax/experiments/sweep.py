@@ -94,8 +94,11 @@ def summarize_sweep(sweep: dict, variants: dict[str, str], experiment_dir: str, 
       comparisons[name] = compare_lib.compare_paths(
           os.path.join(experiment_dir, name), reference_dir, samples=bootstrap_samples,
           metrics=('weighted_f1',))['weighted_f1']
+  run_time = seeds_lib.total_run_time(
+      [run for summary in summaries.values() for run in summary['runs']])
   return {'title': sweep['title'], 'reference': sweep['reference'], 'variants': variants,
-          'summaries': summaries, 'comparisons': comparisons, 'missing': missing}
+          'summaries': summaries, 'comparisons': comparisons, 'missing': missing,
+          'run_time': run_time}
 
 
 def main(argv=None) -> None:
@@ -143,7 +146,9 @@ def main(argv=None) -> None:
            f'Differences are variant minus {sweep["reference"]} on the final stage, with 95% '
            f'paired-bootstrap intervals over test utterances ({args.bootstrap_samples} '
            'resamples, seeds averaged) and approximate-randomization p-values.',
-           f'Wall time of this command: {result["wall_seconds"]:.0f} s.']
+           seeds_lib.format_run_time(result['run_time']),
+           f'Wall time of this command: {result["wall_seconds"]:.0f} s'
+           f'{" (report only)" if args.report_only else ""}.']
   if result['missing']:
     notes.append(f'Not run yet (no finished seed): {", ".join(result["missing"])}.')
   paths = report.write_report(os.path.join(args.workdir, 'report'), sweep['title'],
