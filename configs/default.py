@@ -162,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- losses ----------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
   c.loss.class_weights = 'balanced'  # 'balanced' (from train class counts) or 'none'.
+  c.loss.class_weight_power = 1.0  # balanced weights ** power (1: the authors')
   c.loss.poly_alpha = 1.9508055462649292
   c.loss.poly_gamma = 1.402459950741192
   c.loss.distill = True

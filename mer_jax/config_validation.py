@@ -109,6 +109,7 @@ def validate_config(config) -> None:
 
   l = config.loss
   need(l.class_weights in ('balanced', 'none'), 'loss.class_weights', "must be 'balanced' or 'none'")
+  need(l.class_weight_power >= 0, 'loss.class_weight_power', 'must be >= 0')
   need(l.distill_temperature > 0, 'loss.distill_temperature', 'must be > 0')
   need(0.0 <= l.distill_alpha <= 1.0, 'loss.distill_alpha', 'must be in [0, 1]')
   need(0.0 <= l.label_smoothing < 1.0, 'loss.label_smoothing', 'must be in [0, 1)')

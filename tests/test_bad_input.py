@@ -67,13 +67,14 @@ def test_impossible_values_are_reported_together():
   config.graph.scope = 'global'
   config.train.stages = ('audio', 'teacher', 'visual', 'fusion')
   config.data.cache_mib = -1
+  config.loss.class_weight_power = -0.5
   with pytest.raises(ConfigError) as e:
     validate_config(config)
   message = str(e.value)
   problems = [line.strip() for line in message.splitlines()[1:]]
   keys = sorted({p.split(':')[0] for p in problems})
-  assert keys == ['data.cache_mib', 'graph.scope', 'model.fusion.top_k', 'optim.audio.lr',
-                  'train.stages'], message
+  assert keys == ['data.cache_mib', 'graph.scope', 'loss.class_weight_power',
+                  'model.fusion.top_k', 'optim.audio.lr', 'train.stages'], message
   assert "'global'" in message
 
 

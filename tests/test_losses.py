@@ -36,6 +36,19 @@ def test_balanced_class_weights_absent_class_gets_zero():
   np.testing.assert_allclose(losses.balanced_class_weights([4, 0, 2]), [0.5, 0.0, 1.0])
 
 
+def test_class_weight_power_softens_balanced_weights():
+  # n = 16, C = 3: balanced 16 / (3 * 4) and 16 / (3 * 12); an absent class stays 0.
+  np.testing.assert_allclose(losses.class_weights_for('balanced', [4, 12, 0]),
+                             [16 / 12, 16 / 36, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(losses.class_weights_for('balanced', [4, 12, 0], power=0.5),
+                             [(16 / 12) ** 0.5, (16 / 36) ** 0.5, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(losses.class_weights_for('balanced', [4, 12, 0], power=0.0),
+                             [1.0, 1.0, 0.0])
+  np.testing.assert_allclose(losses.class_weights_for('none', [4, 12, 0], power=0.5), [1, 1, 1])
+  with pytest.raises(ValueError, match='power must be >= 0'):
+    losses.class_weights_for('balanced', [4, 12], power=-1.0)
+
+
 @pytest.mark.parametrize('counts, message', [([], 'non-empty'), ([3, -1], 'non-negative'),
                                              ([0, 0], 'sum to 0'), ([[1, 2]], '1-D')])
 def test_balanced_class_weights_rejects_bad_counts(counts, message):

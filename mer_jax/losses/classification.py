@@ -48,10 +48,18 @@ def balanced_class_weights(class_counts: Sequence[int] | np.ndarray) -> np.ndarr
   return weights.astype(np.float32)
 
 
-def class_weights_for(mode: str, class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
-  """Class weights as config key `loss.class_weights` asks: 'balanced' or 'none' (all ones)."""
+def class_weights_for(mode: str, class_counts: Sequence[int] | np.ndarray,
+                      power: float = 1.0) -> np.ndarray:
+  """Class weights as config key `loss.class_weights` asks: 'balanced' or 'none' (all ones).
+
+  'balanced' weights are raised to `power`: 1 is scikit-learn's 'balanced' (the authors'), 0.5
+  their square root, which tilts the loss towards rare classes less; an absent class keeps 0.
+  """
+  if power < 0:
+    raise ValueError(f'class weight power must be >= 0, got {power}.')
   if mode == 'balanced':
-    return balanced_class_weights(class_counts)
+    weights = balanced_class_weights(class_counts)
+    return np.where(weights > 0, weights ** power, 0.0).astype(np.float32)
   if mode == 'none':
     return np.ones(len(class_counts), np.float32)
   raise ValueError(f'loss.class_weights must be one of {CLASS_WEIGHT_MODES}, got {mode!r}.')

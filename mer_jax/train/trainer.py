@@ -484,9 +484,8 @@ def prepare(config, workdir: str, mesh=None) -> Context:
   config_validation.check_mesh_fits_batch(config, sharding.data_axis_size(mesh),
                                           sharding.batch_groups(config))
   data = sources.open_splits(config, workdir)
-  class_weights = (losses.balanced_class_weights(data.class_counts)
-                   if config.loss.class_weights == 'balanced'
-                   else np.ones(len(config.label_names), np.float32))
+  class_weights = losses.class_weights_for(config.loss.class_weights, data.class_counts,
+                                           config.loss.class_weight_power)
   class_weights = jax.device_put(jnp.asarray(class_weights, jnp.float32), sharding.replicated(mesh))
   return Context(config=config, workdir=workdir, mesh=mesh, data=data,
                  class_weights=class_weights)
