@@ -235,6 +235,7 @@ def test_run_time_sums_every_attempt_and_counts_untimed_runs(tmp_path):
                    'cpu_seconds': 192.75}
   text = seeds.format_run_time(total)
   assert '128 s wall' in text and '193 s CPU' in text and '1 run(s) have no timing' in text
+  assert 'none of the 1 runs' in seeds.format_run_time(seeds.total_run_time([untimed]))
   (tmp_path / 'once' / seeds.RUN_TIMES).write_text('[{"wall')
   with pytest.raises(runs.RunError, match='once/run_times.json is not valid JSON'):
     seeds.total_run_time([once])

@@ -156,6 +156,9 @@ def total_run_time(workdirs) -> dict:
 
 
 def format_run_time(total: dict) -> str:
+  if total['untimed'] == total['runs']:
+    return (f'Run time: none of the {total["runs"]} runs has a timing record (trained outside the '
+            f'runner, or before it kept one).')
   text = (f'Run time of the {total["runs"]} runs, summed over the runner\'s attempts: '
           f'{total["wall_seconds"]:.0f} s wall ({total["wall_seconds"] / 3600:.2f} h; '
           f'a paused run counts its pause), {total["cpu_seconds"]:.0f} s CPU.')
