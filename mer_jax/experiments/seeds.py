@@ -63,15 +63,15 @@ def with_shared_cache(overrides, experiment_dir: str) -> tuple[str, ...]:
 
 
 def run_jobs(jobs: list[Job], parallel: int = 1, env: dict | None = None,
-             poll_seconds: float = 0.5) -> list[float]:
-  """Runs the unfinished jobs, at most `parallel` at a time; returns each job's wall seconds.
+             poll_seconds: float = 0.5) -> None:
+  """Runs the unfinished jobs, at most `parallel` at a time; each attempt's wall and CPU
+  seconds go to its workdir's run_times.json (`record_attempt`).
 
   Each job's output goes to <workdir>/run.log. A failed job does not stop the others; after all
   have ended, one error lists every failure with its log.
   """
   if parallel < 1:
     raise ValueError(f'parallel must be >= 1, got {parallel}.')
-  seconds = [0.0] * len(jobs)
   pending = [i for i, job in enumerate(jobs) if not runs.is_finished(job.workdir)]
   running: dict[int, tuple[subprocess.Popen, float, object]] = {}
   failures = []
@@ -92,18 +92,17 @@ def run_jobs(jobs: list[Job], parallel: int = 1, env: dict | None = None,
         continue
       del running[i]
       log.close()
-      seconds[i] = time.time() - t0
-      record_attempt(jobs[i].workdir, seconds[i], usage.ru_utime + usage.ru_stime,
+      seconds = time.time() - t0
+      record_attempt(jobs[i].workdir, seconds, usage.ru_utime + usage.ru_stime,
                      proc.returncode)
       status = 'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'
-      print(f'[{time.strftime("%H:%M:%S")}] {status} {jobs[i].workdir} in {seconds[i]:.0f} s',
+      print(f'[{time.strftime("%H:%M:%S")}] {status} {jobs[i].workdir} in {seconds:.0f} s',
             flush=True)
       if proc.returncode != 0:
         failures.append(f'{jobs[i].workdir} (exit {proc.returncode}; log '
                         f'{os.path.join(jobs[i].workdir, "run.log")})')
   if failures:
     raise RuntimeError(f'{len(failures)} of {len(jobs)} runs failed: ' + '; '.join(failures))
-  return seconds
 
 
 def _reap(proc: subprocess.Popen):
@@ -153,6 +152,13 @@ def total_run_time(workdirs) -> dict:
     total['wall_seconds'] += sum(a['wall_seconds'] for a in attempts)
     total['cpu_seconds'] += sum(a['cpu_seconds'] for a in attempts)
   return total
+
+
+def add_run_times(totals) -> dict:
+  """The sum of several `total_run_time` results (a sweep's, from its variants')."""
+  totals = list(totals)
+  keys = ('runs', 'untimed', 'attempts', 'wall_seconds', 'cpu_seconds')
+  return {k: sum(t[k] for t in totals) for k in keys}
 
 
 def format_run_time(total: dict) -> str:

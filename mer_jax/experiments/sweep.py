@@ -94,8 +94,7 @@ def summarize_sweep(sweep: dict, variants: dict[str, str], experiment_dir: str, 
       comparisons[name] = compare_lib.compare_paths(
           os.path.join(experiment_dir, name), reference_dir, samples=bootstrap_samples,
           metrics=('weighted_f1',))['weighted_f1']
-  run_time = seeds_lib.total_run_time(
-      [run for summary in summaries.values() for run in summary['runs']])
+  run_time = seeds_lib.add_run_times(s['run_time'] for s in summaries.values())
   return {'title': sweep['title'], 'reference': sweep['reference'], 'variants': variants,
           'summaries': summaries, 'comparisons': comparisons, 'missing': missing,
           'run_time': run_time}
