@@ -10,7 +10,6 @@ import json  # pylint: disable=g-import-not-at-top
 
 import jax
 import numpy as np
-from flax import nnx
 
 from configs import default
 from mer_jax.data import pipeline

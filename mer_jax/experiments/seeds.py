@@ -138,27 +138,25 @@ def load_attempts(workdir: str) -> list[dict] | None:
       raise runs.RunError(f'{path} is not valid JSON ({e}).') from e
 
 
-def total_run_time(workdirs) -> dict:
-  """Wall and CPU seconds summed over every recorded attempt of these runs; `untimed` counts
-  the runs with no record (trained outside the runner, or by a version before it kept one)."""
-  total = {'runs': len(workdirs), 'untimed': 0, 'attempts': 0, 'wall_seconds': 0.0,
-           'cpu_seconds': 0.0}
-  for workdir in workdirs:
-    attempts = load_attempts(workdir)
-    if not attempts:
-      total['untimed'] += 1
-      continue
-    total['attempts'] += len(attempts)
-    total['wall_seconds'] += sum(a['wall_seconds'] for a in attempts)
-    total['cpu_seconds'] += sum(a['cpu_seconds'] for a in attempts)
-  return total
+def run_time(workdir: str) -> dict:
+  """One run's wall and CPU seconds summed over its recorded attempts; `untimed` is 1 when it has
+  no record (trained outside the runner, or by a version before it kept one)."""
+  attempts = load_attempts(workdir) or []
+  return {'runs': 1, 'untimed': int(not attempts), 'attempts': len(attempts),
+          'wall_seconds': sum(a['wall_seconds'] for a in attempts),
+          'cpu_seconds': sum(a['cpu_seconds'] for a in attempts)}
 
 
 def add_run_times(totals) -> dict:
-  """The sum of several `total_run_time` results (a sweep's, from its variants')."""
+  """The sum of several `run_time` (or `add_run_times`) results."""
   totals = list(totals)
   keys = ('runs', 'untimed', 'attempts', 'wall_seconds', 'cpu_seconds')
   return {k: sum(t[k] for t in totals) for k in keys}
+
+
+def total_run_time(workdirs) -> dict:
+  """Wall and CPU seconds summed over every recorded attempt of these runs."""
+  return add_run_times(run_time(w) for w in workdirs)
 
 
 def format_run_time(total: dict) -> str:
