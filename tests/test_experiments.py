@@ -248,8 +248,9 @@ def test_command_lines():
                            '--config.seed=3', '--config.train.epochs=1']
   with pytest.raises(ValueError, match='only --config'):
     seeds.check_overrides(['--epochs=3'])
-  assert seeds.with_shared_cache((), '/w')[-1] == '--config.data.cache_dir=/w/data'
-  mine = ('--config.data.cache_dir=/elsewhere',)
+  assert seeds.with_shared_cache((), '/w') == ('--config.data.cache_dir=/w/data',
+                                                '--config.train.compilation_cache_dir=/w/jax_cache')
+  mine = ('--config.data.cache_dir=/elsewhere', '--config.train.compilation_cache_dir=off')
   assert seeds.with_shared_cache(mine, '/w') == mine
 
 

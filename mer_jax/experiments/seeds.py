@@ -57,9 +57,15 @@ def with_default(overrides, key: str, value: str) -> tuple[str, ...]:
 
 
 def with_shared_cache(overrides, experiment_dir: str) -> tuple[str, ...]:
-  """Adds data.cache_dir=<experiment>/data so the runs generate or encode their data once."""
-  return with_default(overrides, 'data.cache_dir',
-                      os.path.join(os.path.abspath(experiment_dir), 'data'))
+  """Adds data.cache_dir=<experiment>/data and train.compilation_cache_dir=<experiment>/jax_cache,
+  so the runs generate or encode their data once and compile each distinct step once.
+
+  Runs in parallel may share the compilation cache: an entry that another process has not
+  finished writing fails to decompress, and JAX then warns and compiles the step itself.
+  """
+  root = os.path.abspath(experiment_dir)
+  overrides = with_default(overrides, 'data.cache_dir', os.path.join(root, 'data'))
+  return with_default(overrides, 'train.compilation_cache_dir', os.path.join(root, 'jax_cache'))
 
 
 def run_jobs(jobs: list[Job], parallel: int = 1, env: dict | None = None,
