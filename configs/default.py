@@ -119,6 +119,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.teacher.input_dropout = 0.1
   # The normalised input also reaches the logits through a zero-initialised linear map (ours).
   c.model.teacher.linear_skip = False
+  # Width per direction of a bidirectional GRU that reads each dialogue's turns in order before
+  # the graph layers, its states concatenated to their input (ours; 0: none, as the authors).
+  c.model.teacher.context_gru = 0
+  # Batch norm of the input features (the authors'). False: they enter as stored, e.g. unit-length
+  # sentence embeddings, whose low-variance directions batch norm would scale up.
+  c.model.teacher.input_batchnorm = True
   c.model.audio = ml_collections.ConfigDict()  # Audio student, 3 graph-convolution layers.
   c.model.audio.hidden = 256
   c.model.audio.layers = 3

@@ -12,6 +12,8 @@ runs only the feature step.
 Variants (`:arg`):
   utterance  each utterance alone, mean-pooled in each of the encoder's layers (1-6 for MiniLM),
              the six vectors concatenated; the teacher with its linear skip (default);
+  last_layer each utterance alone, mean-pooled in the last layer (the authors' features); the
+             teacher set up for such unit-length embeddings (teacher_for_sentence_embeddings);
   context    the speaker-tagged context prompt, pooled over the target utterance's tokens;
   finetune   fine-tune the encoder on context prompts first, then extract features with it:
              prompts cut to 64 tokens (the target and the turns just before it), the target
@@ -87,6 +89,28 @@ def read_layers_1_to_6_with_skip(c: ml_collections.ConfigDict) -> None:
   c.model.teacher.linear_skip = True
 
 
+def teacher_for_sentence_embeddings(c: ml_collections.ConfigDict) -> None:
+  """The teacher set up for unit-length sentence embeddings (MiniLM's last layer, mean-pooled).
+
+  Chosen on MELD dev weighted F1, mean best over seeds 0-2: 55.17, against 52.79 for the
+  authors' teacher with the linear skip, 54.05 without the GRU and 54.24 with input batch norm
+  (test: README).
+  """
+  c.model.teacher.linear_skip = True
+  # Each dimension of a unit vector in 384-d spreads about 0.05: the text augmentation's noise
+  # (std 0.1) would drown it, and batch norm scales up directions that carry little.
+  c.augment.enabled = False
+  c.model.teacher.input_batchnorm = False
+  # Graph attention sees a dialogue's turns unordered; a GRU reads them in order.
+  c.model.teacher.context_gru = 128
+  # Without noise the authors' 4 x 256-wide heads overfit within 2 epochs.
+  c.model.teacher.hidden = 64
+  c.model.teacher.dropout = 0.35
+  c.model.teacher.input_dropout = 0.3
+  c.optim.teacher.lr = 1e-3
+  c.optim.teacher.weight_decay = 0.01
+
+
 def get_config(arg=None):
   c = default.base_config()
   c.data.source = 'text_csv'
@@ -101,6 +125,8 @@ def get_config(arg=None):
   c.optim.teacher.lr = 2e-4
   if arg in (None, '', 'utterance'):
     read_layers_1_to_6_with_skip(c)
+  elif arg == 'last_layer':
+    teacher_for_sentence_embeddings(c)
   elif arg == 'context':
     c.text.input = 'context'
     c.text.pooling = 'target_mean'
@@ -134,6 +160,6 @@ def get_config(arg=None):
     c.text.max_length = 512
     c.data.dims.t = 1024
   else:
-    raise ValueError(f'unknown variant {arg!r}; use utterance, context, finetune, finetune_last, '
-                     'finetune_utterance or roberta')
+    raise ValueError(f'unknown variant {arg!r}; use utterance, last_layer, context, finetune, '
+                     'finetune_last, finetune_utterance or roberta')
   return c

@@ -71,6 +71,10 @@ def validate_config(config) -> None:
   need(g.gat_edge_weights in ('bias', 'none'), 'graph.gat_edge_weights', "must be 'bias' or 'none'")
   for m in mods:
     need(int(g.k[m]) >= 1, f'graph.k.{m}', 'must be >= 1')
+  gru = config.model.teacher.context_gru
+  need(isinstance(gru, int) and gru >= 0, 'model.teacher.context_gru', f'{gru!r} must be an int >= 0')
+  need(not (gru and g.scope == 'batch'), 'model.teacher.context_gru',
+       "reads each dialogue's turns in order, so it needs graph.scope='dialogue'")
 
   f = config.model.fusion
   need(f.input in ('stacked', 'graph', 'raw'), 'model.fusion.input',

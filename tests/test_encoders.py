@@ -258,3 +258,19 @@ def test_teacher_linear_skip_starts_at_zero_and_adds_a_probe_of_the_normalised_i
   # Evaluation batch norm with its initial statistics (mean 0, variance 1): x / sqrt(1 + eps).
   x = np.asarray(batch.nodes['features']['t']) / np.sqrt(1.0 + 1e-5)
   np.testing.assert_allclose(logits, np.asarray(base) + x @ kernel, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_without_input_batchnorm_reads_the_features_as_stored():
+  rng = np.random.default_rng(4)
+  batch = pad([dialogue(rng, 5), dialogue(rng, 4)], 12, 40, 3)
+  config = tiny_config()
+  config.model.teacher.input_batchnorm = False
+  config.model.teacher.linear_skip = True
+  model = build('teacher', config)
+  assert not jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+  base, _ = run(model, 'teacher', batch, False)
+  kernel = rng.normal(size=(DIMS['t'], 7)).astype(np.float32)
+  model.skip.kernel[...] = jnp.asarray(kernel)
+  logits, _ = run(model, 'teacher', batch, False)
+  x = np.asarray(batch.nodes['features']['t'])
+  np.testing.assert_allclose(logits, np.asarray(base) + x @ kernel, rtol=1e-4, atol=1e-4)

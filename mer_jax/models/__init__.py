@@ -86,7 +86,8 @@ def build_model(stage: str, config: ml_collections.ConfigDict, *,
     return encoders.TextGraphTeacher(
         in_dims['t'], num_classes, hidden=c.hidden, heads=c.heads, dropout=c.dropout,
         input_dropout=c.input_dropout, gat_edge_weights=config.graph.gat_edge_weights,
-        linear_skip=c.linear_skip, **common)
+        linear_skip=c.linear_skip, context_gru=c.context_gru,
+        input_batchnorm=c.input_batchnorm, **common)
   if stage == 'audio':
     c = config.model.audio
     return encoders.AudioGraphStudent(

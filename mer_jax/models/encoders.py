@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import jraph
 
 from mer_jax.models import graph as graph_lib
+from mer_jax.models import sequence
 
 
 class FeatureDrop(nnx.Module):
@@ -65,7 +66,7 @@ class GraphInput(nnx.Module):
 
   def __init__(self, in_features: int, *, modality: str, edge_spec: graph_lib.EdgeSpec,
                input_dropout: float, batchnorm_momentum: float, self_loops: bool,
-               message_passing: str = 'dense', rngs: nnx.Rngs):
+               message_passing: str = 'dense', batch_norm: bool = True, rngs: nnx.Rngs):
     if message_passing not in graph_lib.MESSAGE_PASSING_MODES:
       raise ValueError(f'message_passing must be one of {graph_lib.MESSAGE_PASSING_MODES}, '
                        f'got {message_passing!r}.')
@@ -75,12 +76,15 @@ class GraphInput(nnx.Module):
     self.edge_spec = edge_spec
     self.self_loops = self_loops
     self.feature_drop = FeatureDrop(input_dropout, rngs=rngs)
-    self.batch_norm = MaskedBatchNorm(in_features, momentum=batchnorm_momentum, rngs=rngs)
+    self.batch_norm = (MaskedBatchNorm(in_features, momentum=batchnorm_momentum, rngs=rngs)
+                       if batch_norm else None)
 
   def __call__(self, x: jax.Array, graph: jraph.GraphsTuple, *, train: bool
                ) -> tuple[jax.Array, graph_lib.GraphEdges | graph_lib.DenseGraph]:
     candidate = graph.nodes['mask'] & graph.nodes['present'][self.modality]
-    x = self.batch_norm(self.feature_drop(x, train=train), candidate, train=train)
+    x = self.feature_drop(x, train=train)
+    if self.batch_norm is not None:
+      x = self.batch_norm(x, candidate, train=train)
     spec = self.edge_spec
     build = (graph_lib.build_modality_adjacency if self.message_passing == 'dense'
              else graph_lib.build_modality_edges)
@@ -115,27 +119,39 @@ class ResidualGraphBlock(nnx.Module):
     return self.norm(self.dropout(h, deterministic=not train) + residual)
 
 
+def graph_input_width(in_features: int, context: sequence.DialogueBiGRU | None) -> int:
+  return in_features + (context.output_width if context is not None else 0)
+
+
 class GraphEncoder(nnx.Module):
   """Input stage, residual graph blocks, dropout and a linear classifier.
 
   With `linear_skip` (ours), the normalised input also reaches the logits through a linear map
-  that starts at zero: a linear probe trained jointly with the graph network.
+  that starts at zero: a linear probe trained jointly with the graph network. With `context`
+  (ours), a bidirectional GRU reads each dialogue's turns in order and its states join the
+  normalised input of the graph blocks (and of the linear skip).
   """
 
   def __init__(self, input_stage: GraphInput, blocks: Sequence[ResidualGraphBlock],
                width: int, num_classes: int, *, dropout: float, rngs: nnx.Rngs,
-               linear_skip: bool = False):
+               linear_skip: bool = False, context: sequence.DialogueBiGRU | None = None):
     self.input_stage = input_stage
+    self.context = context
     self.blocks = nnx.List(blocks)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.classifier = graph_lib.linear(width, num_classes, axes=('embed', None), rngs=rngs)
     self.representation_width = width
-    self.skip = (graph_lib.zero_linear(input_stage.in_features, num_classes, rngs=rngs)
+    self.skip = (graph_lib.zero_linear(graph_input_width(input_stage.in_features, context),
+                                       num_classes, rngs=rngs)
                  if linear_skip else None)
 
   def __call__(self, x: jax.Array, graph: jraph.GraphsTuple, *,
                train: bool) -> tuple[jax.Array, jax.Array]:
     x, edges = self.input_stage(x, graph, train=train)
+    if self.context is not None:
+      # The edges stay those of the features alone; the blocks also read the turns in order.
+      x = jnp.concatenate(
+          [x, self.dropout(self.context(x, graph), deterministic=not train)], axis=-1)
     h = x
     for block in self.blocks:
       h = block(h, edges, train=train)
@@ -172,17 +188,22 @@ class TextGraphTeacher(GraphEncoder):
                hidden: int = 256, heads: int = 4, dropout: float = 0.15,
                input_dropout: float = 0.1, gat_edge_weights: str = 'bias',
                batchnorm_momentum: float = 0.9, modality: str = 't',
-               message_passing: str = 'dense', linear_skip: bool = False, rngs: nnx.Rngs):
+               message_passing: str = 'dense', linear_skip: bool = False,
+               context_gru: int = 0, input_batchnorm: bool = True, rngs: nnx.Rngs):
     layers = ((hidden, heads, True), (hidden, heads, True),
               (hidden, heads, False), (hidden, heads, False))
     input_stage = GraphInput(in_features, modality=modality, edge_spec=edge_spec,
                              input_dropout=input_dropout,
                              batchnorm_momentum=batchnorm_momentum, self_loops=True,
-                             message_passing=message_passing, rngs=rngs)
-    blocks = _attention_blocks(in_features, layers, project_all_residuals=False,
-                               edge_weights=gat_edge_weights, dropout=dropout, rngs=rngs)
+                             message_passing=message_passing, batch_norm=input_batchnorm,
+                             rngs=rngs)
+    context = (sequence.DialogueBiGRU(in_features, context_gru, rngs=rngs)
+               if context_gru else None)
+    blocks = _attention_blocks(graph_input_width(in_features, context), layers,
+                               project_all_residuals=False, edge_weights=gat_edge_weights,
+                               dropout=dropout, rngs=rngs)
     super().__init__(input_stage, blocks, hidden, num_classes, dropout=dropout, rngs=rngs,
-                     linear_skip=linear_skip)
+                     linear_skip=linear_skip, context=context)
 
 
 class VisualGraphStudent(GraphEncoder):
