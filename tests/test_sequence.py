@@ -7,18 +7,21 @@ import numpy as np
 import pytest
 
 from configs import default
+from mer_jax import predict
 from mer_jax.config_validation import ConfigError
 from mer_jax.config_validation import validate_config
+from mer_jax.data import shards
+from mer_jax.data import sources
 from mer_jax.models import sequence
+from mer_jax.train import trainer
 from tests import test_encoders
-
-torch = pytest.importorskip('torch')
 
 D, H = 12, 5  # test_encoders' text width, a GRU width
 
 
 def gru_and_torch_twin(seed=0):
   """A DialogueBiGRU with random biases and torch's bidirectional GRU holding its weights."""
+  torch = pytest.importorskip('torch')
   model = sequence.DialogueBiGRU(D, H, rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
   model.input_bias[...] = jnp.asarray(rng.normal(size=(2, 3 * H)), jnp.float32)
@@ -37,6 +40,7 @@ def gru_and_torch_twin(seed=0):
 
 
 def torch_states(twin, x):
+  torch = pytest.importorskip('torch')
   with torch.no_grad():
     out, _ = twin(torch.from_numpy(np.asarray(x))[None])
   return out[0].numpy()
@@ -104,10 +108,6 @@ def test_gru_needs_dialogue_scope_graphs():
 def test_gru_teacher_without_batchnorm_trains_saves_and_restores(tmp_path):
   """A teacher-only run with both options; the restored best checkpoint reproduces the test
   probabilities written during training."""
-  from mer_jax import predict  # pylint: disable=g-import-not-at-top
-  from mer_jax.data import shards  # pylint: disable=g-import-not-at-top
-  from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = default.get_config('tiny')
   config.train.stages = ('teacher',)
   config.model.teacher.context_gru = 6
