@@ -122,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Width per direction of a bidirectional GRU that reads each dialogue's turns in order before
   # the graph layers, its states concatenated to their input (ours; 0: none, as the authors).
   c.model.teacher.context_gru = 0
+  # > 0: the GRU reads relu(linear(features)) of this width instead of the features (ours).
+  c.model.teacher.context_projection = 0
   # Batch norm of the input features (the authors'). False: they enter as stored, e.g. unit-length
   # sentence embeddings, whose low-variance directions batch norm would scale up.
   c.model.teacher.input_batchnorm = True

@@ -75,6 +75,11 @@ def validate_config(config) -> None:
   need(isinstance(gru, int) and gru >= 0, 'model.teacher.context_gru', f'{gru!r} must be an int >= 0')
   need(not (gru and g.scope == 'batch'), 'model.teacher.context_gru',
        "reads each dialogue's turns in order, so it needs graph.scope='dialogue'")
+  proj = config.model.teacher.context_projection
+  need(isinstance(proj, int) and proj >= 0, 'model.teacher.context_projection',
+       f'{proj!r} must be an int >= 0')
+  need(not (proj and not gru), 'model.teacher.context_projection',
+       'projects the input of the context GRU, so it needs model.teacher.context_gru > 0')
 
   f = config.model.fusion
   need(f.input in ('stacked', 'graph', 'raw'), 'model.fusion.input',

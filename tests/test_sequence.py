@@ -19,14 +19,15 @@ from tests import test_encoders
 D, H = 12, 5  # test_encoders' text width, a GRU width
 
 
-def gru_and_torch_twin(seed=0):
-  """A DialogueBiGRU with random biases and torch's bidirectional GRU holding its weights."""
+def gru_and_torch_twin(seed=0, projection=0):
+  """A DialogueBiGRU with random biases and torch's bidirectional GRU holding its weights
+  (the twin reads the projected input when there is a projection)."""
   torch = pytest.importorskip('torch')
-  model = sequence.DialogueBiGRU(D, H, rngs=nnx.Rngs(seed))
+  model = sequence.DialogueBiGRU(D, H, projection=projection, rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
   model.input_bias[...] = jnp.asarray(rng.normal(size=(2, 3 * H)), jnp.float32)
   model.recurrent_bias[...] = jnp.asarray(rng.normal(size=(2, 3 * H)), jnp.float32)
-  twin = torch.nn.GRU(D, H, batch_first=True, bidirectional=True)
+  twin = torch.nn.GRU(projection or D, H, batch_first=True, bidirectional=True)
   with torch.no_grad():
     for k, suffix in enumerate(('', '_reverse')):
       getattr(twin, 'weight_ih_l0' + suffix).copy_(
@@ -72,6 +73,19 @@ def test_each_packed_dialogue_matches_torch_gru_run_on_it_alone():
     start += n
 
 
+def test_projected_gru_reads_relu_of_the_projection():
+  rng = np.random.default_rng(3)
+  lengths = (4, 3)
+  batch = test_encoders.pad([test_encoders.dialogue(rng, n) for n in lengths], 8, 40, 3)
+  x = np.asarray(batch.nodes['features']['t'])
+  model, twin = gru_and_torch_twin(seed=1, projection=7)
+  projected = np.maximum(
+      x @ np.asarray(model.projection.kernel[...]) + np.asarray(model.projection.bias[...]), 0.0)
+  out = np.asarray(model(jnp.asarray(x), batch))
+  np.testing.assert_allclose(out[:4], torch_states(twin, projected[:4]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[4:7], torch_states(twin, projected[4:7]), rtol=1e-5, atol=1e-5)
+
+
 def test_teacher_with_the_gru_reads_the_turns_in_order():
   """Reversing a dialogue's turns changes the teacher's output only through the GRU."""
   rng = np.random.default_rng(2)
@@ -103,6 +117,10 @@ def test_gru_needs_dialogue_scope_graphs():
   config.model.teacher.context_gru = -1
   with pytest.raises(ConfigError, match=r'model\.teacher\.context_gru: -1 must be an int >= 0'):
     validate_config(config)
+  config.model.teacher.context_gru = 0
+  config.model.teacher.context_projection = 16
+  with pytest.raises(ConfigError, match=r'model\.teacher\.context_projection: .*context_gru > 0'):
+    validate_config(config)
 
 
 def test_gru_teacher_without_batchnorm_trains_saves_and_restores(tmp_path):
@@ -111,6 +129,7 @@ def test_gru_teacher_without_batchnorm_trains_saves_and_restores(tmp_path):
   config = default.get_config('tiny')
   config.train.stages = ('teacher',)
   config.model.teacher.context_gru = 6
+  config.model.teacher.context_projection = 5
   config.model.teacher.input_batchnorm = False
   config.train.compilation_cache_dir = 'off'
   config.mesh.shape = {'data': 1, 'model': 1}

@@ -87,6 +87,7 @@ def build_model(stage: str, config: ml_collections.ConfigDict, *,
         in_dims['t'], num_classes, hidden=c.hidden, heads=c.heads, dropout=c.dropout,
         input_dropout=c.input_dropout, gat_edge_weights=config.graph.gat_edge_weights,
         linear_skip=c.linear_skip, context_gru=c.context_gru,
+        context_projection=c.context_projection,
         input_batchnorm=c.input_batchnorm, **common)
   if stage == 'audio':
     c = config.model.audio

@@ -189,7 +189,8 @@ class TextGraphTeacher(GraphEncoder):
                input_dropout: float = 0.1, gat_edge_weights: str = 'bias',
                batchnorm_momentum: float = 0.9, modality: str = 't',
                message_passing: str = 'dense', linear_skip: bool = False,
-               context_gru: int = 0, input_batchnorm: bool = True, rngs: nnx.Rngs):
+               context_gru: int = 0, context_projection: int = 0,
+               input_batchnorm: bool = True, rngs: nnx.Rngs):
     layers = ((hidden, heads, True), (hidden, heads, True),
               (hidden, heads, False), (hidden, heads, False))
     input_stage = GraphInput(in_features, modality=modality, edge_spec=edge_spec,
@@ -197,7 +198,8 @@ class TextGraphTeacher(GraphEncoder):
                              batchnorm_momentum=batchnorm_momentum, self_loops=True,
                              message_passing=message_passing, batch_norm=input_batchnorm,
                              rngs=rngs)
-    context = (sequence.DialogueBiGRU(in_features, context_gru, rngs=rngs)
+    context = (sequence.DialogueBiGRU(in_features, context_gru, projection=context_projection,
+                                       rngs=rngs)
                if context_gru else None)
     blocks = _attention_blocks(graph_input_width(in_features, context), layers,
                                project_all_residuals=False, edge_weights=gat_edge_weights,

@@ -34,10 +34,16 @@ class DialogueBiGRU(nnx.Module):
     n = tanh(W_n x + b_n + r * (U_n h + c_n)), h' = (1 - z) * n + z * h.
   """
 
-  def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, hidden: int, *, projection: int = 0, rngs: nnx.Rngs):
+    """`projection` > 0: the GRU reads relu(linear(x)) of that width instead of x."""
     if hidden < 1:
       raise ValueError(f'DialogueBiGRU needs hidden >= 1, got {hidden}.')
+    if projection < 0:
+      raise ValueError(f'DialogueBiGRU needs projection >= 0, got {projection}.')
     self.hidden = hidden
+    self.projection = (graph_lib.linear(in_features, projection, rngs=rngs)
+                       if projection else None)
+    in_features = projection or in_features
     init = nnx.initializers.glorot_uniform()
     orthogonal = nnx.initializers.orthogonal()
     # [direction, ...]: both directions' input and recurrent weights, gates r|z|n side by side.
@@ -56,6 +62,8 @@ class DialogueBiGRU(nnx.Module):
   def __call__(self, x: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
     """f32[N, d] node features -> f32[N, 2 * hidden]."""
     starts, ends = dialogue_starts_and_ends(graph)
+    if self.projection is not None:
+      x = jax.nn.relu(self.projection(x))
     # Input terms of every step at once: [N, direction, 3h]; the backward direction's reversed.
     gates_x = jnp.einsum('nd,kdg->nkg', x, self.input_kernel[...]) + self.input_bias[...]
     gates_x = jnp.stack([gates_x[:, 0], gates_x[::-1, 1]], axis=1)
