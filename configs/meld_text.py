@@ -92,22 +92,28 @@ def read_layers_1_to_6_with_skip(c: ml_collections.ConfigDict) -> None:
 def teacher_for_sentence_embeddings(c: ml_collections.ConfigDict) -> None:
   """The teacher set up for unit-length sentence embeddings (MiniLM's last layer, mean-pooled).
 
-  Chosen on MELD dev weighted F1, mean best over seeds 0-2: 55.17, against 52.79 for the
-  authors' teacher with the linear skip, 54.05 without the GRU and 54.24 with input batch norm
-  (test: README).
+  Chosen on MELD dev weighted F1 (mean best over seeds; README): 56.55 over seeds 0-4, against
+  56.21 with lr 1e-3 and, over seeds 0-2, 55.17 for this version's predecessor (the GRU reading
+  the features themselves, full balanced weights, lr 1e-3) and 52.79 for the authors' teacher
+  with the linear skip.
   """
   c.model.teacher.linear_skip = True
   # Each dimension of a unit vector in 384-d spreads about 0.05: the text augmentation's noise
   # (std 0.1) would drown it, and batch norm scales up directions that carry little.
   c.augment.enabled = False
   c.model.teacher.input_batchnorm = False
-  # Graph attention sees a dialogue's turns unordered; a GRU reads them in order.
+  # Graph attention sees a dialogue's turns unordered; a GRU reads them in order, here from a
+  # 128-d ReLU projection of the features.
   c.model.teacher.context_gru = 128
+  c.model.teacher.context_projection = 128
+  # Square-rooted balanced weights: with the projection, mean best dev 56.58 against 54.75 with
+  # the full weights (seeds 0-2, lr 1e-3).
+  c.loss.class_weight_power = 0.5
   # Without noise the authors' 4 x 256-wide heads overfit within 2 epochs.
   c.model.teacher.hidden = 64
   c.model.teacher.dropout = 0.35
   c.model.teacher.input_dropout = 0.3
-  c.optim.teacher.lr = 1e-3
+  c.optim.teacher.lr = 3e-4
   c.optim.teacher.weight_decay = 0.01
 
 
