@@ -243,6 +243,14 @@ def test_unknown_message_passing_is_rejected():
     build_with_message_passing('audio', 'sparse')
 
 
+def logits_with_random_skip(model, batch, rng):
+  """Gives the teacher's linear skip a random kernel; returns (eval logits, that kernel)."""
+  kernel = rng.normal(size=(DIMS['t'], 7)).astype(np.float32)
+  model.skip.kernel[...] = jnp.asarray(kernel)
+  logits, _ = run(model, 'teacher', batch, False)
+  return logits, kernel
+
+
 def test_teacher_linear_skip_starts_at_zero_and_adds_a_probe_of_the_normalised_input():
   rng = np.random.default_rng(3)
   batch = pad([dialogue(rng, 5), dialogue(rng, 4)], 12, 40, 3)
@@ -252,9 +260,7 @@ def test_teacher_linear_skip_starts_at_zero_and_adds_a_probe_of_the_normalised_i
   model = build('teacher', config)
   logits, _ = run(model, 'teacher', batch, False)
   np.testing.assert_allclose(logits, base, rtol=1e-6, atol=1e-6)
-  kernel = rng.normal(size=(DIMS['t'], 7)).astype(np.float32)
-  model.skip.kernel[...] = jnp.asarray(kernel)
-  logits, _ = run(model, 'teacher', batch, False)
+  logits, kernel = logits_with_random_skip(model, batch, rng)
   # Evaluation batch norm with its initial statistics (mean 0, variance 1): x / sqrt(1 + eps).
   x = np.asarray(batch.nodes['features']['t']) / np.sqrt(1.0 + 1e-5)
   np.testing.assert_allclose(logits, np.asarray(base) + x @ kernel, rtol=1e-4, atol=1e-4)
@@ -269,8 +275,6 @@ def test_teacher_without_input_batchnorm_reads_the_features_as_stored():
   model = build('teacher', config)
   assert not jax.tree.leaves(nnx.state(model, nnx.BatchStat))
   base, _ = run(model, 'teacher', batch, False)
-  kernel = rng.normal(size=(DIMS['t'], 7)).astype(np.float32)
-  model.skip.kernel[...] = jnp.asarray(kernel)
-  logits, _ = run(model, 'teacher', batch, False)
+  logits, kernel = logits_with_random_skip(model, batch, rng)
   x = np.asarray(batch.nodes['features']['t'])
   np.testing.assert_allclose(logits, np.asarray(base) + x @ kernel, rtol=1e-4, atol=1e-4)
