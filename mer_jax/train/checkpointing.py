@@ -34,7 +34,10 @@ def _manager(directory: str, keep: int, items: tuple[str, ...],
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          enable_async_checkpointing=False, read_only=read_only)
-  return ocp.CheckpointManager(_absolute(directory), options=options, item_names=items)
+  # Handlers named up front (not only at save/restore) so that item_metadata can read the trees.
+  handlers = {name: (ocp.StandardCheckpointHandler() if name in ('state', 'weights')
+                     else ocp.JsonCheckpointHandler()) for name in items}
+  return ocp.CheckpointManager(_absolute(directory), options=options, item_handlers=handlers)
 
 
 def _replace_step(manager: ocp.CheckpointManager, step: int) -> None:
@@ -50,6 +53,38 @@ def _replace_step(manager: ocp.CheckpointManager, step: int) -> None:
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+def _key_name(key: Any) -> str:
+  return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+
+
+def _path_names(path: tuple) -> tuple[str, ...]:
+  return tuple(_key_name(k) for k in path)
+
+
+def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: Any,
+                  other_items: dict) -> tuple[Any, dict]:
+  """Restores `item` onto the structure and shardings of `like` (plus JSON items).
+
+  Checkpoints written while the train state held nnx.State trees (before it became plain dicts
+  of arrays, see trainer.build_sharded_model) store each array inside its Variable, at
+  `<path>/value`; those arrays are restored from where they are stored and unwrapped.
+  """
+  stored = manager.item_metadata(step)[item]
+  stored_paths = {_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
+
+  def as_stored(path, leaf):
+    names = _path_names(path)
+    if names not in stored_paths and names + ('value',) in stored_paths:
+      return {'value': leaf}
+    return leaf
+
+  target = jax.tree_util.tree_map_with_path(as_stored, _abstract(like))
+  out = manager.restore(step, args=ocp.args.Composite(
+      **{item: ocp.args.StandardRestore(target)}, **other_items))
+  restored = jax.tree.map(lambda _, r: r['value'] if isinstance(r, dict) else r, like, out[item])
+  return restored, out
 
 
 class StageCheckpoints:
@@ -89,10 +124,9 @@ class StageCheckpoints:
     step = self._latest.latest_step()
     if step is None:
       return None
-    out = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
-    return out['state'], out['data'], out['meta']
+    state, out = _restore_tree(self._latest, step, 'state', like_state,
+                               {'data': ocp.args.JsonRestore(), 'meta': ocp.args.JsonRestore()})
+    return state, out['data'], out['meta']
 
   # --- best (for evaluation and prediction) ---------------------------------------------------
   def save_best(self, step: int, params: Any, batch_stats: Any, meta: dict) -> None:
@@ -114,9 +148,9 @@ class StageCheckpoints:
   def restore_best(self, like_params: Any, like_batch_stats: Any) -> tuple[Any, Any, dict]:
     step = self._require_best()
     like = {'params': like_params, 'batch_stats': like_batch_stats}
-    out = self._best.restore(step, args=ocp.args.Composite(
-        weights=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
-    return out['weights']['params'], out['weights']['batch_stats'], out['meta']
+    weights, out = _restore_tree(self._best, step, 'weights', like,
+                                 {'meta': ocp.args.JsonRestore()})
+    return weights['params'], weights['batch_stats'], out['meta']
 
   def _require_best(self) -> int:
     step = self._best.latest_step()

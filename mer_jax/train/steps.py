@@ -166,8 +166,9 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
   # nnx.value_and_grad (not jax's) so the model's rng streams and batch statistics may be
   # updated in place while tracing; the gradients come back as a State shaped like the params.
   (loss, (logits, parts)), grads = nnx.value_and_grad(compute_loss, has_aux=True)(model)
+  grads = nnx.to_pure_dict(grads)  # the train state holds plain dicts (trainer.build_sharded_model)
   new_state = apply_gradients(state, grads, tx=tx, ema_decay=statics.ema_decay).replace(
-      model_state=nnx.state(model, nnx.BatchStat))
+      model_state=nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
   labels = batch.nodes['label']
   valid = batch.nodes['mask'] & (labels >= 0)
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)

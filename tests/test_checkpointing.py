@@ -1,0 +1,81 @@
+"""Train-state checkpoints: round trip, and checkpoints stored in the older nnx.State layout.
+
+The train state holds plain dicts of arrays. Checkpoints written while it held nnx.State trees
+store each array one level deeper, inside its Variable (`<path>/value`); they must restore to
+the same numbers.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mer_jax.train import checkpointing
+from mer_jax.train import steps
+
+
+class Toy(nnx.Module):
+  """Params, batch statistics, a list of submodules and a submodule named `value`."""
+
+  def __init__(self, rngs):
+    self.blocks = nnx.List([nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)])
+    self.value = nnx.Linear(4, 2, rngs=rngs)
+    self.norm = nnx.BatchNorm(4, rngs=rngs)
+
+
+def train_state(params, batch_stats, tx):
+  return steps.TrainState(
+      step=jnp.asarray(7, jnp.int32), params=params, model_state=batch_stats,
+      opt_state=tx.init(params), ema_params=jax.tree.map(lambda x: x * 0.5, params),
+      lr_scale=jnp.asarray(0.25, jnp.float32), rng=jax.random.PRNGKey(3))
+
+
+@pytest.fixture()
+def states():
+  """(the state as nnx.State trees, the same state as plain dicts), after one AdamW update so
+  that the optimizer moments are not zeros."""
+  _, params, batch_stats = nnx.split(Toy(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+  batch_stats = jax.tree.map(lambda x: x + 1.5, batch_stats)
+  tx = optax.adamw(1e-2)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+  as_state = train_state(params, batch_stats, tx)
+  _, opt_state = tx.update(grads, as_state.opt_state, params)
+  as_state = as_state.replace(opt_state=opt_state)
+  pure = nnx.to_pure_dict
+  as_dicts = train_state(pure(params), pure(batch_stats), tx)
+  _, pure_opt = tx.update(pure(grads), as_dicts.opt_state, pure(params))
+  return as_state, as_dicts.replace(opt_state=pure_opt)
+
+
+def assert_same(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def zeros_like(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+@pytest.mark.parametrize('saved_as', ['dicts', 'nnx_state'])
+def test_latest_and_best_restore_onto_plain_dicts(tmp_path, states, saved_as):
+  as_state, as_dicts = states
+  saved = as_dicts if saved_as == 'dicts' else as_state
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher')
+  ckpt.save_latest(12, saved, {'epoch': 1}, {'finished': False})
+  ckpt.save_best(12, saved.ema_params, saved.model_state, {'dev_weighted_f1': 0.5})
+  ckpt.close()
+
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher', read_only=True)
+  # Restored onto zeros shaped like the plain-dict state: every number comes from the disk.
+  state, data, meta = ckpt.restore_latest(zeros_like(as_dicts))
+  assert data == {'epoch': 1} and meta == {'finished': False}
+  assert_same(state, as_dicts)
+  params, batch_stats, best_meta = ckpt.restore_best(zeros_like(as_dicts.ema_params),
+                                                     zeros_like(as_dicts.model_state))
+  assert best_meta == {'dev_weighted_f1': 0.5}
+  assert_same(params, as_dicts.ema_params)
+  assert_same(batch_stats, as_dicts.model_state)
+  ckpt.close()
