@@ -154,7 +154,8 @@ def test_augmentation_statistics_match_the_recipe():
 
 
 def test_augmentation_draws_follow_the_documented_sequence():
-  """Pins each modality's draws (a faster rewrite must not change a seed's batches) and checks
+  """Pins each modality's draws (a faster rewrite must not change a seed's batches; the text
+  draws 108 noise values, a multiple of 4 (64-bit draws), the audio 63, not one) and checks
   that read-only record features are left as they were."""
   aug = pipeline.Augmentation(t_dropout=0.3, t_noise_std=0.02, t_shuffle_prob=0.0,
                               t_shuffle_fraction=0.1, t_scale_prob=0.5, t_scale_range=(0.8, 1.2),
@@ -193,6 +194,24 @@ def test_augmentation_draws_follow_the_documented_sequence():
     np.testing.assert_array_equal(out[m], want[m])
     np.testing.assert_array_equal(x[m], before[m])
   assert 0 < scaled.sum() < 9 and 0 < dropped.mean() < 1
+
+
+@pytest.mark.parametrize('size', [4096, 4098, 6])
+@pytest.mark.parametrize('leftover_half', [False, True])
+def test_gaussian_noise_uses_the_bits_rng_bytes_gives(size, leftover_half):
+  """The noise is the quantile of each 16 bits of rng.bytes, whichever way it draws them, and
+  leaves the generator where rng.bytes leaves it: also when an odd number of 32-bit draws (here
+  float32 uniforms) left half of a 64-bit output for the next draw."""
+  fast, ref = np.random.default_rng(9), np.random.default_rng(9)
+  for rng in (fast, ref):
+    rng.random(3 if leftover_half else 4, dtype=np.float32)
+  assert fast.bit_generator.state['has_uint32'] == leftover_half
+  bits = np.frombuffer(ref.bytes(2 * size), np.uint16)
+  want = np.asarray([statistics.NormalDist().inv_cdf((b + 0.5) / 65536) for b in bits.tolist()],
+                    np.float32)
+  np.testing.assert_array_equal(pipeline.gaussian_noise(fast, (size,)), want)
+  np.testing.assert_array_equal(fast.random(5, dtype=np.float32), ref.random(5, dtype=np.float32))
+  assert fast.random() == ref.random()
 
 
 def test_gaussian_noise_is_a_finely_quantised_standard_normal():

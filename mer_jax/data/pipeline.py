@@ -66,7 +66,15 @@ def gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
   an augmentation can feel.
   """
   n = int(np.prod(shape))
-  return _normal_quantiles()[np.frombuffer(rng.bytes(2 * n), np.uint16)].reshape(shape)
+  bitgen = rng.bit_generator
+  if n % 4 == 0 and isinstance(bitgen, np.random.PCG64) and not bitgen.state['has_uint32']:
+    # The bits rng.bytes(2 * n) would give (its 32-bit halves of 64-bit outputs, low half first),
+    # in a third of the time. Not when a 32-bit half is left over from an earlier draw, which
+    # rng.bytes would use first.
+    bits = bitgen.random_raw(n // 4).view(np.uint16)
+  else:
+    bits = np.frombuffer(rng.bytes(2 * n), np.uint16)
+  return np.take(_normal_quantiles(), bits).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +208,8 @@ def plan_utterance_batches(lengths: np.ndarray, per_batch: int, seed: int | None
 
 def _structural_edges(speakers_per_graph: Sequence[np.ndarray], offsets: Sequence[int],
                       speaker_edges: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  if not len(speakers_per_graph):
+    return tuple(np.zeros(0, np.int32) for _ in range(4))
   senders, receivers, kinds, n_edge = [], [], [], []
   for spk, off in zip(speakers_per_graph, offsets):
     n = len(spk)
@@ -235,10 +245,11 @@ def collate_graphs(graphs: Sequence[dict[str, Any]], budget: Budget, modalities:
   """Packs graphs (dicts of per-node arrays) into one padded GraphsTuple of static shape.
 
   Each graph dict has 'features', 'present' (per modality), 'label', 'speaker', 'position',
-  'record' (int, -1 if mixed) and 'utterance' (utterance ids, for reports).
+  'record' (int, -1 if mixed) and 'utterance' (utterance ids, for reports). Padding follows
+  `jraph.pad_with_graphs`: labels -1, masks False, and every padding node and edge in the first
+  padding graph, each padding edge joining the first padding node to itself. No graphs (a group
+  with nothing left to read this step) gives a batch of padding only.
   """
-  if not graphs:  # a group with nothing left to read this step: all padding
-    return _pad(_empty_graph(modalities, dims), budget, modalities, dims)
   n_node = np.asarray([len(g['label']) for g in graphs], np.int32)
   total = int(n_node.sum())
   if total > budget.max_nodes - 1 or len(graphs) > budget.max_graphs - 1:
@@ -247,36 +258,42 @@ def collate_graphs(graphs: Sequence[dict[str, Any]], budget: Budget, modalities:
   senders, receivers, kinds, n_edge = _structural_edges(
       [g['speaker'] for g in graphs], offsets, speaker_edges)
 
-  def cat(key):
-    return np.concatenate([g[key] for g in graphs])
+  def nodes_of(get, fill, dtype, width=None):
+    return _padded([get(g) for g in graphs], budget.max_nodes, fill, dtype, width)
 
   nodes = {
-      'features': {m: np.concatenate([g['features'][m] for g in graphs]).astype(np.float32)
+      'features': {m: nodes_of(lambda g: g['features'][m], 0.0, np.float32, dims[m])
                    for m in modalities},
-      'present': {m: np.concatenate([g['present'][m] for g in graphs]).astype(bool)
-                  for m in modalities},
-      'label': cat('label').astype(np.int32),
-      'speaker': cat('speaker').astype(np.int32),
-      'position': cat('position').astype(np.int32),
-      'mask': np.ones(total, bool),
-      'utterance': cat('utterance').astype(np.int32),
-      'record': cat('node_record').astype(np.int32),
+      'present': {m: nodes_of(lambda g: g['present'][m], False, bool) for m in modalities},
+      'label': nodes_of(lambda g: g['label'], -1, np.int32),
+      'speaker': nodes_of(lambda g: g['speaker'], 0, np.int32),
+      'position': nodes_of(lambda g: g['position'], 0, np.int32),
+      'mask': _padded([np.ones(total, bool)], budget.max_nodes, False, bool),
+      'utterance': nodes_of(lambda g: g['utterance'], -1, np.int32),
+      'record': nodes_of(lambda g: g['node_record'], -1, np.int32),
   }
-  graph = jraph.GraphsTuple(
-      nodes=nodes, edges={'kind': kinds}, senders=senders, receivers=receivers,
-      n_node=n_node, n_edge=n_edge,
-      globals={'record': np.asarray([g['record'] for g in graphs], np.int32)})
-  return _pad(graph, budget, modalities, dims)
+  pn, pe = budget.max_nodes - total, budget.max_edges - len(senders)
+  pg = budget.max_graphs - len(graphs)
+  return jraph.GraphsTuple(
+      nodes=nodes, edges={'kind': _padded([kinds], budget.max_edges, PADDING_EDGE, np.int32)},
+      senders=_padded([senders], budget.max_edges, total, np.int32),
+      receivers=_padded([receivers], budget.max_edges, total, np.int32),
+      n_node=np.concatenate([n_node, [pn], np.zeros(pg - 1, np.int32)]).astype(np.int32),
+      n_edge=np.concatenate([n_edge, [pe], np.zeros(pg - 1, np.int32)]).astype(np.int32),
+      globals={'record': _padded([np.asarray([g['record'] for g in graphs], np.int32)],
+                                 budget.max_graphs, -1, np.int32)})
 
 
-def _empty_graph(modalities, dims) -> jraph.GraphsTuple:
-  none = np.zeros(0, np.int32)
-  nodes = {'features': {m: np.zeros((0, dims[m]), np.float32) for m in modalities},
-           'present': {m: np.zeros(0, bool) for m in modalities},
-           'label': none, 'speaker': none, 'position': none, 'mask': np.zeros(0, bool),
-           'utterance': none, 'record': none}
-  return jraph.GraphsTuple(nodes=nodes, edges={'kind': none}, senders=none, receivers=none,
-                           n_node=none, n_edge=none, globals={'record': none})
+def _padded(parts: Sequence[np.ndarray], rows: int, fill, dtype, width: int | None = None
+            ) -> np.ndarray:
+  """`parts` end to end, then `fill` up to `rows` rows: one allocation, each part copied once
+  (a batch's host time is mostly such small copies)."""
+  out = np.empty((rows,) if width is None else (rows, width), dtype)
+  total = sum(len(p) for p in parts)
+  if total:
+    np.concatenate(parts, out=out[:total], casting='same_kind')
+  out[total:] = fill
+  return out
 
 
 def concat_groups(parts: Sequence[jraph.GraphsTuple], budget: Budget) -> jraph.GraphsTuple:
@@ -290,53 +307,24 @@ def concat_groups(parts: Sequence[jraph.GraphsTuple], budget: Budget) -> jraph.G
   return jax.tree.map(lambda *xs: np.concatenate(xs), *shifted)
 
 
-def _pad(graph: jraph.GraphsTuple, budget: Budget, modalities, dims) -> jraph.GraphsTuple:
-  """jraph-style padding, done in numpy with explicit fill values (labels -1, masks False)."""
-  n_real, e_real, g_real = len(graph.nodes['label']), len(graph.senders), len(graph.n_node)
-  pn, pe, pg = budget.max_nodes - n_real, budget.max_edges - e_real, budget.max_graphs - g_real
-
-  def pad(x, count, value):
-    return np.concatenate([x, np.full((count,) + x.shape[1:], value, x.dtype)])
-
-  nodes = graph.nodes
-  padded_nodes = {
-      'features': {m: pad(nodes['features'][m], pn, 0.0) for m in modalities},
-      'present': {m: pad(nodes['present'][m], pn, False) for m in modalities},
-      'label': pad(nodes['label'], pn, -1),
-      'speaker': pad(nodes['speaker'], pn, 0),
-      'position': pad(nodes['position'], pn, 0),
-      'mask': pad(nodes['mask'], pn, False),
-      'utterance': pad(nodes['utterance'], pn, -1),
-      'record': pad(nodes['record'], pn, -1),
-  }
-  # Padding edges connect the first padding node to itself; all padding nodes and edges belong
-  # to the first padding graph, as `jraph.pad_with_graphs` lays them out.
-  n_node = np.concatenate([graph.n_node, [pn], np.zeros(pg - 1, np.int32)]).astype(np.int32)
-  n_edge = np.concatenate([graph.n_edge, [pe], np.zeros(pg - 1, np.int32)]).astype(np.int32)
-  return jraph.GraphsTuple(
-      nodes=padded_nodes,
-      edges={'kind': pad(graph.edges['kind'], pe, PADDING_EDGE)},
-      senders=pad(graph.senders, pe, n_real), receivers=pad(graph.receivers, pe, n_real),
-      n_node=n_node, n_edge=n_edge,
-      globals={'record': pad(graph.globals['record'], pg, -1)})
-
-
 def dialogue_graph(record: DialogueRecord, index: int, features: Mapping[str, np.ndarray],
                    modalities: Sequence[str], dims: Mapping[str, int],
-                   sel: np.ndarray) -> dict[str, Any]:
-  """Per-node arrays of the utterances `sel` of one dialogue; `features` are already [len(sel), d]."""
+                   sel: slice | np.ndarray) -> dict[str, Any]:
+  """Per-node arrays of the utterances `sel` of one dialogue (a slice: read as stored, without a
+  copy; collation copies them into the batch); `features` are already [len(sel), d]."""
+  positions = np.arange(len(record.labels), dtype=np.int32)[sel]
   feats, present = {}, {}
   for m in modalities:
     if m in features:
       feats[m] = features[m]
       present[m] = record.present[m][sel]
     else:
-      feats[m] = np.zeros((len(sel), dims[m]), np.float32)
-      present[m] = np.zeros(len(sel), bool)
+      feats[m] = np.zeros((len(positions), dims[m]), np.float32)
+      present[m] = np.zeros(len(positions), bool)
   return {'features': feats, 'present': present, 'label': record.labels[sel],
-          'speaker': record.speaker_ids[sel], 'position': sel.astype(np.int32),
+          'speaker': record.speaker_ids[sel], 'position': positions,
           'utterance': record.utterance_ids[sel], 'record': index,
-          'node_record': np.full(len(sel), index, np.int32)}
+          'node_record': np.full(len(positions), index, np.int32)}
 
 
 @dataclasses.dataclass
@@ -372,8 +360,7 @@ class BatchLoader:
 
   def _graph(self, index: int, utterance: int | None, rngs) -> dict[str, Any]:
     record = self.source[index]
-    n = len(record.labels)
-    sel = np.arange(n) if utterance is None else np.asarray([utterance])
+    sel = slice(None) if utterance is None else np.asarray([utterance])
     feats = {m: record.features[m][sel] for m in self.modalities if m in record.features}
     if self.augmentation is not None and rngs is not None:
       chosen = {m: x for m, x in feats.items() if m in self.augmented}
