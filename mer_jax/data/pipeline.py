@@ -61,9 +61,9 @@ def gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
   """Standard normal noise, float32, as quantiles looked up by 16 random bits.
 
   numpy's float32 `standard_normal` was most of a student batch's host time (0.48 ms for one
-  [42, 1024] draw, against 0.15 ms for this, measured in one run). The values are N(0, 1) quantised to 65,536
-  equally likely levels, so the tails stop at +-4.3 sd (probability 2e-5 beyond): no difference
-  an augmentation can feel.
+  [42, 1024] draw, against 0.15 ms for this, measured in one run). The values are N(0, 1)
+  quantised to 65,536 equally likely levels, so the tails stop at +-4.3 sd (probability 2e-5
+  beyond): no difference an augmentation can feel.
   """
   n = int(np.prod(shape))
   bitgen = rng.bit_generator
