@@ -151,7 +151,14 @@ def logical_sharding(state: Any, mesh: jax.sharding.Mesh,
   return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """A pytree path as plain names ('blocks', '0', 'kernel'), whether its keys are dict keys,
+  attributes or sequence indices (a parameter's name in an nnx.State, a plain dict or on disk)."""
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
+
+
 __all__ = [
     'PARAM_GROUPS', 'STAGES', 'build_model', 'edge_spec', 'encoders', 'fusion', 'graph',
-    'logical_sharding', 'mesh_partition_spec', 'moe', 'param_group', 'representation_dim',
+    'logical_sharding', 'mesh_partition_spec', 'moe', 'param_group', 'path_names',
+    'representation_dim',
 ]

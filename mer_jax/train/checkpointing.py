@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mer_jax import models
 from mer_jax.data import staging
 
 
@@ -30,14 +31,14 @@ def _absolute(directory: str) -> str:
   return directory if staging.is_remote(directory) else os.path.abspath(directory)
 
 
-def _manager(directory: str, keep: int, items: tuple[str, ...],
+def _manager(directory: str, keep: int, items: dict[str, type],
              read_only: bool = False) -> ocp.CheckpointManager:
+  """`items`: name -> Orbax handler class. Handlers are given up front (not only at save and
+  restore) so that item_metadata can read the stored trees."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          enable_async_checkpointing=False, read_only=read_only)
-  # Handlers named up front (not only at save/restore) so that item_metadata can read the trees.
-  handlers = {name: (ocp.StandardCheckpointHandler() if name in ('state', 'weights')
-                     else ocp.JsonCheckpointHandler()) for name in items}
-  return ocp.CheckpointManager(_absolute(directory), options=options, item_handlers=handlers)
+  return ocp.CheckpointManager(_absolute(directory), options=options,
+                               item_handlers={name: h() for name, h in items.items()})
 
 
 def _replace_step(manager: ocp.CheckpointManager, step: int) -> None:
@@ -55,14 +56,6 @@ def _abstract(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
 
 
-def _key_name(key: Any) -> str:
-  return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
-
-
-def _path_names(path: tuple) -> tuple[str, ...]:
-  return tuple(_key_name(k) for k in path)
-
-
 def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: Any,
                   other_items: dict) -> tuple[Any, dict]:
   """Restores `item` onto the structure and shardings of `like` (plus JSON items).
@@ -72,10 +65,10 @@ def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: An
   `<path>/value`; those arrays are restored from where they are stored and unwrapped.
   """
   stored = manager.item_metadata(step)[item]
-  stored_paths = {_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  stored_paths = {models.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
 
   def as_stored(path, leaf):
-    names = _path_names(path)
+    names = models.path_names(path)
     if names not in stored_paths and names + ('value',) in stored_paths:
       return {'value': leaf}
     return leaf
@@ -90,8 +83,9 @@ def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: An
 class StageCheckpoints:
   """latest-k (resume) and best-by-dev-F1 (predict) checkpoints of one training stage."""
 
-  LATEST_ITEMS = ('state', 'data', 'meta')
-  BEST_ITEMS = ('weights', 'meta')
+  LATEST_ITEMS = {'state': ocp.StandardCheckpointHandler, 'data': ocp.JsonCheckpointHandler,
+                  'meta': ocp.JsonCheckpointHandler}
+  BEST_ITEMS = {'weights': ocp.StandardCheckpointHandler, 'meta': ocp.JsonCheckpointHandler}
 
   def __init__(self, workdir: str, stage: str, keep: int = 2, read_only: bool = False,
                directory: str = ''):

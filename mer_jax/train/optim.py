@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 import optax
 
+from mer_jax import models
+
 
 def make_schedule(stage_cfg, total_steps: int) -> optax.Schedule:
   """Learning rate per optimizer step (after gradient accumulation)."""
@@ -35,8 +37,7 @@ def param_labels(params: Any, group_of: Callable[[tuple[str, ...]], str]) -> Any
   """A tree like `params` holding each leaf's group name."""
 
   def label(path, _):
-    names = tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
-    return group_of(names)
+    return group_of(models.path_names(path))
 
   return jax.tree_util.tree_map_with_path(label, params)
 
