@@ -136,9 +136,11 @@ def stacked_context(ctx, trained):
 
 def main(argv):
   del argv
-  from mer_jax.train import host_memory  # pylint: disable=g-import-not-at-top
+  from mer_jax.train import cpu_threefry  # pylint: disable=g-import-not-at-top
+  from mer_jax.train import host_memory
   from mer_jax.train import trainer
   host_memory.keep_freed_blocks_in_heap()  # as mer_jax.main does
+  cpu_threefry.unroll_threefry_on_cpu()
   base = _CONFIG.value
   peak = measure_matmul_peak()
   print(f'devices: {jax.devices()}')

@@ -142,8 +142,11 @@ def reseed_rng_state(rng_state, raw_key: jax.Array):
   """Fresh nnx rng streams derived from one key (functional, so no mutation under tracing)."""
   key = jax.random.wrap_key_data(raw_key)
   leaves, treedef = jax.tree.flatten(rng_state)
-  fresh = [jax.random.fold_in(key, i) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-           else jnp.zeros_like(leaf) for i, leaf in enumerate(leaves)]
+  # Stream i gets fold_in(key, i); one vectorised hash for all streams (the same bits as one
+  # fold_in each, in fewer ops).
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(len(leaves)))
+  fresh = [keys[i] if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else jnp.zeros_like(leaf)
+           for i, leaf in enumerate(leaves)]
   return jax.tree.unflatten(treedef, fresh)
 
 
