@@ -1,22 +1,28 @@
 """Throughput of every stage's train step and of the input pipeline, at the authors' MELD sizes.
 
-  python -m mer_jax.bench [--config configs/default.py] [--steps 30] [--moe both]
+  python -m mer_jax.bench [--config configs/default.py] [--steps 20] [--rounds 5] [--moe both]
 
 Prints, per stage: examples (utterances) per second, model FLOPs per step from XLA's cost
 analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, the time of the
 step's parameter update alone (optimizer and EMA: a pass over every parameter, the same at any
 batch size) and what the rest of the step achieves, and the input pipeline's batches per second
-against the step's. Then projects a full MELD run (9,989 training
-utterances, 30 epochs, every stage, no early stopping), for the authors' stages and for our
-default (which adds the cross-fitted encoders of stacked fusion).
+against the step's. Then projects a full MELD run (9,989 training utterances, 30 epochs, every
+stage, no early stopping), for the authors' stages and for our default (which adds the
+cross-fitted encoders of stacked fusion).
+
+Every stage is compiled and warmed up first; then each of `--rounds` rounds measures the matmul
+peak and times `--steps` input batches and steps of every stage in turn. The numbers printed are
+medians over all rounds, so a slow spell of a shared machine weighs on every stage alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +31,8 @@ from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Base config.')
-_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per stage (after warm-up).')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (and input batches) per stage and round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds, each over every stage in turn.')
 _MOE = flags.DEFINE_enum('moe', 'both', ['off', 'on', 'both'], 'Fusion MoE setting(s) to time.')
 _DIALOGUES = flags.DEFINE_integer('dialogues', 120, 'Synthetic training dialogues to sample from.')
 
@@ -54,8 +61,56 @@ def _flops(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
-def bench_stage(stage: str, ctx, trained, steps: int, label: str | None = None) -> dict:
-  """Times the jitted train step of `stage` on real batches from the pipeline."""
+@dataclasses.dataclass
+class StageBench:
+  """One stage's compiled train step, its device batches and the host batches behind them."""
+  label: str
+  moe: bool
+  step: Any  # the compiled train step
+  state: Any
+  frozen_states: Any
+  class_weights: Any
+  device_batches: list
+  dataset: Any  # the stage's input pipeline (a Grain MapDataset of host batches)
+  flops: float
+  params: int
+  utterances_per_step: float
+  update_s: float = float('nan')
+  step_times: list = dataclasses.field(default_factory=list)
+  pipeline_times: list = dataclasses.field(default_factory=list)
+
+  def time_steps(self, n: int, warmup: int = 3) -> None:
+    """Times n steps after `warmup` untimed ones (which bring this stage's arrays back into the
+    caches after other stages ran)."""
+    for i in range(-warmup, n):
+      b = self.device_batches[i % len(self.device_batches)]
+      t0 = time.perf_counter()
+      self.state, m = self.step(self.state, b, self.frozen_states, self.class_weights)
+      jax.block_until_ready(m)
+      if i >= 0:
+        self.step_times.append(time.perf_counter() - t0)
+
+  def time_pipeline(self, n: int) -> None:
+    for i in range(n):
+      t0 = time.perf_counter()
+      self.dataset[i % len(self.dataset)]
+      self.pipeline_times.append(time.perf_counter() - t0)
+
+  def row(self) -> dict:
+    step_s = statistics.median(self.step_times)
+    pipeline_s = statistics.median(self.pipeline_times)
+    return {'stage': self.label, 'moe': self.moe, 'step_ms': 1e3 * step_s,
+            'utterances_per_step': self.utterances_per_step,
+            'examples_per_s': self.utterances_per_step / step_s, 'flops_per_step': self.flops,
+            'flops_per_s': self.flops / step_s, 'update_ms': 1e3 * self.update_s,
+            'params': self.params, 'pipeline_ms': 1e3 * pipeline_s,
+            'pipeline_vs_step': step_s / pipeline_s}
+
+
+def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None,
+                  moe: bool = False) -> StageBench:
+  """Compiles the train step of `stage` and warms it up on real batches from the pipeline;
+  leaves a (briefly) trained model of the stage in `trained` for the stages that read it."""
   from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mer_jax.train import sharding
   from mer_jax.train import trainer
@@ -65,41 +120,25 @@ def bench_stage(stage: str, ctx, trained, steps: int, label: str | None = None) 
   train_source, batch_config = run.training_data()
   ds = pipeline.make_dataset(train_source, config=batch_config, budget=budget, train=True,
                              epoch=0, seed=config.seed, augmented=run.augmented)
-  # Input pipeline alone: batches per second, host side, after one pass has filled the record
-  # cache (config.data.cache_mib), as in every epoch but the first.
+  # One pass fills the record cache (config.data.cache_mib), as in every epoch but the first.
   for i in range(len(ds)):
     ds[i]
-  t0 = time.perf_counter()
   host_batches = [ds[i % len(ds)] for i in range(steps)]
-  pipeline_time = (time.perf_counter() - t0) / steps
-
   batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh, budget)
   device_batches = [sharding.put_batch(b, batch_sh, budget) for b in host_batches]
-  step_fn = run.jitted_train_step(batch_sh)
-  compiled = step_fn.lower(run.state, device_batches[0], run.frozen_states,
-                           ctx.class_weights).compile()
-  flops = _flops(compiled)
-  state = run.state
-  for b in device_batches[:3]:  # warm-up
-    state, m = compiled(state, b, run.frozen_states, ctx.class_weights)
-  jax.block_until_ready(state)
-  times = []
-  for b in device_batches:
-    t0 = time.perf_counter()
-    state, m = compiled(state, b, run.frozen_states, ctx.class_weights)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  step_time = statistics.median(times)
-  update_time = time_parameter_update(run, state)
-  utts = statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches)
-  # A trained stage for the next ones (fusion reads the teacher and students).
-  trained[stage] = trainer.FrozenModel(run.graphdef, (state.params, state.model_state,
-                                                      run.rng_state))
-  return {'stage': label or stage, 'step_ms': 1e3 * step_time, 'utterances_per_step': utts,
-          'examples_per_s': utts / step_time, 'flops_per_step': flops,
-          'flops_per_s': flops / step_time, 'update_ms': 1e3 * update_time,
-          'params': sum(x.size for x in jax.tree.leaves(state.params)),
-          'pipeline_ms': 1e3 * pipeline_time, 'pipeline_vs_step': step_time / pipeline_time}
+  compiled = run.jitted_train_step(batch_sh).lower(
+      run.state, device_batches[0], run.frozen_states, ctx.class_weights).compile()
+  bench = StageBench(
+      label=label or stage, moe=moe, step=compiled, state=run.state,
+      frozen_states=run.frozen_states, class_weights=ctx.class_weights,
+      device_batches=device_batches, dataset=ds, flops=_flops(compiled),
+      params=sum(x.size for x in jax.tree.leaves(run.state.params)),
+      utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches))
+  bench.update_s = time_parameter_update(run, bench.state)
+  # Copies: the timing rounds go on donating this stage's own state to its step.
+  frozen = jax.tree.map(jnp.copy, (bench.state.params, bench.state.model_state))
+  trained[stage] = trainer.FrozenModel(run.graphdef, (*frozen, run.rng_state))
+  return bench
 
 
 def time_parameter_update(run, state, repeats: int = 30) -> float:
@@ -124,8 +163,7 @@ def time_parameter_update(run, state, repeats: int = 30) -> float:
 
 def stacked_context(ctx, trained):
   """The fusion stage's context under stacking, from the benchmark's (briefly trained) encoders."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from mer_jax.data import sources
+  from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
   from mer_jax.train import stacking
   config = ctx.config
   train = sources.InMemorySource(stacking.stacked_records(
@@ -142,12 +180,12 @@ def main(argv):
   host_memory.keep_freed_blocks_in_heap()  # as mer_jax.main does
   cpu_threefry.unroll_threefry_on_cpu()
   base = _CONFIG.value
-  peak = measure_matmul_peak()
   print(f'devices: {jax.devices()}')
-  print(f'fp32 matmul peak (1024^3, median of 20): {peak / 1e9:.1f} GFLOP/s')
   settings = {'off': [False], 'on': [True], 'both': [False, True]}[_MOE.value]
-  rows, projected = [], {}
+  steps = _STEPS.value
+  benches = []
   with tempfile.TemporaryDirectory() as workdir:
+    trained = {}
     for use_moe in settings:
       config = base.copy_and_resolve_references()
       config.unlock()
@@ -158,27 +196,28 @@ def main(argv):
       config.train.progress_bar = False
       config.model.fusion.input = 'graph'
       ctx = trainer.prepare(config, workdir)
-      trained = {}
-      timed = [bench_stage(stage, ctx, trained, _STEPS.value) for stage in trainer.ENCODER_STAGES]
+      if not trained:  # the encoders do not depend on the fusion's MoE setting
+        benches += [prepare_stage(stage, ctx, trained, steps)
+                    for stage in trainer.ENCODER_STAGES]
       # Fusion as it trains by default (stacked: inputs are the encoders' log-probabilities) and
       # with the frozen encoders run inside every step (input 'graph').
-      stacked_ctx = stacked_context(ctx, trained)
-      timed.append(bench_stage('fusion', stacked_ctx, {}, _STEPS.value, 'fusion'))
-      timed.append(bench_stage('fusion', ctx, trained, _STEPS.value, 'fusion(graph)'))
-      # A full MELD run: 30 epochs of every stage at this batch fill. Our default (stacked
-      # fusion) adds the cross-fitted encoders ((K - 1) / K of the data, K times); the authors'
-      # stage set has none and fuses the encoders' graph representations.
-      folds = config.model.fusion.stacking_folds
-      steps_per_epoch = {r['stage']: MELD_TRAIN_UTTERANCES / r['utterances_per_step']
-                         for r in timed}
-      seconds = {r['stage']: MELD_EPOCHS * steps_per_epoch[r['stage']] * r['step_ms'] / 1e3
-                 for r in timed}
-      encoders = sum(seconds[s] for s in trainer.ENCODER_STAGES)
-      projected[use_moe] = {'default': folds * encoders + seconds['fusion'],
-                            'authors': encoders + seconds['fusion(graph)']}
-      for r in timed:
-        r['moe'] = use_moe
-        rows.append(r)
+      benches.append(prepare_stage('fusion', stacked_context(ctx, trained), {}, steps, 'fusion',
+                                   use_moe))
+      benches.append(prepare_stage('fusion', ctx, trained, steps, 'fusion(graph)', use_moe))
+    folds = config.model.fusion.stacking_folds
+    # Rounds over every stage in turn, so that a slow spell of this shared machine falls on all
+    # of them rather than on one; each number below is a median over all rounds.
+    peaks = []
+    for _ in range(_ROUNDS.value):
+      peaks.append(measure_matmul_peak())
+      for bench in benches:
+        bench.time_pipeline(steps)
+        bench.time_steps(steps)
+  peak = statistics.median(peaks)
+  rows = [b.row() for b in benches]
+  print(f'fp32 matmul peak (1024^3, median of {_ROUNDS.value} rounds x 20): {peak / 1e9:.1f} '
+        f'GFLOP/s (rounds: {", ".join(f"{p / 1e9:.0f}" for p in peaks)})')
+  print(f'{_ROUNDS.value} rounds x {steps} steps and {steps} input batches per stage; medians')
   print()
   # 'update ms': the parameter side of the step alone (apply_gradients); 'model % peak': the
   # step's FLOPs over the rest of its time.
@@ -193,12 +232,28 @@ def main(argv):
           f'{r["params"] / 1e6:8.2f} {r["update_ms"]:9.2f} '
           f'{100 * r["flops_per_step"] / model_s / peak:12.1f} '
           f'{r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:7.1f}')
-  for use_moe, totals in projected.items():
+  for use_moe in settings:
+    totals = projected_minutes(rows, use_moe, folds)
     print(f'projected full MELD run, {MELD_EPOCHS} epochs, moe={use_moe}, train steps only: '
-          f'{totals["authors"] / 60:.1f} min for the authors\' stages (teacher, students, fusion '
-          f'on graph representations); {totals["default"] / 60:.1f} min for our default '
+          f'{totals["authors"]:.1f} min for the authors\' stages (teacher, students, fusion '
+          f'on graph representations); {totals["default"]:.1f} min for our default '
           f'(stacked fusion, + {folds} cross-fitted encoder sets on {folds - 1}/{folds} of the '
           'data)')
+
+
+def projected_minutes(rows: list[dict], use_moe: bool, folds: int) -> dict:
+  """A full MELD run: 30 epochs of every stage at the measured step time and batch fill. Our
+  default (stacked fusion) adds the cross-fitted encoders ((K - 1) / K of the data, K times); the
+  authors' stage set has none and fuses the encoders' graph representations."""
+  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  seconds = {}
+  for r in rows:
+    if r['stage'] in trainer.ENCODER_STAGES or r['moe'] == use_moe:
+      steps_per_epoch = MELD_TRAIN_UTTERANCES / r['utterances_per_step']
+      seconds[r['stage']] = MELD_EPOCHS * steps_per_epoch * r['step_ms'] / 1e3
+  encoders = sum(seconds[s] for s in trainer.ENCODER_STAGES)
+  return {'default': (folds * encoders + seconds['fusion']) / 60,
+          'authors': (encoders + seconds['fusion(graph)']) / 60}
 
 
 if __name__ == '__main__':
