@@ -63,7 +63,8 @@ def _flops(compiled) -> float:
 
 @dataclasses.dataclass
 class StageBench:
-  """One stage's compiled train step, its device batches and the host batches behind them."""
+  """One stage's compiled train step, its state and device batches, its input pipeline, and the
+  timings collected so far."""
   label: str
   moe: bool
   step: Any  # the compiled train step
@@ -109,8 +110,9 @@ class StageBench:
 
 def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None,
                   moe: bool = False) -> StageBench:
-  """Compiles the train step of `stage` and warms it up on real batches from the pipeline;
-  leaves a (briefly) trained model of the stage in `trained` for the stages that read it."""
+  """Compiles the train step of `stage` for real batches from the pipeline and times its
+  parameter update alone; leaves a frozen model of the stage in `trained` for the stages that
+  read it."""
   from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mer_jax.train import sharding
   from mer_jax.train import trainer

@@ -37,7 +37,9 @@ def main(argv):
   from mer_jax import console  # pylint: disable=g-import-not-at-top
   from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
   from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
+  from mer_jax.train import cpu_threefry  # pylint: disable=g-import-not-at-top
   from mer_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  cpu_threefry.unroll_threefry_on_cpu()  # fine-tuning's dropout (LipSyncNet, text encoder)
   if config.data.source == 'raw':
     from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
     if _OUT.value:
