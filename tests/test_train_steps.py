@@ -321,3 +321,20 @@ def test_ema_with_accumulation_counts_applied_updates(runners):
     for w, got in zip(want, ema[micro]):
       np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7,
                                  err_msg=f'applied update {applied} (micro-step {micro})')
+
+
+def test_reseeded_streams_are_fold_in_of_their_position():
+  """Stream i of the rng state gets fold_in(key, i) (one vectorised hash for all); counters and
+  other non-key leaves become zeros."""
+  raw = jax.random.key_data(jax.random.key(7))
+  key = jax.random.wrap_key_data(raw)
+  rng_state = {'a': {'count': jnp.asarray(5, jnp.uint32), 'key': jax.random.key(1)},
+               'b': {'count': jnp.asarray(2, jnp.uint32), 'key': jax.random.key(2)}}
+  fresh = jax.jit(steps.reseed_rng_state)(rng_state, raw)
+  # Flattened order: a.count, a.key, b.count, b.key -> the keys are streams 1 and 3.
+  for name, i in (('a', 1), ('b', 3)):
+    np.testing.assert_array_equal(jax.random.key_data(fresh[name]['key']),
+                                  jax.random.key_data(jax.random.fold_in(key, i)))
+    assert int(fresh[name]['count']) == 0
+  assert not np.array_equal(jax.random.key_data(fresh['a']['key']),
+                            jax.random.key_data(fresh['b']['key']))
