@@ -3,28 +3,33 @@
   python -m mer_jax.bench [--config configs/default.py] [--steps 20] [--rounds 5] [--moe both]
 
 Prints, per stage: examples (utterances) per second, model FLOPs per step from XLA's cost
-analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, the time of the
-step's parameter update alone (optimizer and EMA: a pass over every parameter, the same at any
-batch size) and what the rest of the step achieves, and the input pipeline's batches per second
-against the step's. Then projects a full MELD run (9,989 training utterances, 30 epochs, every
+analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, and the input
+pipeline's batches per second against the step's. Then where the step's time goes: its matmuls
+timed alone (every dot_general of the traced step, at its shapes, in one program), its parameter
+update alone (clipping, optimizer, EMA, accumulation: a pass over every parameter, the same at any
+batch size) and the rest; and the share of the peak the step would reach if only its matmuls and
+its update took time. Then projects a full MELD run (9,989 training utterances, 30 epochs, every
 stage, no early stopping), for the authors' stages and for our default (which adds the
 cross-fitted encoders of stacked fusion).
 
 Every stage is compiled and warmed up first; then each of `--rounds` rounds measures the matmul
-peak and times `--steps` input batches and steps of every stage in turn. The numbers printed are
-medians over all rounds, so a slow spell of a shared machine weighs on every stage alike.
+peak and times `--steps` input batches, steps, matmul programs and updates of every stage in turn.
+The numbers printed are medians over all rounds, so a slow spell of a shared machine weighs on
+every stage alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import statistics
 import tempfile
 import time
 from typing import Any
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 from absl import app
 from absl import flags
@@ -54,6 +59,73 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 20) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+  """One dot_general of a traced program: its operands (jaxpr variables, so that matmuls sharing an
+  operand share it when timed alone too) and its parameters."""
+  lhs: Any
+  rhs: Any
+  params: dict
+
+  @property
+  def flops(self) -> int:
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = self.params['dimension_numbers']
+    lhs, rhs = self.lhs.aval.shape, self.rhs.aval.shape
+    free = lambda shape, *dims: math.prod(
+        n for i, n in enumerate(shape) if i not in dims[0] and i not in dims[1])
+    return (2 * math.prod(lhs[i] for i in lhs_batch) * math.prod(lhs[i] for i in lhs_contract)
+            * free(lhs, lhs_contract, lhs_batch) * free(rhs, rhs_contract, rhs_batch))
+
+
+def step_matmuls(jaxpr: jex.core.Jaxpr) -> list[Matmul]:
+  """Every dot_general one run of `jaxpr` executes, once per execution: a scan's body counts
+  `length` times and, of a cond's branches, the one with the fewest matmul FLOPs counts (the work
+  the step cannot avoid). A while loop's trip count is not known, so matmuls inside one are an
+  error."""
+  found = []
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      found.append(Matmul(*eqn.invars, params=eqn.params))
+    elif name == 'cond':
+      found += min((step_matmuls(b.jaxpr) for b in eqn.params['branches']),
+                   key=lambda ms: sum(m.flops for m in ms))
+    else:
+      inner = [m for sub in _sub_jaxprs(eqn) for m in step_matmuls(sub)]
+      if inner and name == 'while':
+        raise ValueError(f'{len(inner)} matmuls inside a while loop: its trip count is unknown')
+      found += inner * (eqn.params['length'] if name == 'scan' else 1)
+  return found
+
+
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(v, jex.core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jex.core.Jaxpr):
+        yield v
+
+
+def matmuls_alone(matmuls: list[Matmul], seed: int = 0):
+  """A jitted program running just `matmuls`, each on random operands of its shapes (one array per
+  distinct operand), and those operands: the matmuls' own time, without anything else the step
+  does around them."""
+  operands = {}
+  for m in matmuls:
+    for v in (m.lhs, m.rhs):
+      operands.setdefault(id(v), v.aval)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(operands))
+  args = {name: jax.random.normal(k, aval.shape).astype(aval.dtype)
+          for k, (name, aval) in zip(keys, operands.items())}
+
+  @jax.jit
+  def run(args):
+    return [jax.lax.dot_general(args[id(m.lhs)], args[id(m.rhs)], **m.params) for m in matmuls]
+
+  return run, args
+
+
 def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -76,9 +148,13 @@ class StageBench:
   flops: float
   params: int
   utterances_per_step: float
-  update_s: float = float('nan')
+  matmuls: Any  # (jitted program, operands) running the step's matmuls alone: matmuls_alone
+  matmul_flops: int
+  update: Any  # (jitted update, its own state, gradients): parameter_update
   step_times: list = dataclasses.field(default_factory=list)
   pipeline_times: list = dataclasses.field(default_factory=list)
+  matmul_times: list = dataclasses.field(default_factory=list)
+  update_times: list = dataclasses.field(default_factory=list)
 
   def time_steps(self, n: int, warmup: int = 3) -> None:
     """Times n steps after `warmup` untimed ones (which bring this stage's arrays back into the
@@ -90,6 +166,24 @@ class StageBench:
       jax.block_until_ready(m)
       if i >= 0:
         self.step_times.append(time.perf_counter() - t0)
+
+  def time_matmuls(self, n: int) -> None:
+    run, operands = self.matmuls
+    jax.block_until_ready(run(operands))
+    for _ in range(n):
+      t0 = time.perf_counter()
+      jax.block_until_ready(run(operands))
+      self.matmul_times.append(time.perf_counter() - t0)
+
+  def time_update(self, n: int, warmup: int = 3) -> None:
+    update, state, grads = self.update
+    for i in range(-warmup, n):
+      t0 = time.perf_counter()
+      state = update(state, grads)
+      jax.block_until_ready(state)
+      if i >= 0:
+        self.update_times.append(time.perf_counter() - t0)
+    self.update = (update, state, grads)
 
   def time_pipeline(self, n: int) -> None:
     for i in range(n):
@@ -103,16 +197,18 @@ class StageBench:
     return {'stage': self.label, 'moe': self.moe, 'step_ms': 1e3 * step_s,
             'utterances_per_step': self.utterances_per_step,
             'examples_per_s': self.utterances_per_step / step_s, 'flops_per_step': self.flops,
-            'flops_per_s': self.flops / step_s, 'update_ms': 1e3 * self.update_s,
+            'flops_per_s': self.flops / step_s,
+            'update_ms': 1e3 * statistics.median(self.update_times),
             'params': self.params, 'pipeline_ms': 1e3 * pipeline_s,
-            'pipeline_vs_step': step_s / pipeline_s}
+            'pipeline_vs_step': step_s / pipeline_s, 'matmul_flops': self.matmul_flops,
+            'matmuls_ms': 1e3 * statistics.median(self.matmul_times)}
 
 
 def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None,
                   moe: bool = False) -> StageBench:
-  """Compiles the train step of `stage` for real batches from the pipeline and times its
-  parameter update alone; leaves a frozen model of the stage in `trained` for the stages that
-  read it."""
+  """Compiles the train step of `stage` for real batches from the pipeline and sets up the
+  programs that run its matmuls and its parameter update alone; leaves a frozen model of the stage
+  in `trained` for the stages that read it."""
   from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mer_jax.train import sharding
   from mer_jax.train import trainer
@@ -128,39 +224,33 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
   host_batches = [ds[i % len(ds)] for i in range(steps)]
   batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh, budget)
   device_batches = [sharding.put_batch(b, batch_sh, budget) for b in host_batches]
-  compiled = run.jitted_train_step(batch_sh).lower(
-      run.state, device_batches[0], run.frozen_states, ctx.class_weights).compile()
+  traced = run.jitted_train_step(batch_sh).trace(
+      run.state, device_batches[0], run.frozen_states, ctx.class_weights)
+  compiled = traced.lower().compile()
+  matmuls = step_matmuls(traced.jaxpr.jaxpr)
   bench = StageBench(
       label=label or stage, moe=moe, step=compiled, state=run.state,
       frozen_states=run.frozen_states, class_weights=ctx.class_weights,
       device_batches=device_batches, dataset=ds, flops=_flops(compiled),
       params=sum(x.size for x in jax.tree.leaves(run.state.params)),
-      utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches))
-  bench.update_s = time_parameter_update(run, bench.state)
+      utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches),
+      matmuls=matmuls_alone(matmuls), matmul_flops=sum(m.flops for m in matmuls),
+      update=parameter_update(run))
   # Copies: the timing rounds go on donating this stage's own state to its step.
   frozen = jax.tree.map(jnp.copy, (bench.state.params, bench.state.model_state))
   trained[stage] = trainer.FrozenModel(run.graphdef, (*frozen, run.rng_state))
   return bench
 
 
-def time_parameter_update(run, state, repeats: int = 30) -> float:
-  """Median seconds of the step's parameter side alone (optimizer, lr scale, EMA), which does
-  the same work whatever the batch: what is left of a step is the model's forward and backward."""
+def parameter_update(run):
+  """The step's parameter side alone (clipping, optimizer, lr multipliers, EMA, accumulation) as a
+  jitted function of (state, gradients), with a copy of the stage's state to donate to it and
+  gradients of the parameters' shapes. It does the same work whatever the batch."""
   from mer_jax.train import steps  # pylint: disable=g-import-not-at-top
   update = jax.jit(functools.partial(steps.apply_gradients, tx=run.tx,
                                      ema_decay=run.statics.ema_decay), donate_argnums=(0,))
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
-  state = jax.tree.map(jnp.copy, state)  # the caller keeps its state; this one is donated
-  for _ in range(3):
-    state = update(state, grads)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    state = update(state, grads)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), run.state.params)
+  return update, jax.tree.map(jnp.copy, run.state), grads
 
 
 def stacked_context(ctx, trained):
@@ -215,25 +305,35 @@ def main(argv):
       for bench in benches:
         bench.time_pipeline(steps)
         bench.time_steps(steps)
+        bench.time_matmuls(steps)
+        bench.time_update(steps)
   peak = statistics.median(peaks)
   rows = [b.row() for b in benches]
   print(f'fp32 matmul peak (1024^3, median of {_ROUNDS.value} rounds x 20): {peak / 1e9:.1f} '
         f'GFLOP/s (rounds: {", ".join(f"{p / 1e9:.0f}" for p in peaks)})')
-  print(f'{_ROUNDS.value} rounds x {steps} steps and {steps} input batches per stage; medians')
+  print(f'{_ROUNDS.value} rounds x {steps} steps, input batches, matmul programs and updates '
+        'per stage; medians')
   print()
-  # 'update ms': the parameter side of the step alone (apply_gradients); 'model % peak': the
-  # step's FLOPs over the rest of its time.
   print(f'{"stage":13} {"moe":5} {"step ms":>7} {"utt/step":>8} {"utt/s":>6} {"GFLOP/step":>10} '
-        f'{"GFLOP/s":>7} {"% peak":>6} {"params M":>8} {"update ms":>9} {"model % peak":>12} '
-        f'{"input ms":>8} {"input x":>7}')
+        f'{"GFLOP/s":>7} {"% peak":>6} {"params M":>8} {"input ms":>8} {"input x":>7}')
   for r in rows:
-    model_s = (r['step_ms'] - r['update_ms']) / 1e3
     print(f'{r["stage"]:13} {str(r["moe"]):5} {r["step_ms"]:7.2f} {r["utterances_per_step"]:8.1f} '
           f'{r["examples_per_s"]:6.0f} {r["flops_per_step"] / 1e9:10.3f} '
           f'{r["flops_per_s"] / 1e9:7.1f} {100 * r["flops_per_s"] / peak:6.1f} '
-          f'{r["params"] / 1e6:8.2f} {r["update_ms"]:9.2f} '
-          f'{100 * r["flops_per_step"] / model_s / peak:12.1f} '
-          f'{r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:7.1f}')
+          f'{r["params"] / 1e6:8.2f} {r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:7.1f}')
+  print()
+  print('where a step\'s time goes: "matmul ms" times the step\'s matmuls alone, at their shapes, '
+        'in one program; "update ms" its parameter side alone (clipping, AdamW, EMA, '
+        'accumulation); "other ms" is the rest. "% peak, matmuls + update" is the step\'s FLOPs '
+        'over those two times: the most it could reach if everything else were free.')
+  print(f'{"stage":13} {"moe":5} {"step ms":>7} {"matmul ms":>9} {"matmul % peak":>13} '
+        f'{"update ms":>9} {"other ms":>8} {"% peak, matmuls + update":>24}')
+  for r in rows:
+    matmul_s = r['matmuls_ms'] / 1e3
+    print(f'{r["stage"]:13} {str(r["moe"]):5} {r["step_ms"]:7.2f} {r["matmuls_ms"]:9.2f} '
+          f'{100 * r["matmul_flops"] / matmul_s / peak:13.1f} {r["update_ms"]:9.2f} '
+          f'{r["step_ms"] - r["matmuls_ms"] - r["update_ms"]:8.2f} '
+          f'{100 * r["flops_per_step"] / (matmul_s + r["update_ms"] / 1e3) / peak:24.1f}')
   for use_moe in settings:
     totals = projected_minutes(rows, use_moe, folds)
     print(f'projected full MELD run, {MELD_EPOCHS} epochs, moe={use_moe}, train steps only: '
