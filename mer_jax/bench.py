@@ -148,7 +148,9 @@ class StageBench:
   flops: float
   params: int
   utterances_per_step: float
-  matmuls: Any  # (jitted program, operands) running the step's matmuls alone: matmuls_alone
+  # (jitted program, operands) running the step's matmuls alone (matmuls_alone); None on a mesh
+  # of several devices, where the traced step's global shapes are not what one device computes.
+  matmuls: Any
   matmul_flops: int
   update: Any  # (jitted update, its own state, gradients): parameter_update
   step_times: list = dataclasses.field(default_factory=list)
@@ -168,6 +170,8 @@ class StageBench:
         self.step_times.append(time.perf_counter() - t0)
 
   def time_matmuls(self, n: int) -> None:
+    if self.matmuls is None:
+      return
     run, operands = self.matmuls
     jax.block_until_ready(run(operands))
     for _ in range(n):
@@ -201,7 +205,8 @@ class StageBench:
             'update_ms': 1e3 * statistics.median(self.update_times),
             'params': self.params, 'pipeline_ms': 1e3 * pipeline_s,
             'pipeline_vs_step': step_s / pipeline_s, 'matmul_flops': self.matmul_flops,
-            'matmuls_ms': 1e3 * statistics.median(self.matmul_times)}
+            'matmuls_ms': (1e3 * statistics.median(self.matmul_times) if self.matmul_times
+                           else float('nan'))}
 
 
 def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None,
@@ -234,7 +239,8 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
       device_batches=device_batches, dataset=ds, flops=_flops(compiled),
       params=sum(x.size for x in jax.tree.leaves(run.state.params)),
       utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches),
-      matmuls=matmuls_alone(matmuls), matmul_flops=sum(m.flops for m in matmuls),
+      matmuls=matmuls_alone(matmuls) if ctx.mesh.size == 1 else None,
+      matmul_flops=sum(m.flops for m in matmuls),
       update=parameter_update(run))
   # Copies: the timing rounds go on donating this stage's own state to its step.
   frozen = jax.tree.map(jnp.copy, (bench.state.params, bench.state.model_state))
@@ -326,6 +332,8 @@ def main(argv):
         'in one program; "update ms" its parameter side alone (clipping, AdamW, EMA, '
         'accumulation); "other ms" is the rest. "% peak, matmuls + update" is the step\'s FLOPs '
         'over those two times: the most it could reach if everything else were free.')
+  if ctx.mesh.size > 1:
+    print(f'(matmuls alone are timed only on a one-device mesh; this one has {ctx.mesh.size})')
   print(f'{"stage":13} {"moe":5} {"step ms":>7} {"matmul ms":>9} {"matmul % peak":>13} '
         f'{"update ms":>9} {"other ms":>8} {"% peak, matmuls + update":>24}')
   for r in rows:
