@@ -71,8 +71,10 @@ class Matmul:
   def flops(self) -> int:
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = self.params['dimension_numbers']
     lhs, rhs = self.lhs.aval.shape, self.rhs.aval.shape
-    free = lambda shape, *dims: math.prod(
-        n for i, n in enumerate(shape) if i not in dims[0] and i not in dims[1])
+
+    def free(shape, contract, batch):  # the product of the dims an operand keeps in the output
+      return math.prod(n for i, n in enumerate(shape) if i not in contract and i not in batch)
+
     return (2 * math.prod(lhs[i] for i in lhs_batch) * math.prod(lhs[i] for i in lhs_contract)
             * free(lhs, lhs_contract, lhs_batch) * free(rhs, rhs_contract, rhs_batch))
 
@@ -170,6 +172,7 @@ class StageBench:
         self.step_times.append(time.perf_counter() - t0)
 
   def time_matmuls(self, n: int) -> None:
+    """Times n runs of the step's matmuls alone, after one untimed run."""
     if self.matmuls is None:
       return
     run, operands = self.matmuls
