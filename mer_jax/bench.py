@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import statistics
 import tempfile
@@ -45,18 +46,24 @@ MELD_TRAIN_UTTERANCES = 9989
 MELD_EPOCHS = 30
 
 
+def timed(call, n: int, warmup: int = 0) -> list[float]:
+  """Seconds each of n calls of `call` took, after `warmup` untimed calls; `call` returns what to
+  wait for (JAX dispatches asynchronously)."""
+  times = []
+  for i in range(-warmup, n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    if i >= 0:
+      times.append(time.perf_counter() - t0)
+  return times
+
+
 def measure_matmul_peak(n: int = 1024, repeats: int = 20) -> float:
   """fp32 FLOP/s of a large square matmul, median over repeats."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / statistics.median(times)
+  return 2 * n ** 3 / statistics.median(timed(lambda: f(a, b), repeats, warmup=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +161,9 @@ class StageBench:
   # of several devices, where the traced step's global shapes are not what one device computes.
   matmuls: Any
   matmul_flops: int
-  update: Any  # (jitted update, its own state, gradients): parameter_update
+  update: Any  # the jitted parameter update alone (parameter_update)
+  update_state: Any  # its own copy of the stage's state, donated to it
+  grads: Any
   step_times: list = dataclasses.field(default_factory=list)
   pipeline_times: list = dataclasses.field(default_factory=list)
   matmul_times: list = dataclasses.field(default_factory=list)
@@ -163,40 +172,31 @@ class StageBench:
   def time_steps(self, n: int, warmup: int = 3) -> None:
     """Times n steps after `warmup` untimed ones (which bring this stage's arrays back into the
     caches after other stages ran)."""
-    for i in range(-warmup, n):
-      b = self.device_batches[i % len(self.device_batches)]
-      t0 = time.perf_counter()
-      self.state, m = self.step(self.state, b, self.frozen_states, self.class_weights)
-      jax.block_until_ready(m)
-      if i >= 0:
-        self.step_times.append(time.perf_counter() - t0)
+    batches = itertools.cycle(self.device_batches)
+
+    def step():
+      self.state, metrics = self.step(self.state, next(batches), self.frozen_states,
+                                      self.class_weights)
+      return metrics
+
+    self.step_times += timed(step, n, warmup)
 
   def time_matmuls(self, n: int) -> None:
     """Times n runs of the step's matmuls alone, after one untimed run."""
-    if self.matmuls is None:
-      return
-    run, operands = self.matmuls
-    jax.block_until_ready(run(operands))
-    for _ in range(n):
-      t0 = time.perf_counter()
-      jax.block_until_ready(run(operands))
-      self.matmul_times.append(time.perf_counter() - t0)
+    if self.matmuls is not None:
+      run, operands = self.matmuls
+      self.matmul_times += timed(lambda: run(operands), n, warmup=1)
 
   def time_update(self, n: int, warmup: int = 3) -> None:
-    update, state, grads = self.update
-    for i in range(-warmup, n):
-      t0 = time.perf_counter()
-      state = update(state, grads)
-      jax.block_until_ready(state)
-      if i >= 0:
-        self.update_times.append(time.perf_counter() - t0)
-    self.update = (update, state, grads)
+    def update():
+      self.update_state = self.update(self.update_state, self.grads)
+      return self.update_state
+
+    self.update_times += timed(update, n, warmup)
 
   def time_pipeline(self, n: int) -> None:
-    for i in range(n):
-      t0 = time.perf_counter()
-      self.dataset[i % len(self.dataset)]
-      self.pipeline_times.append(time.perf_counter() - t0)
+    batches = itertools.cycle(range(len(self.dataset)))
+    self.pipeline_times += timed(lambda: self.dataset[next(batches)], n)
 
   def row(self) -> dict:
     step_s = statistics.median(self.step_times)
@@ -244,22 +244,23 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
       utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches),
       matmuls=matmuls_alone(matmuls) if ctx.mesh.size == 1 else None,
       matmul_flops=sum(m.flops for m in matmuls),
-      update=parameter_update(run))
+      **parameter_update(run))
   # Copies: the timing rounds go on donating this stage's own state to its step.
   frozen = jax.tree.map(jnp.copy, (bench.state.params, bench.state.model_state))
   trained[stage] = trainer.FrozenModel(run.graphdef, (*frozen, run.rng_state))
   return bench
 
 
-def parameter_update(run):
+def parameter_update(run) -> dict:
   """The step's parameter side alone (clipping, optimizer, lr multipliers, EMA, accumulation) as a
   jitted function of (state, gradients), with a copy of the stage's state to donate to it and
-  gradients of the parameters' shapes. It does the same work whatever the batch."""
+  gradients of the parameters' shapes: StageBench's update fields. It does the same work whatever
+  the batch."""
   from mer_jax.train import steps  # pylint: disable=g-import-not-at-top
   update = jax.jit(functools.partial(steps.apply_gradients, tx=run.tx,
                                      ema_decay=run.statics.ema_decay), donate_argnums=(0,))
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), run.state.params)
-  return update, jax.tree.map(jnp.copy, run.state), grads
+  return {'update': update, 'update_state': jax.tree.map(jnp.copy, run.state), 'grads': grads}
 
 
 def stacked_context(ctx, trained):

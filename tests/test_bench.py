@@ -86,3 +86,10 @@ def test_projected_minutes_by_hand():
   got = bench.projected_minutes(rows, use_moe=False, folds=3)
   assert got['authors'] == pytest.approx(minutes(20 + 5 + 5 + 30))
   assert got['default'] == pytest.approx(minutes(3 * (20 + 5 + 5) + 10))
+
+
+def test_timed_waits_for_each_call_and_skips_the_warmup():
+  calls = []
+  times = bench.timed(lambda: calls.append(len(calls)) or jnp.ones(3) * len(calls), 4, warmup=2)
+  assert calls == list(range(6))  # 2 untimed, then 4 timed
+  assert len(times) == 4 and all(t >= 0 for t in times)
