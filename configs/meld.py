@@ -15,7 +15,7 @@ def get_config(arg=None):
   c.data.source = 'shards'
   c.data.shard_dir = ''  # required: --config.data.shard_dir=...
   # The authors' batch is 16 shuffled utterances. Ours packs whole dialogues; MELD's longest test
-  # dialogue has 33 utterances, so 40 node slots hold it and average ~25-30 utterances a batch.
+  # dialogue has 33 utterances, so 40 node slots hold it (batch fill: docs/performance.md).
   c.batch.max_nodes = 40
   c.batch.max_graphs = 8
   if arg == 'authors_batch_scope':  # The authors' graphs over shuffled 16-utterance batches.

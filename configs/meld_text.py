@@ -77,39 +77,28 @@ def text_frontend(preset: str, csv_dir: str, pattern: str) -> ml_collections.Con
 
 def read_layers_1_to_6_with_skip(c: ml_collections.ConfigDict) -> None:
   """MiniLM's layers 1-6 concatenated, and the teacher with its linear skip."""
-  # Emotion is read better from the middle layers than from the last one, which
-  # sentence-transformers trained for semantic similarity: on MELD dev, a linear probe of
-  # layers 1-6 concatenated scores 55.3 weighted F1 against 52.9 for the last layer alone.
+  # Middle layers carry more emotion than the last (see docs/results/meld_text.md).
   c.text.layers = (1, 2, 3, 4, 5, 6)
   c.data.dims.t = 384 * 6
-  # A linear probe reads these features better than the graph teacher alone (test 60.2 vs
-  # 57.4): the teacher learns one jointly, through a zero-initialised linear path from its
-  # normalised input to the logits. Frozen features, MELD test, seeds 0-2: 58.78 +/- 0.65
-  # (57.36 +/- 0.98 without).
+  # A linear probe read these features better than the teacher, so it learns one jointly.
   c.model.teacher.linear_skip = True
 
 
 def teacher_for_sentence_embeddings(c: ml_collections.ConfigDict) -> None:
   """The teacher set up for unit-length sentence embeddings (MiniLM's last layer, mean-pooled).
 
-  Chosen on MELD dev weighted F1 (mean best over seeds; README): 56.55 over seeds 0-4, against
-  56.21 with lr 1e-3 and, over seeds 0-2, 55.17 for this version's predecessor (the GRU reading
-  the features themselves, full balanced weights, lr 1e-3) and 52.79 for the authors' teacher
-  with the linear skip.
+  Chosen on MELD dev weighted F1 (see docs/results/meld_text.md).
   """
   c.model.teacher.linear_skip = True
-  # Each dimension of a unit vector in 384-d spreads about 0.05: the text augmentation's noise
-  # (std 0.1) would drown it, and batch norm scales up directions that carry little.
+  # Noise and batch norm would swamp the small per-dimension spread of unit vectors.
   c.augment.enabled = False
   c.model.teacher.input_batchnorm = False
-  # Graph attention sees a dialogue's turns unordered; a GRU reads them in order, here from a
-  # 128-d ReLU projection of the features.
+  # Graph attention sees a dialogue's turns unordered; a GRU reads them in order.
   c.model.teacher.context_gru = 128
   c.model.teacher.context_projection = 128
-  # Square-rooted balanced weights: with the projection, mean best dev 56.58 against 54.75 with
-  # the full weights (seeds 0-2, lr 1e-3).
+  # Square-rooted balanced weights: better on dev together with the projection.
   c.loss.class_weight_power = 0.5
-  # Without noise the authors' 4 x 256-wide heads overfit within 2 epochs.
+  # Smaller, more regularised heads: without noise the authors' 4 x 256 heads overfit.
   c.model.teacher.hidden = 64
   c.model.teacher.dropout = 0.35
   c.model.teacher.input_dropout = 0.3
@@ -140,17 +129,13 @@ def get_config(arg=None):
     c.text.finetune.enabled = True
     c.text.input = 'context'
     if arg == 'finetune':
-      # MiniLM was pretrained for mean pooling: reading the target's own tokens adapts it
-      # faster than the mask position, and 64 tokens keep the nearest turns at about half the
-      # tokens of full prompts (52 per prompt on MELD train, against 96). MELD dev 59.2 after
-      # 3 epochs, against 42.8 after 2 with the authors' recipe.
+      # Mean-pooled target tokens adapt faster than the mask position; 64 tokens keep the
+      # nearest turns at about half the cost (see docs/results/meld_text.md).
       c.text.pooling = 'target_mean'
       c.text.max_length = 64
       c.text.finetune.optim.lr = 1e-4
       c.text.finetune.epochs = 3
-      # As for frozen features. Seeds 0-2, mean best dev weighted F1 60.24, against 59.75 for
-      # the last layer without the skip and 59.78 with it; on test all three are within 0.35
-      # (60.10, 59.90, 60.23: README).
+      # As for frozen features: the best dev score of the readouts tried (same page).
       read_layers_1_to_6_with_skip(c)
     elif arg == 'finetune_last':
       c.text.pooling = 'last'

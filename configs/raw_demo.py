@@ -12,7 +12,7 @@ the preprocessing alone.
 No pretrained audio/visual checkpoints can be downloaded here, so the demo's Wav2Vec2 and
 TimeSformer are small and randomly initialised (frozen random features); point
 raw.audio_encoder.checkpoint / raw.visual_encoder.checkpoint at Hugging Face folders to use
-real ones (configs/meld_raw.py does).
+real ones (README, "Raw clips front end", has the command for a real MELD folder).
 
 Variants (`:arg`): `runlocal` (a seconds-to-minutes smoke run), and `true_face`, `random_face`,
 `largest_face` (which face the visual encoder sees: the speaker-ambiguity ablation).
@@ -25,7 +25,7 @@ from configs import meld_text
 
 
 def lipsync_config() -> ml_collections.ConfigDict:
-  """LipSyncNet (SPEC stage 2) at demo size; configs/meld_raw.py sets the paper's sizes."""
+  """LipSyncNet (SPEC stage 2) at demo size; the comments give the paper's sizes."""
   s = ml_collections.ConfigDict()
   s.window_frames = 8  # video frames per window (the paper: e.g. 32)
   s.crop_size = 32  # face crops are resized to this square
@@ -67,8 +67,8 @@ def raw_frontend(root: str, generate: bool) -> ml_collections.ConfigDict:
 
   r.faces = ml_collections.ConfigDict()
   r.faces.detector = 'haar'  # OpenCV's bundled cascade (offline)
-  # The synthetic faces are >= 46 pixels tall: a coarser scale pyramid that starts at 32 pixels
-  # finds them all at ~60% of the default cascade's cost (real video: 1.1 and 24).
+  # A coarser pyramid from 32 px suits the synthetic faces (>= 46 px tall); real video: 1.1 and
+  # 24 (see docs/results/raw_demo.md).
   r.faces.scale_factor = 1.15
   r.faces.min_neighbors = 3
   r.faces.min_size = 32
