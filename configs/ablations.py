@@ -26,14 +26,14 @@ over seeds is configs/sweeps/embedded_ablations.py. Variants:
 import ml_collections
 
 from configs import default
+from mer_jax import stages
 
-ENCODER_OF_MODALITY = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}
 MODALITY_SUBSETS = ('t', 'a', 'v', 't+a', 't+v', 'a+v')
 
 
 def restrict_modalities(c: ml_collections.ConfigDict, modalities: tuple[str, ...]) -> None:
   c.data.modalities = modalities
-  c.train.stages = tuple(ENCODER_OF_MODALITY[m] for m in 'tav' if m in modalities) + ('fusion',)
+  c.train.stages = stages.stages_for(modalities)
   if 't' not in modalities:
     c.loss.distill = False
 

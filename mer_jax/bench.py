@@ -36,6 +36,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mer_jax import stages
+from mer_jax.data import sources
+from mer_jax.run import job
+from mer_jax.train import cpu_backend
+from mer_jax.train import inference
+from mer_jax.train import sharding
+from mer_jax.train import stacking
+from mer_jax.train import stage as stage_lib
+from mer_jax.train import steps as steps_lib
+
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Base config.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (and input batches) per stage and round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds, each over every stage in turn.')
@@ -217,15 +227,9 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
   """Compiles the train step of `stage` for real batches from the pipeline and sets up the
   programs that run its matmuls and its parameter update alone; leaves a frozen model of the stage
   in `trained` for the stages that read it."""
-  from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import sharding
-  from mer_jax.train import trainer
-  config = ctx.config
-  budget = sharding.batch_budget(config, ctx.mesh)
-  run = trainer.StageRunner(stage, ctx, trained)
-  train_source, batch_config = run.training_data()
-  ds = pipeline.make_dataset(train_source, config=batch_config, budget=budget, train=True,
-                             epoch=0, seed=config.seed, augmented=run.augmented)
+  budget = sharding.batch_budget(ctx.config, ctx.mesh)
+  run = stage_lib.StageRunner(stage, ctx, trained)
+  ds = run.train_dataset(0)
   # One pass fills the record cache (config.data.cache_mib), as in every epoch but the first.
   for i in range(len(ds)):
     ds[i]
@@ -247,7 +251,7 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
       **parameter_update(run))
   # Copies: the timing rounds go on donating this stage's own state to its step.
   frozen = jax.tree.map(jnp.copy, (bench.state.params, bench.state.model_state))
-  trained[stage] = trainer.FrozenModel(run.graphdef, (*frozen, run.rng_state))
+  trained[stage] = inference.FrozenModel(run.graphdef, (*frozen, run.rng_state))
   return bench
 
 
@@ -256,8 +260,7 @@ def parameter_update(run) -> dict:
   jitted function of (state, gradients), with a copy of the stage's state to donate to it and
   gradients of the parameters' shapes: StageBench's update fields. It does the same work whatever
   the batch."""
-  from mer_jax.train import steps  # pylint: disable=g-import-not-at-top
-  update = jax.jit(functools.partial(steps.apply_gradients, tx=run.tx,
+  update = jax.jit(functools.partial(steps_lib.apply_gradients, tx=run.tx,
                                      ema_decay=run.statics.ema_decay), donate_argnums=(0,))
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), run.state.params)
   return {'update': update, 'update_state': jax.tree.map(jnp.copy, run.state), 'grads': grads}
@@ -265,22 +268,17 @@ def parameter_update(run) -> dict:
 
 def stacked_context(ctx, trained):
   """The fusion stage's context under stacking, from the benchmark's (briefly trained) encoders."""
-  from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import stacking
-  config = ctx.config
+  config = ctx.config.copy_and_resolve_references()
+  config.model.fusion.input = 'stacked'
   train = sources.InMemorySource(stacking.stacked_records(
       ctx.data.train, stacking.encoder_log_probs(ctx.data.train, trained, config, ctx.mesh)))
   data = dataclasses.replace(ctx.data, train=train, dev=train, test=train)
-  return dataclasses.replace(ctx, config=stacking.fusion_config(config), data=data)
+  return dataclasses.replace(ctx, config=config, data=data)
 
 
 def main(argv):
   del argv
-  from mer_jax.train import cpu_threefry  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import host_memory
-  from mer_jax.train import trainer
-  host_memory.keep_freed_blocks_in_heap()  # as mer_jax.main does
-  cpu_threefry.unroll_threefry_on_cpu()
+  cpu_backend.tune_for_cpu_backend()  # as mer_jax.main does
   base = _CONFIG.value
   print(f'devices: {jax.devices()}')
   settings = {'off': [False], 'on': [True], 'both': [False, True]}[_MOE.value]
@@ -297,10 +295,10 @@ def main(argv):
       config.model.fusion.use_moe = use_moe
       config.train.progress_bar = False
       config.model.fusion.input = 'graph'
-      ctx = trainer.prepare(config, workdir)
+      ctx = job.prepare(config, workdir)
       if not trained:  # the encoders do not depend on the fusion's MoE setting
         benches += [prepare_stage(stage, ctx, trained, steps)
-                    for stage in trainer.ENCODER_STAGES]
+                    for stage in stages.ENCODER_STAGES]
       # Fusion as it trains by default (stacked: inputs are the encoders' log-probabilities) and
       # with the frozen encoders run inside every step (input 'graph').
       benches.append(prepare_stage('fusion', stacked_context(ctx, trained), {}, steps, 'fusion',
@@ -359,13 +357,12 @@ def projected_minutes(rows: list[dict], use_moe: bool, folds: int) -> dict:
   """A full MELD run: 30 epochs of every stage at the measured step time and batch fill. Our
   default (stacked fusion) adds the cross-fitted encoders ((K - 1) / K of the data, K times); the
   authors' stage set has none and fuses the encoders' graph representations."""
-  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
   seconds = {}
   for r in rows:
-    if r['stage'] in trainer.ENCODER_STAGES or r['moe'] == use_moe:
+    if r['stage'] in stages.ENCODER_STAGES or r['moe'] == use_moe:
       steps_per_epoch = MELD_TRAIN_UTTERANCES / r['utterances_per_step']
       seconds[r['stage']] = MELD_EPOCHS * steps_per_epoch * r['step_ms'] / 1e3
-  encoders = sum(seconds[s] for s in trainer.ENCODER_STAGES)
+  encoders = sum(seconds[s] for s in stages.ENCODER_STAGES)
   return {'default': (folds * encoders + seconds['fusion']) / 60,
           'authors': (encoders + seconds['fusion(graph)']) / 60}
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
-MODALITIES = ('t', 'a', 'v')
-STAGES = ('teacher', 'audio', 'visual', 'fusion')
-STAGE_MODALITY = {'teacher': 't', 'audio': 'a', 'visual': 'v'}
+from etils import epath
+
+from mer_jax import batch_contract
+from mer_jax import stages
+from mer_jax.data import staging
+from mer_jax.data import synthetic
+
 SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear')
 
 
@@ -41,17 +45,16 @@ def validate_config(config) -> None:
       need(_exists(os.path.join(d.shard_dir, 'manifest.json')), 'data.shard_dir',
            f'{d.shard_dir!r} has no manifest.json (a shard folder written by mer_jax)')
   if d.source == 'synthetic':
-    from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
     try:
-      story = sources.corpus_story(config)
+      story = synthetic.story_from_config(config)
     except ValueError as e:
       errors.append(f'data.synthetic.{e}')
     else:
       unknown = sorted(set(d.modalities) - set(story.modalities))
       need(not unknown, 'data.synthetic.story.modalities', f'has no story for {unknown}')
   mods = tuple(d.modalities)
-  need(len(mods) > 0 and len(set(mods)) == len(mods) and set(mods) <= set(MODALITIES),
-       'data.modalities', f'{mods!r} must be distinct entries of {MODALITIES}')
+  need(len(mods) > 0 and len(set(mods)) == len(mods) and set(mods) <= set(stages.MODALITIES),
+       'data.modalities', f'{mods!r} must be distinct entries of {stages.MODALITIES}')
   for m in mods:
     need(m in d.dims and int(d.dims[m]) > 0, f'data.dims.{m}', 'must be a positive dimension')
   need(d.on_bad_record in ('error', 'skip'), 'data.on_bad_record', "must be 'error' or 'skip'")
@@ -82,30 +85,29 @@ def validate_config(config) -> None:
        'projects the input of the context GRU, so it needs model.teacher.context_gru > 0')
 
   f = config.model.fusion
-  need(f.input in ('stacked', 'graph', 'raw'), 'model.fusion.input',
+  need(f.input in stages.FUSION_INPUTS, 'model.fusion.input',
        "must be 'stacked', 'graph' or 'raw'")
   need(f.stacking_folds >= 2, 'model.fusion.stacking_folds', 'must be >= 2')
   need(f.dim % f.heads == 0, 'model.fusion.dim', f'{f.dim} is not divisible by heads={f.heads}')
   need(1 <= f.top_k <= f.num_experts, 'model.fusion.top_k', f'must be in [1, num_experts={f.num_experts}]')
   need(0.0 <= f.alignment_mix <= 1.0, 'model.fusion.alignment_mix', 'must be in [0, 1]')
 
-  stages = tuple(config.train.stages)
-  need(len(stages) > 0 and set(stages) <= set(STAGES) and len(set(stages)) == len(stages),
-       'train.stages', f'{stages!r} must be distinct entries of {STAGES}')
-  for s in stages:
-    if s in STAGE_MODALITY:
-      need(STAGE_MODALITY[s] in mods, 'train.stages',
-           f'stage {s!r} needs modality {STAGE_MODALITY[s]!r} in data.modalities')
-  order = [s for s in STAGES if s in stages]
-  need(list(stages) == order, 'train.stages', f'must run in the order {order}')
-  if 'fusion' in stages and f.input in ('graph', 'stacked'):
-    for m in mods:
-      enc = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}[m]
-      need(enc in stages, 'train.stages',
+  run = tuple(config.train.stages)
+  need(len(run) > 0 and set(run) <= set(stages.STAGES) and len(set(run)) == len(run),
+       'train.stages', f'{run!r} must be distinct entries of {stages.STAGES}')
+  for s in run:
+    if stages.is_encoder(s):
+      m = stages.MODALITY_OF_STAGE[s]
+      need(m in mods, 'train.stages', f'stage {s!r} needs modality {m!r} in data.modalities')
+  order = [s for s in stages.STAGES if s in run]
+  need(list(run) == order, 'train.stages', f'must run in the order {order}')
+  if 'fusion' in run and f.input in ('graph', 'stacked'):
+    for enc in stages.encoders_of(mods):
+      need(enc in run, 'train.stages',
            f"fusion on encoder outputs needs the {enc!r} stage (or model.fusion.input='raw')")
   need(config.train.epochs >= 1, 'train.epochs', 'must be >= 1')
 
-  for s in STAGES:
+  for s in stages.STAGES:
     o = config.optim[s]
     need(o.lr > 0, f'optim.{s}.lr', 'must be > 0')
     need(o.weight_decay >= 0, f'optim.{s}.weight_decay', 'must be >= 0')
@@ -126,7 +128,6 @@ def validate_config(config) -> None:
 
   shared = config.train.get('shared_stages_dir', '')
   if shared:
-    from mer_jax.data import staging  # pylint: disable=g-import-not-at-top
     need(not staging.is_remote(shared), 'train.shared_stages_dir',
          f'{shared!r} must be a local folder (runs link their stages to it)')
     need(not staging.is_remote(config.train.checkpoint_dir), 'train.checkpoint_dir',
@@ -140,10 +141,8 @@ def validate_config(config) -> None:
 
 def _exists(path: str) -> bool:
   """os.path.exists, or through etils/epath for remote paths (gs://: needs gcsfs, `[gcs]`)."""
-  from mer_jax.data import staging  # pylint: disable=g-import-not-at-top
   if not staging.is_remote(path):
     return os.path.exists(path)
-  from etils import epath  # pylint: disable=g-import-not-at-top
   try:
     return epath.Path(path).exists()
   except ImportError as e:
@@ -152,14 +151,15 @@ def _exists(path: str) -> bool:
 
 def check_mesh_fits_batch(config, data_axis: int, groups: int = 1) -> None:
   """Every array of a step's batch (`groups` sub-batches end to end) splits evenly over 'data'."""
-  b = config.batch
+  budget = batch_contract.budget_from_config(config)
   each = f'{groups} sub-batches of ' if groups > 1 else ''
-  if (groups * b.max_nodes) % data_axis:
-    raise ConfigError(f'{each}batch.max_nodes={b.max_nodes} must be divisible by the data '
+  if (groups * budget.max_nodes) % data_axis:
+    raise ConfigError(f'{each}batch.max_nodes={budget.max_nodes} must be divisible by the data '
                       f'axis size {data_axis} (nodes are split over it)')
-  if (4 * groups * b.max_nodes) % data_axis:
-    raise ConfigError(f'edge budget {each}4*batch.max_nodes must be divisible by {data_axis}')
-  graphs = 2 if config.graph.scope == 'batch' else b.max_graphs
+  if (groups * budget.max_edges) % data_axis:
+    raise ConfigError(f'edge budget {each}{batch_contract.EDGES_PER_NODE}*batch.max_nodes must '
+                      f'be divisible by {data_axis}')
+  graphs = budget.max_graphs
   if groups > 1 and (groups * graphs) % data_axis:
     raise ConfigError(f'{each}{graphs} graph slots (batch.max_graphs) must be divisible by the '
                       f'data axis size {data_axis} (with several sub-batches, per-graph arrays '
@@ -198,9 +198,10 @@ def raw_frontend_errors(config) -> list[str]:
     ckpt = r[name].checkpoint
     need(not ckpt or os.path.isdir(ckpt), f'raw.{name}.checkpoint',
          f'{ckpt!r} is not a folder (a Hugging Face checkpoint; empty = random init)')
-  from mer_jax.train import lipsync  # pylint: disable=g-import-not-at-top
+  # Imported here: the LipSyncNet trainer brings JAX, which main starts after validation.
+  from mer_jax.preprocess import lipsync_training  # pylint: disable=g-import-not-at-top
   try:
-    lipsync.check_lipsync_config(config.lipsync)
+    lipsync_training.check_lipsync_config(config.lipsync)
   except (ValueError, AttributeError, KeyError) as e:
     errors.append(f'lipsync: {e}')
   return errors

@@ -31,18 +31,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep library INFO logs out of the console
   config = _CONFIG.value
   validate_config(config)
-  from mer_jax.train import cpu_threefry  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.keep_freed_blocks_in_heap()
-  cpu_threefry.unroll_threefry_on_cpu()
-  # Imported after validation so a bad config fails before JAX starts.
-  from mer_jax.train import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         auto=_MULTIHOST.value)
-  from mer_jax.train import preemption  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  preemption.run_preemptible(trainer.train_and_evaluate, config, _WORKDIR.value)
-
+  # Imported after validation, so a bad config fails before JAX and the models load.
+  from mer_jax.run import job  # pylint: disable=g-import-not-at-top
+  job.run(config, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
+          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+          multihost=_MULTIHOST.value)
 
 if __name__ == '__main__':
   app.run(main)

@@ -23,6 +23,17 @@ import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
+from etils import epath
+
+from mer_jax import stages
+from mer_jax.data import dialogue_csv
+from mer_jax.data import shards
+from mer_jax.data import sources
+from mer_jax.preprocess import text_features
+from mer_jax.train import checkpointing
+from mer_jax.train import inference
+from mer_jax.train import sharding
+from mer_jax.train import stacking
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir trained by mer_jax.main.')
 _INPUT = flags.DEFINE_string('input', None, 'JSONL file of dialogues.')
@@ -43,7 +54,6 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
   With `text_from_transcripts`, missing text features are left for the caller to compute from
   the transcripts, so every utterance needs a non-empty "text".
   """
-  from mer_jax.data import shards  # pylint: disable=g-import-not-at-top
   if not isinstance(obj, dict):
     raise PredictInputError(f'{where}: expected a JSON object, got {type(obj).__name__}')
   utts = obj.get('utterances')
@@ -95,42 +105,33 @@ class Predictor:
   def __init__(self, workdir: str, stage: str | None = None, checkpoint_dir: str = ''):
     """`checkpoint_dir`: where the run's train.checkpoint_dir put them (default
     workdir/checkpoints; gs:// paths are read by Orbax directly)."""
-    from mer_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
-    from mer_jax.train import sharding
-    from mer_jax.train import stacking
-    from mer_jax.train import trainer
     self.workdir = workdir
     directory = checkpoint_dir or os.path.join(workdir, 'checkpoints')
-    stages = _trained_stages(directory)
-    if not stages:
+    trained = _trained_stages(directory)
+    if not trained:
       raise FileNotFoundError(f'{directory}: no trained stage checkpoints')
-    self.stage = stage or stages[-1]
+    self.stage = stage or trained[-1]
     meta = checkpointing.StageCheckpoints(workdir, self.stage, read_only=True,
                                           directory=directory).best_meta()
     self.config = ml_collections.ConfigDict(meta['config'])
     self.label_names = tuple(meta['label_names'])
     self.mesh = sharding.make_mesh(self.config)
     self.stacked = self.stage == 'fusion' and self.config.model.fusion.input == 'stacked'
-    # The config the final stage itself was trained with (stacked fusion reads log-probabilities).
-    self.stage_config = stacking.fusion_config(self.config) if self.stacked else self.config
     self.models = {}
     for name in _needed_for(self.stage, self.config):
       ckpt = checkpointing.StageCheckpoints(workdir, name, read_only=True, directory=directory)
-      cfg = self.stage_config if name == self.stage else self.config
-      graphdef, params, batch_stats, rng_state = trainer.build_sharded_model(
-          name, cfg, self.mesh, seed=0)
+      graphdef, params, batch_stats, rng_state = inference.build_sharded_model(
+          name, self.config, self.mesh, seed=0)
       params, batch_stats, _ = ckpt.restore_best(params, batch_stats)
-      self.models[name] = trainer.FrozenModel(graphdef, (params, batch_stats, rng_state))
-    self._predict_fn = trainer.stage_predict_fn(self.stage, self.models[self.stage],
-                                                self.stage_config, self.models)
+      self.models[name] = inference.FrozenModel(graphdef, (params, batch_stats, rng_state))
+    self._predict_fn = inference.stage_predict_fn(self.stage, self.models[self.stage],
+                                                  self.config, self.models)
     self.text = None
     if self.config.data.source in ('text_csv', 'raw') and 't' in self.config.data.modalities:
-      from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
       self.text = text_features.TextFeaturizer(self.config, workdir)
 
   def fill_text_features(self, records: list) -> None:
     """Computes the text features an input left out, from the transcripts."""
-    from mer_jax.data import dialogue_csv  # pylint: disable=g-import-not-at-top
     todo = [r for r in records if not r.present['t'].all()]
     if not todo:
       return
@@ -145,17 +146,14 @@ class Predictor:
 
   def probabilities(self, records: list) -> list[np.ndarray]:
     """Per dialogue, [n_utterances, C] class probabilities."""
-    from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
-    from mer_jax.train import sharding
-    from mer_jax.train import stacking
-    from mer_jax.train import trainer
     source = sources.InMemorySource(records)
     if self.stacked:
       source = sources.InMemorySource(stacking.stacked_records(
           source, stacking.encoder_log_probs(source, self.models, self.config, self.mesh)))
-    budget = sharding.batch_budget(self.stage_config, self.mesh)
-    pred = trainer.predict_split(source, self.stage_config, budget, self._predict_fn, self.mesh)
-    return trainer.per_record_outputs(pred, source, 'probs')
+    pred = inference.predict_split(source, self.config, sharding.batch_budget(self.config, self.mesh),
+                                   self._predict_fn, self.mesh,
+                                   dims=inference.batch_dims(self.stage, self.config))
+    return inference.per_record_outputs(pred, source, 'probs')
 
   def read_jsonl(self, path: str) -> list:
     records = []
@@ -187,17 +185,14 @@ class Predictor:
 
 def _trained_stages(directory: str) -> list[str]:
   """The stages with a best checkpoint under `directory` (local, or gs:// through epath)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  order = ('teacher', 'audio', 'visual', 'fusion')
-  return [s for s in order if (epath.Path(directory) / s / 'best').is_dir()]
+  return [s for s in stages.STAGES if (epath.Path(directory) / s / 'best').is_dir()]
 
 
 def _needed_for(stage: str, config) -> list[str]:
   """The stage and the frozen encoders whose outputs it reads at prediction time."""
-  if stage != 'fusion' or config.model.fusion.input == 'raw':
-    return [stage]
-  enc = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}
-  return [enc[m] for m in config.data.modalities] + ['fusion']
+  needed = stages.prerequisites(stage, distill=False, fusion_input=config.model.fusion.input,
+                                modalities=config.data.modalities)
+  return [*needed, stage]
 
 
 def format_predictions(records: Iterable, probs: Iterable[np.ndarray],

@@ -12,9 +12,11 @@ import jax
 import numpy as np
 
 from configs import default
-from mer_jax.data import pipeline
+from mer_jax import batch_contract
+from mer_jax.run import job
+from mer_jax.train import stage as stage_lib
+from mer_jax.train import inference
 from mer_jax.train import sharding
-from mer_jax.train import trainer
 
 
 def run(workdir: str, devices, shape) -> dict:
@@ -24,14 +26,12 @@ def run(workdir: str, devices, shape) -> dict:
   config.optim.fusion.grad_accum_steps = 1
   config.mesh.shape = shape
   mesh = sharding.make_mesh(config, devices)
-  ctx = trainer.prepare(config, workdir, mesh=mesh)
-  budget = pipeline.budget_from_config(config)
+  ctx = job.prepare(config, workdir, mesh=mesh)
+  budget = batch_contract.budget_from_config(config)
   trained, out = {}, {}
   for stage in config.train.stages:
-    runner = trainer.StageRunner(stage, ctx, trained)
-    source, batch_config = runner.training_data()
-    batch = pipeline.make_dataset(source, config=batch_config, budget=budget, train=True,
-                                  epoch=0, seed=config.seed)[0]
+    runner = stage_lib.StageRunner(stage, ctx, trained)
+    batch = runner.train_dataset(0)[0]
     batch_sh = sharding.batch_shardings(batch, mesh, budget)
     step = runner.jitted_train_step(batch_sh)
     state, metrics = step(runner.state, sharding.put_batch(batch, batch_sh, budget),
@@ -41,7 +41,7 @@ def run(workdir: str, devices, shape) -> dict:
     out[stage] = {'loss': float(metrics['loss']), 'grad_norm': float(metrics['grad_norm']),
                   'params': params[:: max(1, len(params) // 4000)].tolist(),
                   'specs': sorted(shardings)}
-    trained[stage] = trainer.FrozenModel(runner.graphdef,
+    trained[stage] = inference.FrozenModel(runner.graphdef,
                                          (state.params, state.model_state, runner.rng_state))
   return out
 

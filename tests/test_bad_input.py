@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from configs import default
+from mer_jax import batch_contract
+from mer_jax.run import job
+from mer_jax.run import corpus as corpus_lib
 from mer_jax import predict
 from mer_jax.config_validation import ConfigError
 from mer_jax.config_validation import check_mesh_fits_batch
@@ -20,7 +23,6 @@ from mer_jax.data import pipeline
 from mer_jax.data import shards
 from mer_jax.data import sources
 from mer_jax.data import synthetic
-from mer_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_RECORD = 4  # train record given a NaN feature in the crafted shard folder
@@ -177,14 +179,14 @@ def test_dialogue_longer_than_the_node_budget(shard_dir, tmp_path):
   config = shards_config(shard_dir)
   config.batch.max_nodes = int(lengths.max())  # fits max_nodes - 1 utterances
   with pytest.raises(ValueError) as e:
-    sources.open_splits(config, str(tmp_path))
+    corpus_lib.open_splits(config, str(tmp_path))
   assert f'{shard_dir}/train' in str(e.value) and 'batch.max_nodes' in str(e.value)
   # The input pipeline names the record itself.
   train = sources.open_source(str(shard_dir), 'train', config)
   longest = int(np.argmax(lengths))
   with pytest.raises(ValueError, match=rf'dialogue record {longest} has {lengths.max()} '
                                        r'utterances.*batch\.max_nodes'):
-    pipeline.make_dataset(train, config=config, budget=pipeline.budget_from_config(config),
+    pipeline.make_dataset(train, config=config, budget=batch_contract.budget_from_config(config),
                           train=False, epoch=0, seed=0)
 
 
@@ -248,7 +250,7 @@ def test_skipped_bad_record_is_counted_and_training_runs(shard_dir_with_a_bad_re
   config.train.stages = ('teacher',)
   config.train.epochs = 1
   validate_config(config)
-  data = sources.open_splits(config, str(tmp_path))
+  data = corpus_lib.open_splits(config, str(tmp_path))
   assert data.train.num_skipped == 1 and len(data.train) == 9
   assert data.train.skipped[0].dialogue_id == dialogue_id
   assert (data.dev.num_skipped, data.test.num_skipped) == (0, 0)
@@ -257,7 +259,7 @@ def test_skipped_bad_record_is_counted_and_training_runs(shard_dir_with_a_bad_re
   labels = np.concatenate([r.labels for r in good])
   expected_counts = np.bincount(labels[labels >= 0], minlength=7)
   np.testing.assert_array_equal(data.class_counts, expected_counts)
-  results = trainer.train_and_evaluate(config, str(tmp_path))
+  results = job.train_and_evaluate(config, str(tmp_path))
   assert list(results) == ['teacher']
   assert 0.0 <= results['teacher']['test_accuracy'] <= 1.0
 
@@ -269,7 +271,7 @@ def test_non_finite_loss_stops_training_naming_stage_and_step(shard_dir, tmp_pat
   config.optim.teacher.lr = 1e30
   with pytest.raises(FloatingPointError,
                      match=r'stage teacher: non-finite loss at step \d+ \(epoch 1, batch \d+ of'):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    job.train_and_evaluate(config, str(tmp_path))
   # Stopped before anything was reported as a result.
   assert not (tmp_path / 'results.json').exists()
 

@@ -12,8 +12,8 @@ import pytest
 _PROBE = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from mer_jax.train import cpu_threefry
-unrolled = cpu_threefry.unroll_threefry_on_cpu() if sys.argv[1] == 'unrolled' else None
+from mer_jax.train import cpu_backend
+unrolled = cpu_backend.unroll_threefry_on_cpu() if sys.argv[1] == 'unrolled' else None
 
 def draws(key):
   streams = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(5))

@@ -21,13 +21,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
+from mer_jax import batch_contract
+from mer_jax.run import corpus
+from mer_jax.train import inference
 from mer_jax import predict
 from mer_jax.data import pipeline
 from mer_jax.data import shards
 from mer_jax.data import sources
 from mer_jax.train import sharding
 from mer_jax.train import stacking
-from mer_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('teacher', 'audio', 'visual', 'fusion')
@@ -121,8 +123,8 @@ def plan(tmp_path_factory):
   """
   workdir = tmp_path_factory.mktemp('reference')
   config = tiny_config(every=0)
-  data = sources.open_splits(config, str(workdir))  # main reuses this synthetic corpus
-  budget = pipeline.budget_from_config(config)
+  data = corpus.open_splits(config, str(workdir))  # main reuses this synthetic corpus
+  budget = batch_contract.budget_from_config(config)
   train_sets = [data.train]
   if config.model.fusion.input == 'stacked':
     for held_out in sources.fold_indices(len(data.train), config.model.fusion.stacking_folds,
@@ -227,7 +229,7 @@ def test_rerun_of_a_finished_workdir_trains_nothing(reference, plan, cache_dir):
 def dialogues(reference, plan, tmp_path_factory):
   """Two test-split dialogues (one with a missing modality) as predict's JSONL input."""
   config = plan['config']
-  test = shards.DialogueShardSource(sources.synthetic_dir(config, reference['workdir']), 'test',
+  test = shards.DialogueShardSource(corpus.synthetic_dir(config, reference['workdir']), 'test',
                                     modalities=tuple(config.data.modalities))
   lengths = test.dialogue_lengths
   with_missing = next(i for i in range(len(test)) if lengths[i] >= 2 and not all(
@@ -283,14 +285,14 @@ def trainer_test_predictions(config, models, source) -> dict[str, dict]:
   mesh = sharding.make_mesh(config)
   out = {}
   for stage in STAGES:
-    stage_config, stage_source = config, source
+    stage_source = source
     if stage == 'fusion' and config.model.fusion.input == 'stacked':
-      stage_config = stacking.fusion_config(config)
       stage_source = sources.InMemorySource(stacking.stacked_records(
           source, stacking.encoder_log_probs(source, models, config, mesh)))
-    out[stage] = trainer.predict_split(
-        stage_source, stage_config, pipeline.budget_from_config(stage_config),
-        trainer.stage_predict_fn(stage, models[stage], stage_config, models), mesh)
+    out[stage] = inference.predict_split(
+        stage_source, config, batch_contract.budget_from_config(config),
+        inference.stage_predict_fn(stage, models[stage], config, models), mesh,
+        dims=inference.batch_dims(stage, config))
   return out
 
 
@@ -304,7 +306,7 @@ def test_restored_models_reproduce_the_training_run_predictions(reference, plan,
   assert set(predictor.models) == set(STAGES)
   preds = trainer_test_predictions(predictor.config, predictor.models, dialogues['source'])
   for stage, pred in preds.items():
-    metrics = trainer.split_metrics(pred, plan['config'].label_names)
+    metrics = inference.split_metrics(pred, plan['config'].label_names)
     with open(os.path.join(workdir, 'reports', f'{stage}_test.json')) as f:
       report = json.load(f)
     assert np.asarray(metrics['confusion']).tolist() == report['confusion'], stage
@@ -388,9 +390,9 @@ def test_checkpoint_period_dividing_an_epoch(tmp_path, cache_dir):
   """A periodic checkpoint on an epoch's last step is followed by the end-of-epoch checkpoint of
   the same step; that must overwrite it, not stop the run."""
   config = default.get_config('tiny')
-  data = sources.open_splits(config, str(tmp_path))
+  data = corpus.open_splits(config, str(tmp_path))
   steps = len(pipeline.make_dataset(data.train, config=config,
-                                    budget=pipeline.budget_from_config(config), train=True,
+                                    budget=batch_contract.budget_from_config(config), train=True,
                                     epoch=0, seed=config.seed))
   assert steps % 2 == 0
   proc, _ = run(teacher_only_args(tmp_path, cache_dir, every=2), subprocess_env(cache_dir))

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from mer_jax.train import host_memory
+from mer_jax.train import cpu_backend
 
 # Counts glibc's mmapped blocks while a 1 MiB or a 48 MiB array is alive, before and after
 # the call.
 _PROBE = """
 import ctypes, numpy as np
-from mer_jax.train import host_memory
+from mer_jax.train import cpu_backend
 libc = ctypes.CDLL('libc.so.6')
 class Info(ctypes.Structure):
   _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',
@@ -23,12 +23,12 @@ def mmapped_with_live_array(mib):
   a = np.ones(mib << 18, np.float32)
   return libc.mallinfo2().hblks - base
 before = [mmapped_with_live_array(1), mmapped_with_live_array(48)]
-assert host_memory.keep_freed_blocks_in_heap()
+assert cpu_backend.keep_freed_blocks_in_heap()
 print(*before, mmapped_with_live_array(1), mmapped_with_live_array(48))
 """
 
 
-@pytest.mark.skipif(not hasattr(host_memory._libc(), 'mallinfo2'), reason='glibc >= 2.33 only')
+@pytest.mark.skipif(not hasattr(cpu_backend._libc(), 'mallinfo2'), reason='glibc >= 2.33 only')
 def test_large_temporaries_come_from_the_heap_after_the_call():
   """1 MiB and 48 MiB arrays (the latter above the largest mmap threshold glibc accepts) are
   mmapped before the call and served from the heap after it."""

@@ -12,7 +12,7 @@ import pytest
 
 from mer_jax.losses import lipsync as lipsync_loss
 from mer_jax.models import lipsync as lipsync_model
-from mer_jax.train import lipsync
+from mer_jax.preprocess import lipsync_training as lipsync
 
 WINDOW = 8
 CROP = 24

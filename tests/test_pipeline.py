@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from configs import default
+from mer_jax import batch_contract
+from mer_jax.train import stage as stage_lib
 from mer_jax.data import pipeline
 from mer_jax.data.shards import DialogueRecord, speaker_ranks
 from mer_jax.data.sources import InMemorySource
@@ -51,7 +53,7 @@ def source():
 
 
 def test_plan_covers_every_dialogue_once_within_budget(source):
-  budget = pipeline.Budget(16, 4)
+  budget = batch_contract.Budget(16, 4)
   lengths = source.dialogue_lengths
   for epoch in range(3):
     plan = pipeline.plan_dialogue_batches(lengths, budget,
@@ -71,12 +73,12 @@ def test_epoch_order_is_seeded_and_changes_per_epoch():
 
 def test_dialogue_longer_than_budget_is_a_clear_error():
   with pytest.raises(ValueError, match='dialogue record 1 has 20 utterances.*max_nodes'):
-    pipeline.plan_dialogue_batches(np.array([3, 20]), pipeline.Budget(16, 4), np.arange(2))
+    pipeline.plan_dialogue_batches(np.array([3, 20]), batch_contract.Budget(16, 4), np.arange(2))
 
 
 def test_collated_batch_is_a_padded_graphs_tuple(source):
   config = small_config(**{'graph.speaker_edges': True})
-  ds = pipeline.make_dataset(source, config=config, budget=pipeline.budget_from_config(config),
+  ds = pipeline.make_dataset(source, config=config, budget=batch_contract.budget_from_config(config),
                              train=False, epoch=0, seed=0)
   batch = ds[0]
   assert isinstance(batch, jraph.GraphsTuple)
@@ -110,7 +112,7 @@ def test_collated_batch_is_a_padded_graphs_tuple(source):
 
 def test_batch_scope_puts_shuffled_utterances_into_one_graph(source):
   config = small_config(**{'graph.scope': 'batch'})
-  budget = pipeline.budget_from_config(config)
+  budget = batch_contract.budget_from_config(config)
   ds = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=0, seed=1)
   total = int(source.dialogue_lengths.sum())
   assert len(ds) == -(-total // 5)
@@ -124,7 +126,7 @@ def test_batch_scope_puts_shuffled_utterances_into_one_graph(source):
 
 def test_augmentation_is_seeded_and_only_in_training(source):
   config = small_config()
-  budget = pipeline.budget_from_config(config)
+  budget = batch_contract.budget_from_config(config)
   a = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=0, seed=0)[0]
   b = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=0, seed=0)[0]
   np.testing.assert_array_equal(a.nodes['features']['t'], b.nodes['features']['t'])
@@ -249,10 +251,10 @@ def test_text_augmentation_does_not_depend_on_the_other_modalities_loaded(source
   """The teacher trains on the same augmented text whether audio and visual are loaded or not."""
   full = small_config()
   text_only = small_config(**{'data.modalities': ('t',)})
-  a = pipeline.make_dataset(source, config=full, budget=pipeline.budget_from_config(full),
+  a = pipeline.make_dataset(source, config=full, budget=batch_contract.budget_from_config(full),
                             train=True, epoch=1, seed=5)
   b = pipeline.make_dataset(source, config=text_only,
-                            budget=pipeline.budget_from_config(text_only), train=True, epoch=1,
+                            budget=batch_contract.budget_from_config(text_only), train=True, epoch=1,
                             seed=5)
   assert len(a) == len(b)
   for i in range(len(a)):
@@ -262,7 +264,7 @@ def test_text_augmentation_does_not_depend_on_the_other_modalities_loaded(source
 def test_a_stage_can_leave_the_frozen_teachers_text_as_stored(source):
   """augmented=('a',): audio gets the same draws as when everything is augmented, text none."""
   config = small_config()
-  budget = pipeline.budget_from_config(config)
+  budget = batch_contract.budget_from_config(config)
   every = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=1, seed=5)
   audio = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=1, seed=5,
                                 augmented=('a',))
@@ -281,14 +283,17 @@ def test_a_stage_can_leave_the_frozen_teachers_text_as_stored(source):
 
 
 def test_encoder_stages_augment_their_own_modality_unless_the_authors_way_is_asked_for():
-  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  clean = small_config()
-  authors = small_config(**{'augment.clean_frozen_inputs': False})
-  assert [trainer.augmented_modalities(s, clean) for s in ('teacher', 'audio', 'visual')] == [
+  clean = small_config(**{'model.fusion.input': 'graph'})
+  authors = small_config(**{'augment.clean_frozen_inputs': False, 'model.fusion.input': 'graph'})
+  assert [stage_lib.augmented_modalities(s, clean) for s in ('teacher', 'audio', 'visual')] == [
       ('t',), ('a',), ('v',)]
-  assert trainer.augmented_modalities('fusion', clean) == ('t', 'a', 'v')
+  assert stage_lib.augmented_modalities('fusion', clean) == ('t', 'a', 'v')
   for stage in ('teacher', 'audio', 'visual', 'fusion'):
-    assert trainer.augmented_modalities(stage, authors) == ('t', 'a', 'v')
+    assert stage_lib.augmented_modalities(stage, authors) == ('t', 'a', 'v')
+  # Stacked fusion reads log-probabilities, not features: nothing to augment.
+  for config in (clean, authors):
+    config.model.fusion.input = 'stacked'
+    assert stage_lib.augmented_modalities('fusion', config) == ()
 
 
 def _node_keys(batch):
@@ -299,7 +304,7 @@ def _node_keys(batch):
 
 def test_iterator_state_resumes_mid_epoch(source):
   config = small_config()
-  budget = pipeline.budget_from_config(config)
+  budget = batch_contract.budget_from_config(config)
   ds = pipeline.make_dataset(source, config=config, budget=budget, train=True, epoch=2, seed=0)
   it = iter(ds.to_iter_dataset())
   next(it)
@@ -335,7 +340,7 @@ def test_groups_give_each_process_its_own_records_and_compose_the_global_batch(s
   per_process, lengths = [], set()
   for local in ((0,), (1,)):
     counting = CountingSource(records)
-    budget = pipeline.budget_from_config(config, groups=2, local_groups=local)
+    budget = batch_contract.budget_from_config(config, groups=2, local_groups=local)
     ds = pipeline.make_dataset(counting, config=config, budget=budget, train=True, epoch=1, seed=3)
     per_process.append([ds[i] for i in range(len(ds))])
     lengths.add(len(ds))
@@ -349,12 +354,12 @@ def test_groups_give_each_process_its_own_records_and_compose_the_global_batch(s
       g.nodes['record'], g.nodes['utterance'], g.nodes['mask']) if m} for batches in per_process]
   assert utterances[0] and utterances[1] and not utterances[0] & utterances[1]
 
-  both = pipeline.budget_from_config(config, groups=2, local_groups=(0, 1))
+  both = batch_contract.budget_from_config(config, groups=2, local_groups=(0, 1))
   whole = pipeline.make_dataset(InMemorySource(records), config=config, budget=both, train=True,
                                 epoch=1, seed=3)
   for step, (a, b) in enumerate(zip(*per_process)):
     w = whole[step]
-    one = pipeline.budget_from_config(config)
+    one = batch_contract.budget_from_config(config)
     assert a.nodes['mask'].shape == (one.max_nodes,) and a.n_node.shape == (one.max_graphs,)
     for got, x, y in zip(jax.tree.leaves(w), jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(got, np.concatenate([x, y]))
@@ -369,14 +374,14 @@ def test_groups_give_each_process_its_own_records_and_compose_the_global_batch(s
 
 def test_a_group_with_no_dialogues_left_is_all_padding(source):
   config = small_config()
-  one = pipeline.budget_from_config(config)
+  one = batch_contract.budget_from_config(config)
   plan_len = len(pipeline.make_dataset(source, config=config, budget=one, train=False, epoch=0,
                                        seed=0))
   groups = plan_len + 1  # more groups than sub-batches: the last one gets nothing
-  budget = pipeline.budget_from_config(config, groups=groups, local_groups=(groups - 1,))
+  budget = batch_contract.budget_from_config(config, groups=groups, local_groups=(groups - 1,))
   ds = pipeline.make_dataset(source, config=config, budget=budget, train=False, epoch=0, seed=0)
   assert len(ds) == 1
   batch = ds[0]
   assert not batch.nodes['mask'].any() and (batch.nodes['label'] == -1).all()
   assert batch.n_node.sum() == one.max_nodes and batch.n_node.shape == (one.max_graphs,)
-  assert (batch.edges['kind'] == pipeline.PADDING_EDGE).all()
+  assert (batch.edges['kind'] == batch_contract.PADDING_EDGE).all()

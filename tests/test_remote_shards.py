@@ -14,9 +14,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from configs import default
+from mer_jax.run import corpus
 from mer_jax import config_validation
 from mer_jax.data import shards
-from mer_jax.data import sources
 from mer_jax.data import staging
 from mer_jax.data import synthetic
 
@@ -133,6 +133,6 @@ def test_training_sources_open_from_a_gs_folder(bucket, tmp_path):
   config.data.shard_dir = url
   config_validation.validate_config(config)  # finds gs://.../manifest.json through epath
   workdir = tmp_path / 'work'
-  splits = sources.open_splits(config, str(workdir))
+  splits = corpus.open_splits(config, str(workdir))
   assert (len(splits.train), len(splits.dev), len(splits.test)) == (6, 3, 3)
   assert splits.shard_dir == staging.staged_dir(url, str(workdir / 'data'))

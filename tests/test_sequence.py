@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from configs import default
+from mer_jax.run import job
+from mer_jax.run import corpus
 from mer_jax import predict
 from mer_jax.config_validation import ConfigError
 from mer_jax.config_validation import validate_config
 from mer_jax.data import shards
-from mer_jax.data import sources
 from mer_jax.models import sequence
-from mer_jax.train import trainer
 from tests import test_encoders
 
 D, H = 12, 5  # test_encoders' text width, a GRU width
@@ -135,13 +135,13 @@ def test_gru_teacher_without_batchnorm_trains_saves_and_restores(tmp_path):
   config.mesh.shape = {'data': 1, 'model': 1}
   validate_config(config)
   workdir = str(tmp_path / 'w')
-  results = trainer.train_and_evaluate(config, workdir)
+  results = job.train_and_evaluate(config, workdir)
   assert 0.0 <= results['teacher']['test_weighted_f1'] <= 1.0
   saved = np.load(f'{workdir}/predictions/teacher_test.npz')
   predictor = predict.Predictor(workdir)
   params, batch_stats, _ = predictor.models['teacher'].states
   assert 'context' in params and not jax.tree.leaves(batch_stats)
-  test = shards.DialogueShardSource(sources.synthetic_dir(config, workdir), 'test')
+  test = shards.DialogueShardSource(corpus.synthetic_dir(config, workdir), 'test')
   records = [test[i] for i in range(len(test))]
   for index, probs in enumerate(predictor.probabilities(records)):
     rows = np.flatnonzero(saved['records'] == index)

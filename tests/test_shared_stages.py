@@ -12,9 +12,9 @@ import pytest
 
 from configs import ablations
 from configs import default
+from mer_jax.run import job
 from mer_jax.experiments import runs
 from mer_jax.train import shared_stages
-from mer_jax.train import trainer
 
 
 def variant(name: str, **overrides):
@@ -124,9 +124,9 @@ def test_reused_stages_equal_retrained_ones(tmp_path):
             'train.compilation_cache_dir': str(tmp_path / 'xla')}
   shared = {'train.shared_stages_dir': str(tmp_path / 'shared')}
   try:
-    trainer.train_and_evaluate(variant('full', **common, **shared), str(tmp_path / 'full'))
-    trainer.train_and_evaluate(variant('no_gates', **common, **shared), str(tmp_path / 'reused'))
-    trainer.train_and_evaluate(variant('no_gates', **common), str(tmp_path / 'alone'))
+    job.train_and_evaluate(variant('full', **common, **shared), str(tmp_path / 'full'))
+    job.train_and_evaluate(variant('no_gates', **common, **shared), str(tmp_path / 'reused'))
+    job.train_and_evaluate(variant('no_gates', **common), str(tmp_path / 'alone'))
   finally:  # the cache folder goes with tmp_path; later tests in this process must not use it
     jax.config.update('jax_compilation_cache_dir', None)
 

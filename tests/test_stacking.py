@@ -2,9 +2,9 @@
 
 import numpy as np
 
+from mer_jax.train import inference
 from mer_jax.data import sources
 from mer_jax.train import stacking
-from mer_jax.train import trainer
 from tests.test_pipeline import make_record
 
 
@@ -44,6 +44,6 @@ def test_per_record_outputs_restores_dialogue_order():
   # Rows in a scrambled (batch) order, tagged with their record and utterance id.
   pred = {'records': np.array([1, 0, 0, 1, 0]), 'utterances': np.array([1, 2, 0, 0, 1]),
           'probs': np.arange(5, dtype=np.float32)[:, None]}
-  out = trainer.per_record_outputs(pred, base, 'probs')
+  out = inference.per_record_outputs(pred, base, 'probs')
   np.testing.assert_array_equal(out[0][:, 0], [2, 4, 1])
   np.testing.assert_array_equal(out[1][:, 0], [3, 0])

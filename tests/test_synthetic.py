@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 import threadpoolctl
 
+from mer_jax.run import corpus
 from mer_jax.data import shards
 from mer_jax.data import synthetic
 
@@ -219,19 +220,18 @@ def test_story_round_trips_through_plain_values_and_names_bad_keys():
 def test_config_story_sets_the_corpus_and_its_cache_folder(tmp_path):
   from configs import default  # pylint: disable=g-import-not-at-top
   from mer_jax.config_validation import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
-  from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
   config = default.get_config('tiny')
   config.data.synthetic.num_dialogues = {'train': 30, 'dev': 2, 'test': 2}
-  assert sources.corpus_story(config) == synthetic.CorpusStory()
+  assert synthetic.story_from_config(config) == synthetic.CorpusStory()
   clean = default.get_config('tiny')
   clean.data.synthetic.num_dialogues = {'train': 30, 'dev': 2, 'test': 2}
   clean.data.synthetic.story.label_noise = 0.0
-  assert sources.synthetic_dir(clean, str(tmp_path)) != sources.synthetic_dir(config,
+  assert corpus.synthetic_dir(clean, str(tmp_path)) != corpus.synthetic_dir(config,
                                                                                 str(tmp_path))
   # The generator reads the config's story. Emotions are drawn before the label noise, so the
   # labels differ exactly where the default story flips one (8%).
   def labels(c):
-    folder = sources.ensure_synthetic(c, str(tmp_path))
+    folder = corpus.ensure_synthetic(c, str(tmp_path))
     src = shards.DialogueShardSource(folder, 'train', modalities=('t',))
     return np.concatenate([src[i].labels for i in range(len(src))])
   noisy, exact = labels(config), labels(clean)

@@ -17,13 +17,14 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from configs import meld_text  # pylint: disable=g-import-not-at-top
+from mer_jax.run import job
 from mer_jax.data import prompts  # pylint: disable=g-import-not-at-top
 from mer_jax.data import shards  # pylint: disable=g-import-not-at-top
 from mer_jax.data import text_batching  # pylint: disable=g-import-not-at-top
 from mer_jax.models import text_classifier  # pylint: disable=g-import-not-at-top
 from mer_jax.models import text_transformer  # pylint: disable=g-import-not-at-top
 from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
-from mer_jax.train import finetune_text  # pylint: disable=g-import-not-at-top
+from mer_jax.preprocess import text_finetune  # pylint: disable=g-import-not-at-top
 from mer_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
 WORDS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'now', 'feels', 'i', 'am', 'so', 'happy',
@@ -181,11 +182,11 @@ def finetuner(checkpoint, csv_dir, workdir, epochs=2):
   tok = text_features.prompt_tokenizer(t, checkpoint)
   encoder, _ = text_features.load_encoder(t, tok.vocab_size)
   dialogues = text_features.read_splits(t, ('train', 'dev'))
-  splits = {s: finetune_text.TokenSplit(text_features.dialogue_sequences(tok, dialogues[s], t),
+  splits = {s: text_finetune.TokenSplit(text_features.dialogue_sequences(tok, dialogues[s], t),
                                         np.concatenate([d.labels for d in dialogues[s]]))
             for s in ('train', 'dev')}
   mesh = sharding.make_mesh(config)
-  return finetune_text.TextFinetuner(config, str(workdir), mesh, encoder, splits['train'],
+  return text_finetune.TextFinetuner(config, str(workdir), mesh, encoder, splits['train'],
                                      splits['dev'], tok.pad_id)
 
 
@@ -224,7 +225,6 @@ def test_csv_to_prediction_with_finetuning(checkpoint, csv_dir, tmp_path):
   """data.source='text_csv': fine-tune -> features -> teacher -> predict from transcripts."""
   from mer_jax import predict  # pylint: disable=g-import-not-at-top
   from mer_jax.config_validation import validate_config  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_config(checkpoint, csv_dir, 'finetune')
   config.text.pooling = 'target_mean'
   config.text.finetune.epochs = 1
@@ -234,9 +234,9 @@ def test_csv_to_prediction_with_finetuning(checkpoint, csv_dir, tmp_path):
   config.model.teacher.hidden = 32
   validate_config(config)
   workdir = str(tmp_path / 'w')
-  results = trainer.train_and_evaluate(config, workdir)
+  results = job.train_and_evaluate(config, workdir)
   assert set(results) == {'teacher'}
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', finetune_text.CHECKPOINT_NAME, 'best'))
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', text_finetune.CHECKPOINT_NAME, 'best'))
   shard_dirs = [d for d in os.listdir(os.path.join(workdir, 'data')) if d.startswith('text-')]
   assert len(shard_dirs) == 1
 
@@ -258,5 +258,5 @@ def test_csv_to_prediction_with_finetuning(checkpoint, csv_dir, tmp_path):
   with pytest.raises(predict.PredictInputError, match=r'utterances\[0\].text: empty'):
     predictor.read_jsonl(str(empty))
   # Rerunning the workdir reuses the finished fine-tuning, shards and teacher.
-  again = trainer.train_and_evaluate(config, workdir)
+  again = job.train_and_evaluate(config, workdir)
   assert again['teacher']['test_weighted_f1'] == results['teacher']['test_weighted_f1']

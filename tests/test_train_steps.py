@@ -13,12 +13,15 @@ import pytest
 from flax import nnx
 
 from configs import default
+from mer_jax import batch_contract
+from mer_jax.run import job
+from mer_jax.train import stage as stage_lib
+from mer_jax.train import inference
 from mer_jax import models
 from mer_jax.data import pipeline
 from mer_jax.train import optim
 from mer_jax.train import sharding
 from mer_jax.train import steps
-from mer_jax.train import trainer
 
 STAGES = ('teacher', 'audio', 'visual')  # fusion's loop is counted in test_end_to_end.py
 EMA_DECAY = 0.9
@@ -55,8 +58,8 @@ def runners(tmp_path_factory):
   # Every stage steps on the same batches, so the student runs the frozen teacher in its step
   # (tests/test_teacher_cache.py covers the cached targets).
   config.loss.distill_cached_teacher = False
-  ctx = trainer.prepare(config, str(tmp_path_factory.mktemp('steps_workdir')))
-  budget = pipeline.budget_from_config(config)
+  ctx = job.prepare(config, str(tmp_path_factory.mktemp('steps_workdir')))
+  budget = batch_contract.budget_from_config(config)
   traces = {'train': collections.Counter(), 'predict': collections.Counter()}
   original_train, original_predict = steps.train_step, steps.predict_step
 
@@ -81,12 +84,12 @@ def runners(tmp_path_factory):
     mp.setattr(steps, 'train_step', counted_train)
     mp.setattr(steps, 'predict_step', counted_predict)
     for stage in STAGES:
-      runner = trainer.StageRunner(stage, ctx, frozen)
+      runner = stage_lib.StageRunner(stage, ctx, frozen)
       runner.step_fn = runner.jitted_train_step(batch_sh)
       runner.initial_state = fresh_copy(runner.state, runner.state_shardings)
       out[stage] = runner
       params, batch_stats = runner.initial_state.params, runner.initial_state.model_state
-      frozen[stage] = trainer.FrozenModel(runner.graphdef, (
+      frozen[stage] = inference.FrozenModel(runner.graphdef, (
           fresh_copy(params, shardings_of(params)),
           fresh_copy(batch_stats, shardings_of(batch_stats)), runner.rng_state))
   return {'config': config, 'ctx': ctx, 'runners': out, 'traces': traces,
@@ -229,7 +232,7 @@ def test_lr_multiplier_for_unknown_group_is_an_error():
 
 def test_fusion_param_groups_all_have_multipliers():
   config = default.get_config('tiny')
-  in_dims = trainer.stage_in_dims('fusion', config)
+  in_dims = inference.stage_in_dims('fusion', config)
   model = nnx.eval_shape(lambda: models.build_model(
       'fusion', config, in_dims=in_dims, num_classes=len(config.label_names), rngs=nnx.Rngs(0)))
   labels = optim.param_labels(nnx.state(model, nnx.Param), models.param_group)

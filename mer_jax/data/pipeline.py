@@ -23,32 +23,11 @@ import jax
 import jraph
 import numpy as np
 
+from mer_jax.batch_contract import Budget
+from mer_jax.batch_contract import PADDING_EDGE
+from mer_jax.batch_contract import SPEAKER_EDGE
+from mer_jax.batch_contract import TEMPORAL_EDGE
 from mer_jax.data.shards import DialogueRecord
-
-TEMPORAL_EDGE = 0
-SPEAKER_EDGE = 1
-PADDING_EDGE = -1
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-  """Static batch shape. Slot counts include jraph's padding node and padding graph.
-
-  A batch is `groups` sub-batches laid end to end, each packed on its own into `max_nodes` node
-  and `max_graphs` graph slots; this process builds the sub-batches `local_groups`. A multi-host
-  run has one group per JAX process (mer_jax.train.sharding.batch_budget), so each host reads only
-  the dialogues of its own sub-batch. One group (the default) is one packed batch.
-  """
-  max_nodes: int
-  max_graphs: int
-  groups: int = 1
-  local_groups: tuple[int, ...] = (0,)
-
-  @property
-  def max_edges(self) -> int:
-    # Temporal edges: < 2 per node; same-speaker edges: < 2 per node.
-    return 4 * self.max_nodes
-
 
 @functools.cache
 def _normal_quantiles() -> np.ndarray:
@@ -60,8 +39,8 @@ def _normal_quantiles() -> np.ndarray:
 def gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
   """Standard normal noise, float32, as quantiles looked up by 16 random bits.
 
-  numpy's float32 `standard_normal` was most of a student batch's host time (0.48 ms for one
-  [42, 1024] draw, against 0.15 ms for this, measured in one run). The values are N(0, 1)
+  numpy's float32 `standard_normal` was most of a student batch's host time (measurements in
+  docs/performance.md). The values are N(0, 1)
   quantised to 65,536 equally likely levels, so the tails stop at +-4.3 sd (probability 2e-5
   beyond): no difference an augmentation can feel.
   """
@@ -241,11 +220,13 @@ def _previous_same_speaker(speakers: np.ndarray) -> np.ndarray:
 
 
 def collate_graphs(graphs: Sequence[dict[str, Any]], budget: Budget, modalities: Sequence[str],
-                   dims: Mapping[str, int], speaker_edges: bool) -> jraph.GraphsTuple:
+                   dims: Mapping[str, int], speaker_edges: bool,
+                   teacher_classes: int = 0) -> jraph.GraphsTuple:
   """Packs graphs (dicts of per-node arrays) into one padded GraphsTuple of static shape.
 
   Each graph dict has 'features', 'present' (per modality), 'label', 'speaker', 'position',
-  'record' (int, -1 if mixed) and 'utterance' (utterance ids, for reports). Padding follows
+  'record' (int, -1 if mixed) and 'utterance' (utterance ids, for reports); with
+  `teacher_classes`, also 'teacher_log_probs' [n, teacher_classes] and 'teacher_mask'. Padding follows
   `jraph.pad_with_graphs`: labels -1, masks False, and every padding node and edge in the first
   padding graph, each padding edge joining the first padding node to itself. No graphs (a group
   with nothing left to read this step) gives a batch of padding only.
@@ -272,6 +253,10 @@ def collate_graphs(graphs: Sequence[dict[str, Any]], budget: Budget, modalities:
       'utterance': nodes_of(lambda g: g['utterance'], -1, np.int32),
       'record': nodes_of(lambda g: g['node_record'], -1, np.int32),
   }
+  if teacher_classes:
+    nodes['teacher_log_probs'] = nodes_of(lambda g: g['teacher_log_probs'], 0.0, np.float32,
+                                          teacher_classes)
+    nodes['teacher_mask'] = nodes_of(lambda g: g['teacher_mask'], False, bool)
   pn, pe = budget.max_nodes - total, budget.max_edges - len(senders)
   pg = budget.max_graphs - len(graphs)
   return jraph.GraphsTuple(
@@ -338,6 +323,9 @@ class BatchLoader:
   scope: str
   augmentation: Augmentation | None
   augmented: tuple[str, ...]  # the loaded modalities that training augments
+  # Per record, the frozen teacher's [n, C] log-probabilities (a distilling student's targets,
+  # computed once), with 'teacher_mask' marking where the teacher read text; None: no targets.
+  teacher_log_probs: Sequence[np.ndarray] | None = None
 
   def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
     """One step: this process's sub-batches (see `group_plan`), each collated on its own, with
@@ -356,7 +344,9 @@ class BatchLoader:
                                     self.modalities)]
     else:
       graphs = []
-    return collate_graphs(graphs, self.budget, self.modalities, self.dims, self.speaker_edges)
+    classes = 0 if self.teacher_log_probs is None else self.teacher_log_probs[0].shape[-1]
+    return collate_graphs(graphs, self.budget, self.modalities, self.dims, self.speaker_edges,
+                          classes)
 
   def _graph(self, index: int, utterance: int | None, rngs) -> dict[str, Any]:
     record = self.source[index]
@@ -366,7 +356,11 @@ class BatchLoader:
       chosen = {m: x for m, x in feats.items() if m in self.augmented}
       present = {m: record.present[m][sel] for m in chosen}
       feats = {**feats, **self.augmentation.apply(chosen, present, rngs)}
-    return dialogue_graph(record, index, feats, self.modalities, self.dims, sel)
+    graph = dialogue_graph(record, index, feats, self.modalities, self.dims, sel)
+    if self.teacher_log_probs is not None:
+      graph['teacher_log_probs'] = self.teacher_log_probs[index][sel]
+      graph['teacher_mask'] = record.present['t'][sel]
+    return graph
 
 
 def _merge_as_one_graph(parts: Sequence[dict[str, Any]], modalities) -> dict[str, Any]:
@@ -376,8 +370,10 @@ def _merge_as_one_graph(parts: Sequence[dict[str, Any]], modalities) -> dict[str
       'present': {m: np.concatenate([p['present'][m] for p in parts]) for m in modalities},
       'record': -1,
   }
-  for key in ('label', 'speaker', 'position', 'utterance', 'node_record'):
-    merged[key] = np.concatenate([p[key] for p in parts])
+  for key in ('label', 'speaker', 'position', 'utterance', 'node_record', 'teacher_log_probs',
+              'teacher_mask'):
+    if key in parts[0]:
+      merged[key] = np.concatenate([p[key] for p in parts])
   # Speakers of different dialogues are different people: keep same-speaker edges within a
   # dialogue by making ranks unique per record.
   merged['speaker'] = merged['speaker'] + 1000 * merged['node_record']
@@ -385,35 +381,32 @@ def _merge_as_one_graph(parts: Sequence[dict[str, Any]], modalities) -> dict[str
 
 
 def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int, seed: int,
-                 augmented: Sequence[str] | None = None) -> grain.MapDataset:
+                 modalities: Sequence[str] | None = None, dims: Mapping[str, int] | None = None,
+                 augmented: Sequence[str] | None = None,
+                 teacher_log_probs: Sequence[np.ndarray] | None = None) -> grain.MapDataset:
   """The batches of one epoch as a Grain MapDataset (augmented and shuffled when training).
 
-  `augmented`: the modalities that training augments (default: every loaded one); the others
-  arrive as stored.
+  `modalities` and `dims`: the features the batches carry and their widths (default:
+  config.data's). `augmented`: the modalities that training augments (default: every loaded one);
+  the others arrive as stored. `teacher_log_probs`: per record of `source`, a distilling
+  student's cached teacher targets (see BatchLoader).
   """
+  modalities = tuple(config.data.modalities if modalities is None else modalities)
+  dims = dict(config.data.dims if dims is None else dims)
   lengths = np.asarray(source.dialogue_lengths)
   shuffle_seed = seed if train else None
   if config.graph.scope == 'dialogue':
     plan = plan_dialogue_batches(lengths, budget, epoch_order(len(lengths), shuffle_seed, epoch))
   else:
     plan = plan_utterance_batches(lengths, config.batch.utterances_per_batch, shuffle_seed, epoch)
+  augmented = tuple(m for m in modalities if augmented is None or m in augmented)
   loader = BatchLoader(
-      source=source, budget=budget, modalities=tuple(config.data.modalities),
-      dims=dict(config.data.dims), speaker_edges=config.graph.speaker_edges,
-      scope=config.graph.scope,
+      source=source, budget=budget, modalities=modalities, dims=dims,
+      speaker_edges=config.graph.speaker_edges, scope=config.graph.scope,
       augmentation=(Augmentation.from_config(config.augment)
-                    if train and config.augment.enabled else None),
-      augmented=tuple(m for m in config.data.modalities
-                      if augmented is None or m in augmented))
+                    if train and config.augment.enabled and augmented else None),
+      augmented=augmented, teacher_log_probs=teacher_log_probs)
   ds = grain.MapDataset.source(group_plan(plan, budget))
   if loader.augmentation is not None:
     return ds.random_map(loader, seed=int(np.random.default_rng([seed, epoch, 7]).integers(2**31)))
   return ds.map(loader)
-
-
-def budget_from_config(config, groups: int = 1, local_groups: Sequence[int] = (0,)) -> Budget:
-  """The per-group budget from config.batch; `groups` sub-batches make one step."""
-  # Graph scope 'batch': one graph per batch; the node budget covers it plus a padding slot.
-  max_graphs = 2 if config.graph.scope == 'batch' else config.batch.max_graphs
-  return Budget(max_nodes=config.batch.max_nodes, max_graphs=max_graphs, groups=groups,
-                local_groups=tuple(local_groups))

@@ -1,21 +1,15 @@
-"""Opens the train/dev/test splits a config names, generating the synthetic corpus if asked."""
+"""Sources of dialogue records: the train/dev/test splits of a shard folder, records held in
+memory, and subsets of a source (cross-fitting folds)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
 
 import numpy as np
 from absl import logging
 
-from mer_jax import console
-
 from mer_jax.data import shards
-from mer_jax.data import staging
-from mer_jax.data import synthetic
 
 
 @dataclasses.dataclass
@@ -30,77 +24,6 @@ class SplitSources:
   def class_counts(self) -> np.ndarray:
     """Train class counts of the records actually used (skipped records excluded)."""
     return np.asarray(shards.class_counts(self.train, self.train.split), np.int64)
-
-
-def synthetic_dir(config, workdir: str) -> str:
-  """A folder per generator setting, so changing the corpus config never reuses stale shards."""
-  s = config.data.synthetic
-  key = json.dumps({'seed': s.seed, 'n': s.num_dialogues.to_dict(), 'dims': config.data.dims.to_dict(),
-                    'labels': list(config.label_names),
-                    'story': dataclasses.asdict(corpus_story(config))},
-                   sort_keys=True, default=str)
-  return os.path.join(data_root(config, workdir), 'synthetic-' + hashlib.sha1(key.encode()).hexdigest()[:10])
-
-
-def corpus_story(config) -> synthetic.CorpusStory:
-  """The embedded corpus's generative story: data.synthetic.story (CorpusStory's fields)."""
-  return synthetic.story_from_dict(config.data.synthetic.story.to_dict())
-
-
-def data_root(config, workdir: str) -> str:
-  """Where generated corpora and extracted features live: data.cache_dir, else workdir/data."""
-  return config.data.cache_dir or os.path.join(workdir, 'data')
-
-
-def build_once(out: str, build, marker: str = 'manifest.json') -> str:
-  """Runs `build(folder)` unless `out` is complete (has `marker`); builds beside it and renames.
-
-  Runs that share a cache (parallel seeds of a sweep) may build the same folder at once: each
-  writes its own partial folder, the first rename wins and the others discard theirs. A crash
-  leaves only a partial folder, never a half-written `out`.
-  """
-  if os.path.exists(os.path.join(out, marker)):
-    return out
-  partial = f'{out}.partial-{os.getpid()}'
-  shutil.rmtree(partial, ignore_errors=True)
-  build(partial)
-  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  try:
-    os.rename(partial, out)
-  except OSError:
-    if not os.path.exists(os.path.join(out, marker)):
-      raise
-    shutil.rmtree(partial, ignore_errors=True)  # another run finished it first
-  return out
-
-
-def ensure_synthetic(config, workdir: str) -> str:
-  out = synthetic_dir(config, workdir)
-  s = config.data.synthetic
-
-  def build(folder):
-    console.say('generating the synthetic corpus into %s', out)
-    synthetic.generate_corpus(folder, seed=s.seed, num_dialogues=s.num_dialogues.to_dict(),
-                              num_shards=s.num_shards.to_dict(), dims=config.data.dims.to_dict(),
-                              label_names=tuple(config.label_names), story=corpus_story(config))
-  return build_once(out, build)
-
-
-def text_shard_dir(config, workdir: str) -> str:
-  from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
-  return os.path.join(data_root(config, workdir), 'text-' + text_features.text_shard_key(config))
-
-
-def ensure_text_shards(config, workdir: str) -> str:
-  """Encodes the config's dialogue CSVs into text-feature shards unless already done."""
-  out = text_shard_dir(config, workdir)
-
-  def build(folder):
-    from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
-    console.say('encoding %s transcripts with %s into %s', config.text.csv.dir,
-                config.text.encoder, out)
-    text_features.build_text_shards(config, folder, workdir=workdir)
-  return build_once(out, build)
 
 
 def check_manifest_matches_config(manifest: shards.Manifest, config, shard_dir: str) -> None:
@@ -127,17 +50,9 @@ def open_source(shard_dir: str, split: str, config) -> shards.DialogueShardSourc
       cache_max_bytes=int(config.data.cache_mib) * 2**20)
 
 
-def open_splits(config, workdir: str) -> SplitSources:
-  if config.data.source == 'synthetic':
-    shard_dir = ensure_synthetic(config, workdir)
-  elif config.data.source == 'text_csv':
-    shard_dir = ensure_text_shards(config, workdir)
-  elif config.data.source == 'raw':
-    from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
-    shard_dir = raw.ensure_raw_shards(config, workdir)
-  else:
-    # gs:// folders are copied (verified) into the data cache: ArrayRecord reads local files.
-    shard_dir = staging.stage_shards(config.data.shard_dir, data_root(config, workdir))
+def open_shard_splits(shard_dir: str, config) -> SplitSources:
+  """The train/dev/test splits config.data names, from a local shard folder, checked against the
+  config (labels, modalities, dims, splits) and the batch budget."""
   manifest = shards.load_manifest(shard_dir)
   check_manifest_matches_config(manifest, config, shard_dir)
   opened = {}

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 
 from etils import epath
 
+from mer_jax import files
 from mer_jax.data import shards
 
 _BLOCK = 1 << 22
@@ -39,23 +39,17 @@ def staged_dir(remote_dir: str, cache_root: str) -> str:
 
 
 def _copy_verified(src: epath.Path, dst: str, entry: shards.ShardFile) -> None:
-  tmp = f'{dst}.{uuid.uuid4().hex}.tmp'
   digest, size = hashlib.sha256(), 0
-  try:
-    with src.open('rb') as fin, open(tmp, 'wb') as fout:
-      for block in iter(lambda: fin.read(_BLOCK), b''):
-        digest.update(block)
-        size += len(block)
-        fout.write(block)
+  with files.open_atomically(dst, 'wb') as fout, src.open('rb') as fin:
+    for block in iter(lambda: fin.read(_BLOCK), b''):
+      digest.update(block)
+      size += len(block)
+      fout.write(block)
     if size != entry.size:
       raise shards.ShardError(f'{src}: {size} bytes, the manifest says {entry.size}; the remote '
                               'file is truncated or replaced')
     if digest.hexdigest() != entry.sha256:
       raise shards.ShardError(f'{src}: sha256 checksum mismatch with the manifest')
-    os.replace(tmp, dst)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def stage_shards(shard_dir: str, cache_root: str) -> str:
@@ -82,8 +76,6 @@ def stage_shards(shard_dir: str, cache_root: str) -> str:
       if os.path.exists(dst) and os.path.getsize(dst) == entry.size:
         continue
       _copy_verified(remote / entry.name, dst, entry)
-  tmp = f'{local_manifest}.{uuid.uuid4().hex}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  with files.open_atomically(local_manifest, encoding='utf-8') as f:
     f.write(manifest_text)
-  os.replace(tmp, local_manifest)
   return local

@@ -202,6 +202,11 @@ def story_from_dict(values: Mapping) -> CorpusStory:
   return story
 
 
+def story_from_config(config) -> CorpusStory:
+  """The embedded corpus's generative story: config.data.synthetic.story (CorpusStory's fields)."""
+  return story_from_dict(config.data.synthetic.story.to_dict())
+
+
 @dataclasses.dataclass(frozen=True)
 class _World:
   maps: Mapping[str, np.ndarray]  # m -> float32[k, d_m], orthonormal rows

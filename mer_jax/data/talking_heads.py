@@ -39,8 +39,12 @@ import json
 import os
 from typing import Sequence
 
+import av
+import cv2
 import numpy as np
+from tqdm import tqdm
 
+from mer_jax import files
 from mer_jax.data import synthetic
 
 LABELS = synthetic.MELD_LABELS
@@ -178,7 +182,6 @@ def frame_envelope(env: np.ndarray, n_frames: int, samples_per_frame: int) -> np
 def draw_face(img: np.ndarray, cx: float, cy: float, size: float, skin, hair, mouth: float,
               emotion: str, intensity: float) -> None:
   """Draws one face (BGR, in place); `mouth` in [0, 1] is the mouth opening."""
-  import cv2  # pylint: disable=g-import-not-at-top
   slant, raise_, eyes, curve = (v * intensity for v in FACE[emotion])
   eyes = 1.0 + (FACE[emotion][2] - 1.0) * intensity
   s = size
@@ -229,9 +232,7 @@ def render_clip(rng: np.random.Generator, faces: Sequence[dict], mouths: np.ndar
 def write_mp4(path: str, frames: np.ndarray, audio: np.ndarray, fps: int, sample_rate: int
               ) -> None:
   """H.264 video + AAC mono audio, written to a temporary name and renamed (atomic)."""
-  import av  # pylint: disable=g-import-not-at-top
-  tmp = path + '.tmp.mp4'
-  with av.open(tmp, 'w') as out:
+  with files.atomic_path(path) as tmp, av.open(tmp, 'w') as out:
     video = out.add_stream('libx264', rate=fps, options={'preset': 'ultrafast', 'crf': '20'})
     video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
     sound = out.add_stream('aac', rate=sample_rate)
@@ -251,7 +252,6 @@ def write_mp4(path: str, frames: np.ndarray, audio: np.ndarray, fps: int, sample
         out.mux(packet)
     for packet in sound.encode():
       out.mux(packet)
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +360,6 @@ def write_talking_heads(spec: TalkingHeadsSpec, root: str, *, progress: bool = F
     rows, truths = [], []
     bar = None
     if progress:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm(total=n_dialogues, desc=f'talking heads {split}', unit='dialogue')
     for d in range(n_dialogues):
       cast = _cast(rng, int(rng.integers(spec.cast[0], spec.cast[1] + 1)), spec)
@@ -403,12 +402,10 @@ def write_talking_heads(spec: TalkingHeadsSpec, root: str, *, progress: bool = F
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+  with files.open_atomically(path, newline='', encoding='utf-8') as f:
     writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(tmp, path)
 
 
 def read_truth(root: str, split: str) -> dict[tuple[int, int], dict]:

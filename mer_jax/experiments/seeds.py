@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from mer_jax import files
 from mer_jax.experiments import runs
 
 HEADLINE = ('weighted_f1', 'macro_f1', 'accuracy')
@@ -128,9 +129,7 @@ def record_attempt(workdir: str, wall_seconds: float, cpu_seconds: float,
   attempts = load_attempts(workdir) or []
   attempts.append({'ended': time.strftime('%Y-%m-%dT%H:%M:%S'), 'returncode': returncode,
                    'wall_seconds': round(wall_seconds, 3), 'cpu_seconds': round(cpu_seconds, 3)})
-  with open(path + '.tmp', 'w') as f:
-    json.dump(attempts, f, indent=1)
-  os.replace(path + '.tmp', path)
+  files.write_json(path, attempts, indent=1)
 
 
 def load_attempts(workdir: str) -> list[dict] | None:

@@ -13,6 +13,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 
+from mer_jax import stages
 from mer_jax.models import encoders
 from mer_jax.models import fusion
 from mer_jax.models import graph
@@ -20,16 +21,14 @@ from mer_jax.models import moe
 
 nnx.use_eager_sharding(False)
 
-STAGES = ('teacher', 'audio', 'visual', 'fusion')
-STAGE_MODALITY = {'teacher': 't', 'audio': 'a', 'visual': 'v'}
 
 param_group = fusion.param_group
 PARAM_GROUPS = fusion.PARAM_GROUPS
 
 
 def _check_stage(stage: str) -> None:
-  if stage not in STAGES:
-    raise ValueError(f'Unknown model stage {stage!r}; expected one of {STAGES}.')
+  if stage not in stages.STAGES:
+    raise ValueError(f'Unknown model stage {stage!r}; expected one of {stages.STAGES}.')
 
 
 def _per_modality(table: ml_collections.ConfigDict, modality: str, key: str) -> Any:
@@ -75,8 +74,8 @@ def build_model(stage: str, config: ml_collections.ConfigDict, *,
   """
   _check_stage(stage)
   momentum = float(config.model.batchnorm_momentum)
-  if stage in STAGE_MODALITY:
-    modality = STAGE_MODALITY[stage]
+  if stages.is_encoder(stage):
+    modality = stages.MODALITY_OF_STAGE[stage]
     if modality not in in_dims:
       raise ValueError(f'build_model({stage!r}): in_dims has no entry for {modality!r}.')
     common = dict(edge_spec=edge_spec(config, modality), modality=modality,
@@ -158,7 +157,7 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
 
 
 __all__ = [
-    'PARAM_GROUPS', 'STAGES', 'build_model', 'edge_spec', 'encoders', 'fusion', 'graph',
+    'PARAM_GROUPS', 'build_model', 'edge_spec', 'encoders', 'fusion', 'graph',
     'logical_sharding', 'mesh_partition_spec', 'moe', 'param_group', 'path_names',
     'representation_dim',
 ]

@@ -1,6 +1,6 @@
 """Utterance graphs: vectorised edge construction and message passing on padded batches.
 
-A batch is a padded `jraph.GraphsTuple` (see the batch contract in the project README):
+A batch is a padded `jraph.GraphsTuple` (see mer_jax/batch_contract.py):
 one graph per dialogue (or per minibatch in the authors' batch scope), with structural
 temporal / same-speaker edges from the input pipeline. Each modality encoder adds
 cosine k-nearest-neighbour edges between utterances of the same graph. Every array has a
@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-TEMPORAL_EDGE = 0
-SPEAKER_EDGE = 1
+from mer_jax.batch_contract import SPEAKER_EDGE
+from mer_jax.batch_contract import TEMPORAL_EDGE
+
 GAT_EDGE_WEIGHT_MODES = ('bias', 'none')
 # 'dense': DenseGraph and matrix products; 'segment': GraphEdges, gathers and segment sums.
 MESSAGE_PASSING_MODES = ('dense', 'segment')

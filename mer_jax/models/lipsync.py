@@ -1,7 +1,7 @@
 """LipSyncNet: face-track and log-mel encoders into one L2-normalised space (SPEC stage 2).
 
 The active speaker of an utterance is the face track whose embedding lies closest to the
-embedding of the utterance's audio over the same time span (see mer_jax/train/lipsync.py).
+embedding of the utterance's audio over the same time span (see mer_jax/preprocess/lipsync_training.py).
 
 Inputs of one window of T video frames (25 fps; 100 log-mel frames/s, i.e. a 160-sample hop
 at 16 kHz, so 4 mel frames per video frame):

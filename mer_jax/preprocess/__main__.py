@@ -34,27 +34,10 @@ def main(argv):
                       "or 'raw'")
   if not (_WORKDIR.value or _OUT.value):
     raise app.UsageError('give --workdir or --out')
-  from mer_jax import console  # pylint: disable=g-import-not-at-top
-  from mer_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import cpu_threefry  # pylint: disable=g-import-not-at-top
-  from mer_jax.train import preemption  # pylint: disable=g-import-not-at-top
-  cpu_threefry.unroll_threefry_on_cpu()  # fine-tuning's dropout (LipSyncNet, text encoder)
-  if config.data.source == 'raw':
-    from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
-    if _OUT.value:
-      out = _OUT.value
-      stats = preemption.run_preemptible(raw.build_raw_shards, config, out,
-                                         workdir=_WORKDIR.value or out + '.work')
-      raw.report_stats(stats)
-    else:
-      out = preemption.run_preemptible(raw.ensure_raw_shards, config, _WORKDIR.value)
-  elif _OUT.value:
-    out = _OUT.value
-    preemption.run_preemptible(text_features.build_text_shards, config, out)
-  else:
-    out = preemption.run_preemptible(sources.ensure_text_shards, config, _WORKDIR.value)
-  console.say('text shards: %s', out)
+  # Imported after validation, so a bad config fails before JAX and the models load.
+  from mer_jax.run import corpus  # pylint: disable=g-import-not-at-top
+  out = corpus.extract_features(config, _WORKDIR.value, _OUT.value)
+  print(f'shards: {out}')
 
 
 if __name__ == '__main__':

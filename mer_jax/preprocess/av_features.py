@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import cv2
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,6 @@ class AudioFeaturizer:
 
 def sample_frames(track: np.ndarray, num_frames: int, size: int) -> np.ndarray:
   """uint8[num_frames, size, size, 3]: evenly spaced frames of a track, resized."""
-  import cv2  # pylint: disable=g-import-not-at-top
   index = np.linspace(0, len(track) - 1, num_frames).round().astype(int)
   frames = track[index]
   if frames.shape[1] != size:

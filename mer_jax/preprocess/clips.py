@@ -21,16 +21,19 @@ dialogue in memory at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import io
 import json
+import multiprocessing
 import os
 import time
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from mer_jax import console
+from mer_jax import files
 from mer_jax.data import dialogue_csv
 from mer_jax.preprocess import faces as faces_lib
 from mer_jax.preprocess import media
@@ -98,15 +101,6 @@ def extract_utterance(raw_cfg, path: str, detector, times: StageTimes) -> tuple[
           'audio': clip.audio.astype(np.float16), 'logmel': mel}, notes
 
 
-def _write_npz_atomically(path: str, arrays: dict) -> None:
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(buffer.getvalue())
-  os.replace(tmp, path)
-
-
 def dialogue_file(cache: str, split: str, dialogue_id) -> str:
   return os.path.join(cache, split, f'dia{dialogue_id}.npz')
 
@@ -121,7 +115,6 @@ def extract_dialogue(raw_cfg, folder: str, cache: str, split: str,
   """Extracts one dialogue's clips into its npz file; returns its counts and stage times."""
   if detector is None:  # a worker process: one detector per process
     if 'detector' not in _WORKER_DETECTOR:
-      import cv2  # pylint: disable=g-import-not-at-top
       cv2.setNumThreads(1)  # the processes are the parallelism
       _WORKER_DETECTOR['detector'] = make_detector(raw_cfg.faces)
     detector = _WORKER_DETECTOR['detector']
@@ -143,7 +136,8 @@ def extract_dialogue(raw_cfg, folder: str, cache: str, split: str,
     for key, value in clip.items():
       arrays[f'u{u}_{key}'] = value
   arrays['errors'] = np.asarray(json.dumps(errors))
-  _write_npz_atomically(dialogue_file(cache, split, dialogue.dialogue_id), arrays)
+  with files.atomic_path(dialogue_file(cache, split, dialogue.dialogue_id)) as tmp:
+    np.savez(tmp, **arrays)
   return counts, times
 
 
@@ -167,8 +161,6 @@ def extract_split(config, root: str, split: str, cache: str,
   start = time.perf_counter()
   bar = console.progress(None, total=len(todo), desc=f'clips ({split})', unit='dialogue')
   if workers > 1:
-    import concurrent.futures  # pylint: disable=g-import-not-at-top
-    import multiprocessing  # pylint: disable=g-import-not-at-top
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context('spawn')) as pool:
       futures = [pool.submit(extract_dialogue, raw_cfg, folder, cache, split, d) for d in todo]

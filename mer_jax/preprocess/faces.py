@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 
 Detector = Callable[[np.ndarray], np.ndarray]
@@ -28,7 +29,6 @@ class HaarFaceDetector:
 
   def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 3, min_size: int = 24,
                cascade: str = 'haarcascade_frontalface_default.xml'):
-    import cv2  # pylint: disable=g-import-not-at-top
     path = cv2.data.haarcascades + cascade
     self._cascade = cv2.CascadeClassifier(path)
     if self._cascade.empty():
@@ -148,7 +148,6 @@ def _fill(raw: dict, n: int, smooth: int) -> FaceTrack:
 def crop_track(frames: np.ndarray, track: FaceTrack, size: int, margin: float = 0.15
                ) -> np.ndarray:
   """uint8[F, size, size, 3]: a square around each frame's box, enlarged by `margin`."""
-  import cv2  # pylint: disable=g-import-not-at-top
   n, height, width = frames.shape[:3]
   out = np.empty((n, size, size, 3), np.uint8)
   for t in range(n):

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import os
 
+import av
 import numpy as np
 
 
@@ -42,7 +43,6 @@ class DecodedClip:
 
 
 def _decode_audio(container, path: str, sample_rate: int) -> np.ndarray:
-  import av  # pylint: disable=g-import-not-at-top
   resampler = av.AudioResampler(format='flt', layout='mono', rate=sample_rate)
   chunks = []
   for frame in container.decode(audio=0):
@@ -94,7 +94,6 @@ def decode_clip(path: str | os.PathLike, *, fps: float = 25.0, sample_rate: int 
   With both streams, the audio is trimmed or zero-padded to the video's length, so that
   video frame i and audio samples [i, i + 1) * sample_rate / fps cover the same time.
   """
-  import av  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise MediaError(f'{path}: no such file')

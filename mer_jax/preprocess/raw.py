@@ -5,8 +5,8 @@ the synthetic talking heads it generates when `raw.generate`):
 
   1. clips     decode, track faces, crop, log-mel (mer_jax/preprocess/clips.py), per dialogue
                into the data cache; resumable, unreadable clips reported and counted;
-  2. lipsync   LipSyncNet trained self-supervised on the train clips (mer_jax/train/lipsync.py),
-               checkpointed in the cache; each utterance's face tracks scored against its audio
+  2. lipsync   LipSyncNet trained self-supervised on the train clips
+               (mer_jax/preprocess/lipsync_training.py), checkpointed in the cache; each utterance's face tracks scored against its audio
                and the closest chosen; per-track distances saved (speakers_{split}.jsonl);
   3. features  Wav2Vec2 on the audio, TimeSformer on the face track `raw.visual_face` names,
                the text encoder on the transcripts; an utterance whose clip could not be read
@@ -26,22 +26,26 @@ Cache layout under the data root (data.cache_dir, else workdir/data), one folder
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 
 from mer_jax import console
+from mer_jax import files
 from mer_jax.data import dialogue_csv
 from mer_jax.data import shards
-from mer_jax.data import sources
+from mer_jax.data import cache
 from mer_jax.data import talking_heads
+from mer_jax.preprocess import av_features
 from mer_jax.preprocess import clips as clips_lib
 from mer_jax.preprocess import faces as faces_lib
+from mer_jax.preprocess import lipsync_training
+from mer_jax.preprocess import text_features
 
 STATS_NAME = 'raw_features.json'
 CORPUS_MARKER = 'corpus.json'
@@ -69,14 +73,14 @@ def ensure_raw_root(config, workdir: str) -> str:
       raise FileNotFoundError(f'raw.dir {r.dir!r} is not a folder')
     return r.dir
   spec = talking_heads.TalkingHeadsSpec.from_config(r.synthetic)
-  out = os.path.join(sources.data_root(config, workdir), 'talking-heads-' + _key(spec.__dict__))
+  out = os.path.join(cache.data_root(config, workdir), 'talking-heads-' + _key(spec.__dict__))
 
   def build(folder):
     console.say('generating the synthetic talking-heads corpus into %s', out)
     counts = talking_heads.write_talking_heads(spec, folder, progress=True)
     with open(os.path.join(folder, CORPUS_MARKER), 'w') as f:
       json.dump({'clips': counts, 'spec': spec.__dict__}, f, indent=1, default=list)
-  return sources.build_once(out, build, marker=CORPUS_MARKER)
+  return cache.build_once(out, build, marker=CORPUS_MARKER)
 
 
 def read_dialogues(config, root: str) -> dict[str, list[dialogue_csv.Dialogue]]:
@@ -99,7 +103,7 @@ def clips_dir(config, workdir: str, root: str) -> str:
   key = _key({'root': os.path.abspath(root), 'fps': r.fps, 'sr': r.sample_rate,
               'max_seconds': r.max_seconds, 'mel': r.mel.to_dict(), 'faces': r.faces.to_dict(),
               'folders': r.split_folders.to_dict(), 'csv': r.csv_pattern})
-  return os.path.join(sources.data_root(config, workdir), 'clips-' + key)
+  return os.path.join(cache.data_root(config, workdir), 'clips-' + key)
 
 
 # --- stage 2: LipSyncNet ---------------------------------------------------------------------
@@ -107,7 +111,6 @@ def clips_dir(config, workdir: str, root: str) -> str:
 
 def _sync_tracks(tracks: np.ndarray, cfg) -> np.ndarray:
   """Extracted crops uint8[K, F, S, S, 3] -> LipSyncNet's crop size and channels."""
-  import cv2  # pylint: disable=g-import-not-at-top
   k, f, s = tracks.shape[:3]
   flat = tracks.reshape(k * f, s, s, 3)
   size = int(cfg.crop_size)
@@ -119,10 +122,9 @@ def _sync_tracks(tracks: np.ndarray, cfg) -> np.ndarray:
 
 
 def sync_clip(media: clips_lib.UtteranceMedia, cfg, clip_id: str):
-  from mer_jax.train import lipsync  # pylint: disable=g-import-not-at-top
   boxes = media.boxes
   areas = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).mean(axis=1)
-  return lipsync.SyncClip(tracks=_sync_tracks(media.tracks, cfg), logmel=media.logmel,
+  return lipsync_training.SyncClip(tracks=_sync_tracks(media.tracks, cfg), logmel=media.logmel,
                           clip_id=clip_id, areas=areas.astype(np.float32))
 
 
@@ -148,12 +150,11 @@ def load_training_clips(config, cache: str, split: str, dialogues) -> tuple[list
 
 def ensure_lipsync(config, cache: str, dialogues) -> tuple[Any, str, dict]:
   """(trained LipSyncNet, its folder, training summary); trains unless already done."""
-  from mer_jax.train import lipsync  # pylint: disable=g-import-not-at-top
   folder = os.path.join(cache, 'lipsync-' + _key(config.lipsync.to_dict()))
   done = os.path.join(folder, LIPSYNC_DONE)
   if os.path.exists(done):
     with open(done) as f:
-      return lipsync.restore_lipsync(config.lipsync, folder), folder, json.load(f)
+      return lipsync_training.restore_lipsync(config.lipsync, folder), folder, json.load(f)
   train, train_multi = load_training_clips(config, cache, config.data.train_split,
                                            dialogues[config.data.train_split])
   val, val_multi = load_training_clips(config, cache, config.data.dev_split,
@@ -162,13 +163,11 @@ def ensure_lipsync(config, cache: str, dialogues) -> tuple[Any, str, dict]:
               'ones (%d and %d clips with several faces have no self-supervised pairs)',
               len(train), len(val), train_multi, val_multi)
   start = time.perf_counter()
-  model, history = lipsync.train_lipsync(config.lipsync, train, val, folder)
+  model, history = lipsync_training.train_lipsync(config.lipsync, train, val, folder)
   summary = {'seconds': time.perf_counter() - start, 'train_clips': len(train),
              'val_clips': len(val), 'multi_face_clips_unused': train_multi + val_multi,
              'history': history}
-  with open(done + '.tmp', 'w') as f:
-    json.dump(summary, f, indent=1, default=float)
-  os.replace(done + '.tmp', done)
+  files.write_json(done, summary, indent=1, default=float)
   return model, folder, summary
 
 
@@ -188,7 +187,6 @@ def choose_faces(config, model, cache: str, lipsync_folder: str, root: str, spli
   Saved to speakers_{split}.jsonl beside the LipSyncNet checkpoint and read back from there by
   later runs (they depend only on the clips and LipSyncNet).
   """
-  from mer_jax.train import lipsync  # pylint: disable=g-import-not-at-top
   path = os.path.join(lipsync_folder, f'speakers_{split}.jsonl')
   if os.path.exists(path):
     with open(path) as f:
@@ -196,12 +194,11 @@ def choose_faces(config, model, cache: str, lipsync_folder: str, root: str, spli
     return {(r.pop('dialogue'), r.pop('index')): r for r in rows}
   truth_path = os.path.join(root, f'truth_{split}.jsonl')
   truth = talking_heads.read_truth(root, split) if os.path.exists(truth_path) else {}
-  scorer = lipsync.TrackScorer(model, config.lipsync)
+  scorer = lipsync_training.TrackScorer(model, config.lipsync)
   rng = np.random.default_rng([int(config.lipsync.seed), 77])  # the random-face baseline
   out = {}
   start, n = time.perf_counter(), 0
-  tmp = f'{path}.tmp-{os.getpid()}'  # runs sharing the cache may score at once
-  with open(tmp, 'w') as f:
+  with files.open_atomically(path) as f:  # runs sharing the cache may score at once
     for d in console.progress(dialogues, desc=f'speakers ({split})', unit='dialogue'):
       media = clips_lib.load_dialogue(cache, split, d.dialogue_id, len(d))
       for u, m in enumerate(media):
@@ -213,14 +210,13 @@ def choose_faces(config, model, cache: str, lipsync_folder: str, root: str, spli
         t = truth.get((int(d.dialogue_id), int(d.utterance_ids[u])))
         row = {'distances': [float(x) for x in distances],
                'selected': int(np.argmin(distances)),
-               'largest': lipsync.largest_face(clip),
-               'random': lipsync.random_face(clip, rng),
+               'largest': lipsync_training.largest_face(clip),
+               'random': lipsync_training.random_face(clip, rng),
                'true': _truth_face(t, m.boxes), 'tracks': clip.num_tracks,
                'truth_faces': len(t['faces']) if t else None,
                'utterance': int(d.utterance_ids[u])}
         out[(d.dialogue_id, u)] = row
         f.write(json.dumps({'dialogue': d.dialogue_id, 'index': u, **row}) + '\n')
-  os.replace(tmp, path)
   times['speaker_selection'] = times.get('speaker_selection', 0.0) + time.perf_counter() - start
   times['speaker_selection_clips'] = times.get('speaker_selection_clips', 0) + n
   return out
@@ -243,16 +239,8 @@ def speaker_accuracy(choices: dict) -> dict[str, Any]:
 # --- stage 3: features -----------------------------------------------------------------------
 
 
-def _text_config(config, root: str):
-  cfg = copy.deepcopy(config)
-  cfg.text.csv.dir = root
-  return cfg
-
-
 def build_raw_shards(config, out_dir: str, *, workdir: str) -> dict[str, Any]:
   """Runs stages 1-4 (module docstring) and writes the shards to `out_dir`; returns the stats."""
-  from mer_jax.preprocess import av_features  # pylint: disable=g-import-not-at-top
-  from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
   r = config.raw
   if r.visual_face not in VISUAL_FACES:
     raise ValueError(f'raw.visual_face {r.visual_face!r} is not one of {VISUAL_FACES}')
@@ -281,7 +269,7 @@ def build_raw_shards(config, out_dir: str, *, workdir: str) -> dict[str, Any]:
       av_features.load_visual_encoder(r.visual_encoder, int(r.encoder_seed)),
       clips_per_batch=int(r.visual_encoder.clips_per_batch),
       pixel_mean=float(r.visual_encoder.pixel_mean), pixel_std=float(r.visual_encoder.pixel_std))
-  text = text_features.TextFeaturizer(_text_config(config, root), workdir=workdir)
+  text = text_features.TextFeaturizer(config, workdir=workdir)
   dims = {'t': int(config.data.dims.t), 'a': audio.hidden, 'v': visual.cfg.hidden_size}
   records = {}
   for split in _splits(config):
@@ -349,7 +337,7 @@ def raw_shard_dir(config, workdir: str) -> str:
   key = _key({'raw': config.raw.to_dict(), 'lipsync': config.lipsync.to_dict(),
               'text': config.text.to_dict(), 'labels': list(config.label_names),
               'dims': config.data.dims.to_dict()})
-  return os.path.join(sources.data_root(config, workdir), 'raw-' + key)
+  return os.path.join(cache.data_root(config, workdir), 'raw-' + key)
 
 
 def ensure_raw_shards(config, workdir: str) -> str:
@@ -358,7 +346,7 @@ def ensure_raw_shards(config, workdir: str) -> str:
   def build(folder):
     stats = build_raw_shards(config, folder, workdir=workdir)
     report_stats(stats)
-  return sources.build_once(out, build)
+  return cache.build_once(out, build)
 
 
 def report_stats(stats: dict) -> None:

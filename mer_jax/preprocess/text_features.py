@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mer_jax import console
+from mer_jax.data import cache
 from mer_jax.data import dialogue_csv
 from mer_jax.data import prompts as prompts_lib
 from mer_jax.data import shards
@@ -40,6 +41,7 @@ from mer_jax.data import text_batching
 from mer_jax.models import hf_checkpoint
 from mer_jax.models import text_classifier
 from mer_jax.models import text_transformer
+from mer_jax.preprocess import text_finetune
 
 POOLINGS = text_classifier.POOLINGS
 pool = text_classifier.pool
@@ -216,8 +218,7 @@ class TextFeaturizer:
       if t.finetune.enabled:
         if workdir is None:
           raise ValueError('a fine-tuned text encoder needs the workdir it was trained in')
-        from mer_jax.train import finetune_text  # pylint: disable=g-import-not-at-top
-        encoder = finetune_text.restore_finetuned_encoder(config, workdir, encoder)
+        encoder = text_finetune.restore_finetuned_encoder(config, workdir, encoder)
     self.encoder = encoder
     self.encode_fn = make_encode_fn(encoder, t.pooling, t.normalize, tuple(t.layers))
     self.buckets = text_batching.bucket_lengths(t.max_length, t.smallest_bucket, t.bucket_growth)
@@ -258,6 +259,22 @@ def text_shard_key(config) -> str:
   return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
+def text_shard_dir(config, workdir: str) -> str:
+  """The data-cache folder of the text-feature shards a config's text front end produces."""
+  return os.path.join(cache.data_root(config, workdir), 'text-' + text_shard_key(config))
+
+
+def ensure_text_shards(config, workdir: str) -> str:
+  """Encodes the config's dialogue CSVs into text-feature shards unless already done."""
+  out = text_shard_dir(config, workdir)
+
+  def build(folder):
+    console.say('encoding %s transcripts with %s into %s', config.text.csv.dir,
+                config.text.encoder, out)
+    build_text_shards(config, folder, workdir=workdir)
+  return cache.build_once(out, build)
+
+
 def build_text_shards(config, out_dir: str, *, workdir: str | None = None) -> dict[str, Any]:
   """Writes text-feature shards of the config's CSV splits to `out_dir`; returns the stats.
 
@@ -280,11 +297,10 @@ def build_text_shards(config, out_dir: str, *, workdir: str | None = None) -> di
   if t.finetune.enabled:
     if workdir is None:
       raise ValueError('text.finetune.enabled needs a workdir for its checkpoints')
-    from mer_jax.train import finetune_text  # pylint: disable=g-import-not-at-top
-    token_splits = {s: finetune_text.TokenSplit(
+    token_splits = {s: text_finetune.TokenSplit(
         sequences[s], np.concatenate([d.labels for d in dialogues[s]])) for s in splits}
     start = time.perf_counter()
-    encoder = finetune_text.finetune_encoder(config, workdir, tok, encoder, token_splits)
+    encoder = text_finetune.finetune_encoder(config, workdir, tok, encoder, token_splits)
     finetune_stats = {'seconds': time.perf_counter() - start}
   featurizer = TextFeaturizer(config, encoder=encoder)
   records, stats = {}, {}

@@ -61,7 +61,7 @@ def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: An
   """Restores `item` onto the structure and shardings of `like` (plus JSON items).
 
   Checkpoints written while the train state held nnx.State trees (before it became plain dicts
-  of arrays, see trainer.build_sharded_model) store each array inside its Variable, at
+  of arrays, see inference.build_sharded_model) store each array inside its Variable, at
   `<path>/value`; those arrays are restored from where they are stored and unwrapped.
   """
   stored = manager.item_metadata(step)[item]

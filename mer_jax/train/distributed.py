@@ -11,6 +11,7 @@ results, predictions) are written by process 0 only; Orbax coordinates checkpoin
 from __future__ import annotations
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 
@@ -43,5 +44,4 @@ def global_to_host(x: jax.Array) -> np.ndarray:
   """The whole value of a (possibly multi-process) global array on every host."""
   if getattr(x, 'is_fully_addressable', True) or getattr(x, 'is_fully_replicated', False):
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -59,9 +59,8 @@ def make_optimizer(stage_cfg, params: Any, total_steps: int,
                        f'{sorted(multipliers)}')
     # AdamW's update is -lr * (direction + decay * param), so scaling a leaf's update by its
     # group's multiplier is that group's AdamW at lr * multiplier. One AdamW over the whole tree
-    # with a per-leaf constant fuses into each leaf's update: the fusion stage's update (185
-    # leaves, four groups) takes about 15 ms on this CPU, against about 25 ms with a masked
-    # AdamW per group (optax.multi_transform).
+    # with a per-leaf constant fuses into each leaf's update, where a masked AdamW per group
+    # (optax.multi_transform) makes one pass per group (docs/performance.md).
     factors = jax.tree.map(lambda group: float(multipliers[group]), labels)
     tx = optax.chain(tx, optax.stateless(
         lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors)))

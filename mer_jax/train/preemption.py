@@ -17,6 +17,7 @@ import sys
 import threading
 
 import jax
+from jax.experimental import multihost_utils
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a scheduler expects of a terminated job
 
@@ -60,7 +61,6 @@ class PreemptionGuard:
 def should_stop(step: int) -> bool:
   """True when this step is where training must checkpoint and exit (same step on every host)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(multihost_utils.reached_preemption_sync_point(step))
   return stop_requested()
 

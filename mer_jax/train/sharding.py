@@ -12,6 +12,7 @@ import jax
 import jraph
 import numpy as np
 
+from mer_jax import batch_contract
 from mer_jax import models
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -84,11 +85,10 @@ def _local_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
 def batch_budget(config, mesh: Mesh):
   """The input pipeline's budget on `mesh`: config.batch per sub-batch, `batch_groups` of them
   per step, this process building the groups its devices hold (so it reads only those)."""
-  from mer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   groups = batch_groups(config)
   if groups == 1:
-    return pipeline.budget_from_config(config)
-  budget = pipeline.budget_from_config(config, groups)
+    return batch_contract.budget_from_config(config)
+  budget = batch_contract.budget_from_config(config, groups)
   local = None
   for per_group in (budget.max_nodes, budget.max_graphs):
     start, stop = _local_rows(mesh, groups * per_group)
@@ -103,7 +103,7 @@ def batch_budget(config, mesh: Mesh):
                        f'graph rows give {groups_here}; make batch.max_graphs divisible by the '
                        'data axis size per sub-batch')
     local = groups_here
-  return pipeline.budget_from_config(config, groups, local)
+  return batch_contract.budget_from_config(config, groups, local)
 
 
 def batch_shardings(batch: jraph.GraphsTuple, mesh: Mesh, budget) -> jraph.GraphsTuple:

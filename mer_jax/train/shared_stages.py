@@ -37,8 +37,8 @@ import time
 from typing import Any
 
 from mer_jax import console
+from mer_jax import stages
 
-ENCODER_MODALITY = {'teacher': 't', 'audio': 'a', 'visual': 'v'}
 COMPLETE = 'COMPLETE'  # written into a shared stage folder once it holds a finished stage
 
 # Keys that never change how an encoder stage trains (besides the other modalities' entries of
@@ -72,14 +72,14 @@ def _drop(tree: dict, dotted: str) -> None:
 
 def stage_settings(config, stage: str, *, fold: int | None = None) -> dict[str, Any]:
   """The part of `config` that can change how encoder `stage` (of fold `fold`) trains."""
-  if stage not in ENCODER_MODALITY:
-    raise ValueError(f'only encoder stages {tuple(ENCODER_MODALITY)} are shared, not {stage!r}')
-  m = ENCODER_MODALITY[stage]
+  if not stages.is_encoder(stage):
+    raise ValueError(f'only encoder stages {stages.ENCODER_STAGES} are shared, not {stage!r}')
+  m = stages.MODALITY_OF_STAGE[stage]
   tree = config.to_dict()
   for key in IGNORED:
     _drop(tree, key)
   for block in ('model', 'optim'):  # drop the other stages' blocks, keep shared keys
-    for other in (*ENCODER_MODALITY, 'fusion'):
+    for other in stages.STAGES:
       if other != stage:
         tree[block].pop(other, None)
   if stage == 'teacher':

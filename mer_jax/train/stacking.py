@@ -1,12 +1,12 @@
 """Cross-fitted inputs for the fusion stage (model.fusion.input = 'stacked').
 
 Feeding fusion the frozen encoders' outputs on their own training utterances leaks: the students
-memorise those utterances (on the synthetic corpus, 85% train vs 43% test accuracy), so fusion
-learns to trust modalities that are only reliable on data they have seen. Stacking fixes it the
-textbook way: the encoders are also trained on K-1 of K folds of the training dialogues, fusion
-trains on each dialogue's out-of-fold log-probabilities, and dev/test/prediction use the encoders
-trained on all of the training data. Log-probabilities (not hidden representations) are stacked
-because they live in the same space for every model, whatever its initialisation.
+memorise those utterances, so fusion learns to trust modalities that are only reliable on data
+they have seen. Stacking fixes it the textbook way: the encoders are also trained on K-1 of K
+folds of the training dialogues, fusion trains on each dialogue's out-of-fold log-probabilities,
+and dev/test/prediction use the encoders trained on all of the training data. Log-probabilities
+(not hidden representations) are stacked because they live in the same space for every model,
+whatever its initialisation.
 """
 
 from __future__ import annotations
@@ -14,34 +14,23 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import ml_collections
 import numpy as np
 
 from mer_jax import console
-
+from mer_jax import stages
 from mer_jax.data import sources
-from mer_jax.train import steps
+from mer_jax.train import inference
+from mer_jax.train import stage as stage_lib
 
-ENCODERS = ('teacher', 'audio', 'visual')
 LOG_PROB_FLOOR = 1e-6
 
 
-def fusion_config(config) -> ml_collections.ConfigDict:
-  """The config the fusion stage trains with: stacked log-probabilities as its 'raw' inputs."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model.fusion.input = 'raw'
-  c.data.dims = ml_collections.ConfigDict({m: len(config.label_names) for m in config.data.modalities})
-  c.augment.enabled = False  # the authors' feature augmentation is meant for features, not logits
-  return c
-
-
-def encoder_log_probs(source, models: dict, config, mesh) -> dict[str, list[np.ndarray]]:
+def encoder_log_probs(source, trained: dict, config, mesh) -> dict[str, list[np.ndarray]]:
   """Per modality, per record: [n, C] log-probabilities of that modality's frozen encoder."""
-  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
   out = {}
   for m in config.data.modalities:
-    stage = steps.ENCODER_OF_MODALITY[m]
-    probs = trainer.record_predictions(source, stage, models[stage], config, mesh, models)
+    stage = stages.ENCODER_OF_MODALITY[m]
+    probs = inference.record_predictions(source, stage, trained[stage], config, mesh, trained)
     out[m] = [np.log(np.maximum(p, LOG_PROB_FLOOR)).astype(np.float32) for p in probs]
   return out
 
@@ -58,21 +47,21 @@ def stacked_records(source, log_probs: dict[str, list[np.ndarray]], indices=None
   return records
 
 
-def train_fold_encoders(ctx, fold: int, indices: np.ndarray) -> dict:
+def train_fold_encoders(ctx: stage_lib.Context, fold: int, indices: np.ndarray) -> dict:
   """Teacher and students trained on every training dialogue except `indices`."""
-  from mer_jax.train import trainer  # pylint: disable=g-import-not-at-top
   keep = np.setdiff1d(np.arange(len(ctx.data.train)), indices)
   data = dataclasses.replace(ctx.data, train=sources.SubsetSource(ctx.data.train, keep))
   fold_ctx = dataclasses.replace(ctx, data=data)
   trained = {}
-  for stage in ENCODERS:
+  for stage in stages.ENCODER_STAGES:
     if stage in ctx.config.train.stages:
-      trained[stage] = trainer.StageRunner(stage, fold_ctx, trained, fold=fold,
-                                           name=os.path.join(f'fold{fold}', stage)).fit()
+      trained[stage] = stage_lib.StageRunner(stage, fold_ctx, trained, fold=fold,
+                                             name=os.path.join(f'fold{fold}', stage)).fit()
   return trained
 
 
-def stacked_splits(ctx, full_models: dict) -> tuple[sources.InMemorySource, ...]:
+def stacked_splits(ctx: stage_lib.Context, full_models: dict
+                   ) -> tuple[sources.InMemorySource, ...]:
   """(train out-of-fold, dev, test) sources of log-probability features for fusion."""
   config = ctx.config
   folds = sources.fold_indices(len(ctx.data.train), config.model.fusion.stacking_folds,
@@ -80,13 +69,20 @@ def stacked_splits(ctx, full_models: dict) -> tuple[sources.InMemorySource, ...]
   train_records: list = [None] * len(ctx.data.train)
   for k, idx in enumerate(folds):
     console.say('stacking: fold %d/%d (%d held-out dialogues)', k + 1, len(folds), len(idx))
-    models = train_fold_encoders(ctx, k, idx)
+    fold_models = train_fold_encoders(ctx, k, idx)
     held_out = sources.SubsetSource(ctx.data.train, idx)
     for i, record in zip(idx, stacked_records(
-        held_out, encoder_log_probs(held_out, models, config, ctx.mesh))):
+        held_out, encoder_log_probs(held_out, fold_models, config, ctx.mesh))):
       train_records[int(i)] = record
   dev = stacked_records(ctx.data.dev, encoder_log_probs(ctx.data.dev, full_models, config, ctx.mesh))
   test = stacked_records(ctx.data.test,
                          encoder_log_probs(ctx.data.test, full_models, config, ctx.mesh))
   return (sources.InMemorySource(train_records), sources.InMemorySource(dev),
           sources.InMemorySource(test))
+
+
+def stacked_context(ctx: stage_lib.Context, full_models: dict) -> stage_lib.Context:
+  """The fusion stage's context: its splits hold cross-fitted log-probabilities."""
+  train, dev, test = stacked_splits(ctx, full_models)
+  return dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, train=train, dev=dev,
+                                                           test=test))

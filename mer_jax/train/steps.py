@@ -19,10 +19,8 @@ from flax import nnx
 
 from mer_jax import losses
 from mer_jax.models import graph as graph_lib
-
-# Which frozen encoder produces each modality's representation for fusion.
-ENCODER_OF_MODALITY = {'t': 'teacher', 'a': 'audio', 'v': 'visual'}
-MODALITY_OF_STAGE = {'teacher': 't', 'audio': 'a', 'visual': 'v'}
+from mer_jax.stages import ENCODER_OF_MODALITY
+from mer_jax.stages import MODALITY_OF_STAGE
 
 
 @flax.struct.dataclass
@@ -45,8 +43,8 @@ class StageStatics:
   loss: Any  # config.loss (a frozen ConfigDict)
   distill: bool
   ema_decay: float
-  # The batch's text slot holds the frozen teacher's log-probabilities, computed once before the
-  # stage (train/teacher_cache.py), instead of text for the teacher to run on every step.
+  # The batch carries the frozen teacher's log-probabilities ('teacher_log_probs', computed once
+  # before the stage: train/teacher_cache.py) instead of text for the teacher to run every step.
   teacher_in_batch: bool = False
 
 
@@ -63,11 +61,11 @@ def frozen_outputs(frozen: Mapping[str, tuple[Any, Any]], batch: jraph.GraphsTup
 
 
 def fusion_inputs(statics: StageStatics, batch, frozen) -> dict[str, jax.Array]:
-  if statics.fusion_input == 'raw':
+  """Per modality, what fusion reads: the batch's features ('raw'; for 'stacked', the encoders'
+  cross-fitted log-probabilities, precomputed into the batch) or the frozen encoders'
+  representations ('graph')."""
+  if statics.fusion_input in ('raw', 'stacked'):
     return {m: batch.nodes['features'][m] for m in statics.modalities}
-  if statics.fusion_input == 'stacked':
-    raise ValueError("stacked fusion inputs are precomputed: train fusion through "
-                     "trainer.stacked_fusion_context (its config has fusion.input='raw')")
   reps = frozen_outputs(frozen, batch, tuple(ENCODER_OF_MODALITY[m] for m in statics.modalities))
   return {m: reps[ENCODER_OF_MODALITY[m]][1] for m in statics.modalities}
 
@@ -111,10 +109,12 @@ def loss_fn(statics: StageStatics, model, batch, frozen, class_weights):
   poly = dict(class_weights=class_weights, poly_alpha=cfg.poly_alpha, poly_gamma=cfg.poly_gamma)
   if statics.stage != 'teacher' and statics.distill:
     # Log-probabilities distil exactly like logits: softmax(x / T) ignores a per-row shift.
-    teacher_logits = (nodes['features']['t'] if statics.teacher_in_batch
-                      else frozen_outputs(frozen, batch, ('teacher',))['teacher'][0])
+    if statics.teacher_in_batch:
+      teacher_logits, has_text = nodes['teacher_log_probs'], nodes['teacher_mask']
+    else:
+      teacher_logits = frozen_outputs(frozen, batch, ('teacher',))['teacher'][0]
+      has_text = nodes['present']['t']
     # Distil only where the teacher saw text; elsewhere the student learns from labels alone.
-    has_text = nodes['present']['t']
     kd = losses.distillation_loss(logits, teacher_logits, labels, valid & has_text,
                                   temperature=cfg.distill_temperature, alpha=cfg.distill_alpha,
                                   **poly)
@@ -169,7 +169,7 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
   # nnx.value_and_grad (not jax's) so the model's rng streams and batch statistics may be
   # updated in place while tracing; the gradients come back as a State shaped like the params.
   (loss, (logits, parts)), grads = nnx.value_and_grad(compute_loss, has_aux=True)(model)
-  grads = nnx.to_pure_dict(grads)  # the train state holds plain dicts (trainer.build_sharded_model)
+  grads = nnx.to_pure_dict(grads)  # the train state holds plain dicts (inference.build_sharded_model)
   new_state = apply_gradients(state, grads, tx=tx, ema_decay=statics.ema_decay).replace(
       model_state=nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
   labels = batch.nodes['label']
@@ -178,7 +178,7 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
   metrics = {
       'loss': loss,
       'accuracy': correct / jnp.maximum(jnp.sum(valid), 1),
-      # The parameter norm is logged once per epoch (trainer): norms of the parameters or of the
+      # The parameter norm is logged once per epoch (train/stage.py): norms of the parameters or of the
       # updates here cost a quarter of a teacher step on CPU, because they stop XLA from fusing
       # the AdamW update into one pass over each parameter.
       'grad_norm': optax.tree.norm(grads),

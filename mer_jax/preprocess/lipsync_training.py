@@ -273,8 +273,8 @@ class TripletSampler:
 # Model, optimizer and the jitted steps.
 # ------------------------------------------------------------------------------------------
 
-# Random streams use XLA's RngBitGenerator ('rbg'): on 2 CPU cores the jitted init of the tiny
-# test model compiles in ~1.5 s instead of ~8 s with threefry's per-element hashing. Splits and
+# Random streams use XLA's RngBitGenerator ('rbg'): the jitted init compiles several times
+# faster than with threefry's per-element hashing (docs/performance.md). Splits and
 # fold-ins stay threefry hashes, so streams are still pure functions of (cfg.seed, step).
 RNG_IMPL = 'rbg'
 

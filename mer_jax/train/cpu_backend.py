@@ -1,0 +1,85 @@
+"""Start-up settings that speed up training on JAX's CPU backend, applied only there.
+
+* Host allocator (`keep_freed_blocks_in_heap`): glibc serves large allocations with a fresh mmap
+  and returns it on free, so every XLA CPU step that allocates a few MiB of temporaries page-faults
+  again. The mmap and trim thresholds are raised and mmap is switched off for ordinary allocations
+  (the threshold caps at 32 MiB, below the teacher step's largest block), so freed blocks are
+  reused. glibc still mmaps where the heap cannot grow.
+* Threefry (`unroll_threefry_on_cpu`): JAX lowers the threefry2x32 hash as a five-trip loop on CPU
+  and unrolled elsewhere; XLA's CPU runtime pays for every trip, and every dropout mask and
+  `fold_in` goes through one. Registering JAX's own unrolled lowering for CPU gives the same bits
+  (so every run, checkpoint and result is unchanged) in fewer, faster ops. The rule is
+  JAX-internal: where it is not found, nothing changes and a warning says so.
+
+docs/performance.md has the measurements behind both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib
+
+import jax
+from absl import logging
+from jax.interpreters import mlir
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+# glibc caps the mmap threshold at 32 MiB on 64-bit hosts; larger blocks are mmapped regardless.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 256 << 20  # free heap kept by the process before it is returned to the OS
+
+# Where JAX has kept the threefry primitive and its unrolled lowering rule.
+_THREEFRY_MODULES = ('jax._src.random.threefry2x32', 'jax._src.prng')
+
+
+def tune_for_cpu_backend() -> bool:
+  """Applies both settings when JAX's default backend is the CPU; False (no change) elsewhere.
+
+  Call it once JAX's backends may start (after jax.distributed.initialize) and before the first
+  jitted function with random draws is traced: programs lowered earlier keep the loop.
+  """
+  if jax.default_backend() != 'cpu':
+    return False
+  keep_freed_blocks_in_heap()
+  unroll_threefry_on_cpu()
+  return True
+
+
+def _libc():
+  name = ctypes.util.find_library('c')
+  try:
+    libc = ctypes.CDLL(name)
+  except OSError:
+    return None
+  return libc if hasattr(libc, 'mallopt') else None
+
+
+def keep_freed_blocks_in_heap() -> bool:
+  """Sets glibc's mmap and trim thresholds and turns off mmap for ordinary allocations; False
+  (and no change) where malloc is not glibc's."""
+  libc = _libc()
+  if libc is None:
+    return False
+  return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+              and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+              and libc.mallopt(_M_MMAP_MAX, 0))
+
+
+def unroll_threefry_on_cpu() -> bool:
+  """Registers JAX's unrolled threefry2x32 lowering for CPU; False where it cannot be found."""
+  for name in _THREEFRY_MODULES:
+    try:
+      module = importlib.import_module(name)
+    except ImportError:
+      continue
+    primitive = getattr(module, 'threefry2x32_p', None)
+    rule = getattr(module, '_threefry2x32_lowering_rule', None)
+    if primitive is not None and rule is not None:
+      mlir.register_lowering(primitive, rule, platform='cpu')
+      return True
+  logging.warning('this JAX has no unrolled threefry lowering under %s; random draws on CPU keep '
+                  'their while loop (slower steps, same numbers)', ' or '.join(_THREEFRY_MODULES))
+  return False
