@@ -150,8 +150,8 @@ class Predictor:
     if self.stacked:
       source = sources.InMemorySource(stacking.stacked_records(
           source, stacking.encoder_log_probs(source, self.models, self.config, self.mesh)))
-    pred = inference.predict_split(source, self.config, sharding.batch_budget(self.config, self.mesh),
-                                   self._predict_fn, self.mesh,
+    budget = sharding.batch_budget(self.config, self.mesh)
+    pred = inference.predict_split(source, self.config, budget, self._predict_fn, self.mesh,
                                    dims=inference.batch_dims(self.stage, self.config))
     return inference.per_record_outputs(pred, source, 'probs')
 
