@@ -326,6 +326,7 @@ class BatchLoader:
   # Per record, the frozen teacher's [n, C] log-probabilities (a distilling student's targets,
   # computed once), with 'teacher_mask' marking where the teacher read text; None: no targets.
   teacher_log_probs: Sequence[np.ndarray] | None = None
+  teacher_classes: int = 0  # the targets' width (0: no targets)
 
   def __call__(self, step_entry: tuple[np.ndarray, ...], rng: np.random.Generator | None = None):
     """One step: this process's sub-batches (see `group_plan`), each collated on its own, with
@@ -344,9 +345,8 @@ class BatchLoader:
                                     self.modalities)]
     else:
       graphs = []
-    classes = 0 if self.teacher_log_probs is None else self.teacher_log_probs[0].shape[-1]
     return collate_graphs(graphs, self.budget, self.modalities, self.dims, self.speaker_edges,
-                          classes)
+                          self.teacher_classes)
 
   def _graph(self, index: int, utterance: int | None, rngs) -> dict[str, Any]:
     record = self.source[index]
@@ -405,7 +405,8 @@ def make_dataset(source, *, config, budget: Budget, train: bool, epoch: int, see
       speaker_edges=config.graph.speaker_edges, scope=config.graph.scope,
       augmentation=(Augmentation.from_config(config.augment)
                     if train and config.augment.enabled and augmented else None),
-      augmented=augmented, teacher_log_probs=teacher_log_probs)
+      augmented=augmented, teacher_log_probs=teacher_log_probs,
+      teacher_classes=int(teacher_log_probs[0].shape[-1]) if teacher_log_probs else 0)
   ds = grain.MapDataset.source(group_plan(plan, budget))
   if loader.augmentation is not None:
     return ds.random_map(loader, seed=int(np.random.default_rng([seed, epoch, 7]).integers(2**31)))

@@ -18,7 +18,6 @@ from mer_jax.data import pipeline
 from mer_jax.train import distributed
 from mer_jax.train import sharding
 from mer_jax.train import steps
-from mer_jax.console import progress
 
 
 @dataclasses.dataclass
@@ -75,8 +74,8 @@ def build_sharded_model(stage: str, config, mesh, seed: int):
   return graphdef, params, batch_stats, rng_state
 
 
-def predict_split(source, config, budget, predict_fn, mesh, *, dims=None, desc: str = 'eval',
-                  show_progress: bool = False) -> dict[str, np.ndarray]:
+def predict_split(source, config, budget, predict_fn, mesh, *,
+                  dims=None) -> dict[str, np.ndarray]:
   """Runs `predict_fn(batch) -> probs` over a split in order; returns per-utterance arrays.
 
   `dims`: the batches' feature widths (default: config.data.dims).
@@ -85,7 +84,7 @@ def predict_split(source, config, budget, predict_fn, mesh, *, dims=None, desc: 
                              seed=config.seed, dims=dims)
   probs, labels, records, utterances = [], [], [], []
   batch_sh = None
-  for batch in progress(ds, desc=desc, enabled=show_progress):
+  for batch in ds:
     if batch_sh is None:
       batch_sh = sharding.batch_shardings(batch, mesh, budget)
     global_batch = sharding.put_batch(batch, batch_sh, budget)
