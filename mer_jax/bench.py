@@ -36,6 +36,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mer_jax import errors
 from mer_jax import stages
 from mer_jax.data import sources
 from mer_jax.run import job
@@ -279,7 +280,7 @@ def stacked_context(ctx, trained):
 def main(argv):
   del argv
   cpu_backend.tune_for_cpu_backend()  # as mer_jax.main does
-  base = _CONFIG.value
+  base = errors.loaded_config(_CONFIG)
   print(f'devices: {jax.devices()}')
   settings = {'off': [False], 'on': [True], 'both': [False, True]}[_MOE.value]
   steps = _STEPS.value
@@ -368,4 +369,4 @@ def projected_minutes(rows: list[dict], use_moe: bool, folds: int) -> dict:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(errors.cli_main(main), flags_parser=errors.parse_flags)

@@ -6,6 +6,7 @@ import os
 
 from etils import epath
 
+from mer_jax import errors
 from mer_jax import batch_contract
 from mer_jax import stages
 from mer_jax.data import staging
@@ -14,8 +15,8 @@ from mer_jax.data import synthetic
 SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear')
 
 
-class ConfigError(ValueError):
-  pass
+class ConfigError(errors.UserError):
+  """A config key has an invalid value (the message names the key)."""
 
 
 def validate_config(config) -> None:

@@ -8,6 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mer_jax import errors
 from mer_jax.config_validation import validate_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
@@ -29,7 +30,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # keep library INFO logs out of the console
-  config = _CONFIG.value
+  config = errors.loaded_config(_CONFIG)
   validate_config(config)
   # Imported after validation, so a bad config fails before JAX and the models load.
   from mer_jax.run import job  # pylint: disable=g-import-not-at-top
@@ -38,4 +39,4 @@ def main(argv):
           multihost=_MULTIHOST.value)
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(errors.cli_main(main), flags_parser=errors.parse_flags)

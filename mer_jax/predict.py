@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from etils import epath
 
+from mer_jax import errors
 from mer_jax import stages
 from mer_jax.data import dialogue_csv
 from mer_jax.data import shards
@@ -43,8 +44,8 @@ _CHECKPOINT_DIR = flags.DEFINE_string(
     '(e.g. gs://bucket/run/checkpoints); default: workdir/checkpoints.')
 
 
-class PredictInputError(ValueError):
-  pass
+class PredictInputError(errors.UserError):
+  """A problem in the dialogues given to predict (the message names the line and key)."""
 
 
 def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[str, int],
@@ -225,4 +226,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir', 'input'])
-  app.run(main)
+  app.run(errors.cli_main(main), flags_parser=errors.parse_flags)

@@ -118,16 +118,16 @@ def run_main(*args, workdir) -> subprocess.CompletedProcess:
 
 def test_cli_rejects_an_unknown_override_key(tmp_path):
   proc = run_main('--config.nope=1', workdir=tmp_path / 'w')
-  assert proc.returncode != 0
-  assert 'nope' in proc.stderr, proc.stderr[-3000:]
+  assert proc.returncode == 2
+  assert proc.stderr == ("error: the config has no key 'nope' (overrides given: --config.nope)\n")
   assert not (tmp_path / 'w').exists()  # nothing ran
 
 
 def test_cli_reports_an_invalid_value_before_training(tmp_path):
   proc = run_main('--config.graph.scope=global', workdir=tmp_path / 'w')
-  assert proc.returncode != 0
-  assert re.search(r'ConfigError: invalid config:\s+graph\.scope:', proc.stderr), (
-      proc.stderr[-3000:])
+  assert proc.returncode == 2
+  assert proc.stderr == ("error: invalid config:\n  graph.scope: 'global' is not 'dialogue' or "
+                         "'batch'\n")  # one message, no traceback
   assert not (tmp_path / 'w').exists()
 
 

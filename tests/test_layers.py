@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'mer_jax'
 
 # Bottom to top. A module may import its own layer and the layers below it. Longest prefix wins.
 LAYERS = (
-    ('base', ('mer_jax', 'mer_jax.console', 'mer_jax.stages', 'mer_jax.files',
+    ('base', ('mer_jax', 'mer_jax.console', 'mer_jax.errors', 'mer_jax.stages', 'mer_jax.files',
               'mer_jax.batch_contract')),
     ('models, losses, evaluate', ('mer_jax.models', 'mer_jax.losses', 'mer_jax.evaluate')),
     ('data', ('mer_jax.data',)),

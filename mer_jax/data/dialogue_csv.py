@@ -23,13 +23,14 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from mer_jax import errors
 from mer_jax.data import shards
 
 MELD_LABELS = ('neutral', 'surprise', 'fear', 'sadness', 'joy', 'disgust', 'anger')
 IEMOCAP_LABELS = ('neutral', 'frustration', 'sadness', 'anger', 'excited', 'happiness')
 
 
-class CsvFormatError(ValueError):
+class CsvFormatError(errors.UserError):
   """A dialogue CSV cannot be read as its schema says."""
 
 

@@ -30,6 +30,8 @@ from etils import epath
 import msgpack
 import numpy as np
 
+from mer_jax import errors
+
 FORMAT = 'mer_jax.dialogue_shards/v1'
 MANIFEST_NAME = 'manifest.json'
 DEFAULT_WRITER_OPTIONS = 'group_size:1'
@@ -38,7 +40,7 @@ _SPLIT_NAME = re.compile(r'^[A-Za-z0-9_]+$')
 _ARRAY_DTYPES = {'<i4': np.int32, '<f4': np.float32, '|b1': np.bool_}
 
 
-class ShardError(ValueError):
+class ShardError(errors.UserError):
   """A shard folder, manifest or shard file is missing or inconsistent."""
 
 

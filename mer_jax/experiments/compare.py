@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from mer_jax import errors
 from mer_jax.experiments import runs
 from mer_jax.experiments import significance
 
@@ -76,4 +77,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  errors.cli_main(main)()

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from mer_jax import errors
 from mer_jax.data import shards
 
 
@@ -65,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(errors.cli_main(main)())

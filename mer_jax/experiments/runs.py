@@ -14,10 +14,12 @@ import re
 
 import numpy as np
 
+from mer_jax import errors
+
 SEED_DIR = re.compile(r'^seed_(\d+)$')
 
 
-class RunError(ValueError):
+class RunError(errors.UserError):
   """A run folder is missing something the experiment tools need."""
 
 

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from mer_jax import errors
 from mer_jax import files
 from mer_jax.experiments import runs
 
@@ -294,4 +295,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  errors.cli_main(main)()

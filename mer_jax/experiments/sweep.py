@@ -26,6 +26,7 @@ import runpy
 import sys
 import time
 
+from mer_jax import errors
 from mer_jax.experiments import compare as compare_lib
 from mer_jax.experiments import report
 from mer_jax.experiments import runs
@@ -159,4 +160,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  errors.cli_main(main)()

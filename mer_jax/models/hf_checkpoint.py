@@ -32,10 +32,12 @@ import numpy as np
 from absl import logging
 from safetensors import safe_open
 
+from mer_jax import errors
+
 WEIGHT_FILES = ('model.safetensors',)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A checkpoint folder is missing files or holds weights that do not fit the config."""
 
 

@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mer_jax import errors
 from mer_jax.config_validation import ConfigError
 from mer_jax.config_validation import validate_config
 
@@ -27,7 +28,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  config = errors.loaded_config(_CONFIG)
   validate_config(config)
   if config.data.source not in ('text_csv', 'raw'):
     raise ConfigError(f"data.source is {config.data.source!r}; preprocessing needs 'text_csv' "
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(errors.cli_main(main), flags_parser=errors.parse_flags)

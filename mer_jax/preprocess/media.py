@@ -24,8 +24,10 @@ import os
 import av
 import numpy as np
 
+from mer_jax import errors
 
-class MediaError(RuntimeError):
+
+class MediaError(errors.UserError):
   """A clip is missing, unreadable, or lacks the stream a stage needs."""
 
 

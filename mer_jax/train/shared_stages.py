@@ -45,7 +45,7 @@ COMPLETE = 'COMPLETE'  # written into a shared stage folder once it holds a fini
 # per-modality settings, and the other stages' model/optim blocks, handled below).
 IGNORED = (
     'train.stages', 'train.progress_bar', 'train.log_every_steps', 'train.checkpoint_keep',
-    'train.checkpoint_every_steps', 'train.checkpoint_dir', 'train.compilation_cache_dir',
+    'train.checkpoint_every_steps', 'train.on_change', 'train.checkpoint_dir', 'train.compilation_cache_dir',
     'train.shared_stages_dir', 'eval',
     # Where the data comes from and how it is read; what it is, is the manifest's checksums.
     'data.source', 'data.shard_dir', 'data.synthetic', 'data.cache_dir', 'data.read_threads',
