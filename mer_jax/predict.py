@@ -5,11 +5,18 @@
 Each input line is one dialogue:
   {"dialogue_id": "d1", "utterances": [
      {"speaker": "Joey", "text": "...", "features": {"t": [...], "a": [...], "v": [...]}}, ...]}
-A modality that is null or absent is treated as missing for that utterance. For a workdir trained
-from transcripts or raw clips (data.source 'text_csv' or 'raw'), text features may be left out: they are computed
-from each utterance's "text" (and the dialogue's earlier utterances, for context prompts) with
-the run's text encoder, fine-tuned weights included. The config and label names are read from
-the checkpoints, so only the workdir is needed.
+"dialogue_id" (a string or an integer; default: the input's path and line) must be unique in the
+file; "utterance_id" (an integer in the int32 range; default: the utterance's position) must be
+unique within its dialogue. A modality that is null or absent is treated as missing for that
+utterance. For a workdir trained from transcripts or raw clips (data.source 'text_csv' or 'raw'),
+text features may be left out: they are computed from each utterance's "text" (and the
+dialogue's earlier utterances, for context prompts) with the run's text encoder, fine-tuned
+weights included. The config and label names are read from the checkpoints, so only the workdir
+is needed.
+
+predict never writes over its input: --input and --output are checked before any model loads
+(the output is not the input, not a folder, and its folder exists and is writable), and the
+output appears only once complete (written beside it, then renamed).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 from etils import epath
 
 from mer_jax import errors
+from mer_jax import files
 from mer_jax import stages
 from mer_jax.data import dialogue_csv
 from mer_jax.data import shards
@@ -44,8 +53,39 @@ _CHECKPOINT_DIR = flags.DEFINE_string(
     '(e.g. gs://bucket/run/checkpoints); default: workdir/checkpoints.')
 
 
+_INT32 = np.iinfo(np.int32)
+
+
 class PredictInputError(errors.UserError):
-  """A problem in the dialogues given to predict (the message names the line and key)."""
+  """A problem in the dialogues given to predict (the message names the line and key), or in the
+  --input and --output paths (the message names the path)."""
+
+
+def _shown(value: Any) -> str:
+  """A JSON value as the input wrote it, shortened, for messages."""
+  text = json.dumps(value)
+  return text if len(text) <= 40 else text[:37] + '...'
+
+
+def _dialogue_id(obj: dict, where: str) -> str:
+  if 'dialogue_id' not in obj:
+    return where
+  value = obj['dialogue_id']
+  if isinstance(value, bool) or not isinstance(value, (str, int)):
+    raise PredictInputError(f'{where}: dialogue_id: expected a string or an integer, got '
+                            f'{_shown(value)}')
+  if isinstance(value, str) and not value.strip():
+    raise PredictInputError(f'{where}: dialogue_id: empty')
+  return str(value)
+
+
+def _utterance_id(value: Any, key: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise PredictInputError(f'{key}.utterance_id: expected an integer, got {_shown(value)}')
+  if not _INT32.min <= value <= _INT32.max:
+    raise PredictInputError(f'{key}.utterance_id: {_shown(value)} is outside the int32 range '
+                            f'[{_INT32.min}, {_INT32.max}]')
+  return value
 
 
 def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[str, int],
@@ -60,20 +100,37 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
   utts = obj.get('utterances')
   if not isinstance(utts, list) or not utts:
     raise PredictInputError(f'{where}: "utterances" must be a non-empty list')
-  dialogue_id = str(obj.get('dialogue_id', where))
+  dialogue_id = _dialogue_id(obj, where)
   speakers, texts, uids = [], [], []
+  first_with_id: dict[int, int] = {}  # utterance id -> index of the first utterance with it
   feats = {m: np.zeros((len(utts), dims[m]), np.float32) for m in modalities}
   present = {m: np.zeros(len(utts), bool) for m in modalities}
   for i, u in enumerate(utts):
     key = f'{where}: utterances[{i}]'
     if not isinstance(u, dict):
       raise PredictInputError(f'{key}: expected an object')
-    speakers.append(str(u.get('speaker', 'unknown')))
-    texts.append(str(u.get('text', '')))
+    for name in ('speaker', 'text'):  # null is as if absent
+      if u.get(name) is not None and not isinstance(u[name], str):
+        raise PredictInputError(f'{key}.{name}: expected a string, got {_shown(u[name])}')
+    speakers.append('unknown' if u.get('speaker') is None else u['speaker'])
+    texts.append(u.get('text') or '')
     if text_from_transcripts and not texts[-1].strip():
       raise PredictInputError(f'{key}.text: empty; this model computes text features from it')
-    uids.append(int(u.get('utterance_id', i)))
-    given = u.get('features') or {}
+    uids.append(_utterance_id(u['utterance_id'], key) if 'utterance_id' in u else i)
+    first = first_with_id.setdefault(uids[-1], i)
+    if first != i:
+      positional = 'utterance_id' not in utts[first]
+      if 'utterance_id' in u:
+        raise PredictInputError(
+            f"{key}.utterance_id: {uids[-1]} repeats utterances[{first}]'s id"
+            + (' (its position: it gives no utterance_id)' if positional else ''))
+      raise PredictInputError(f"{key}: gives no utterance_id, and its position {i} repeats "
+                              f"utterances[{first}]'s id")
+    given = u.get('features')
+    if given is None:
+      given = {}
+    if not isinstance(given, dict):
+      raise PredictInputError(f'{key}.features: expected an object, got {_shown(given)}')
     unknown = set(given) - set(modalities) - {'t', 'a', 'v'}
     if unknown:
       raise PredictInputError(f'{key}.features: unknown modality keys {sorted(unknown)}')
@@ -83,7 +140,7 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
         continue
       try:
         arr = np.asarray(value, np.float32)
-      except (TypeError, ValueError) as e:
+      except (TypeError, ValueError, OverflowError) as e:
         raise PredictInputError(f'{key}.features.{m}: not a list of numbers ({e})') from None
       if arr.shape != (dims[m],):
         raise PredictInputError(f'{key}.features.{m}: expected {dims[m]} numbers, got shape '
@@ -110,7 +167,7 @@ class Predictor:
     directory = checkpoint_dir or os.path.join(workdir, 'checkpoints')
     trained = _trained_stages(directory)
     if not trained:
-      raise FileNotFoundError(f'{directory}: no trained stage checkpoints')
+      raise checkpointing.MissingCheckpoint(f'{directory}: no trained stage checkpoints')
     self.stage = stage or trained[-1]
     meta = checkpointing.StageCheckpoints(workdir, self.stage, read_only=True,
                                           directory=directory).best_meta()
@@ -158,6 +215,7 @@ class Predictor:
 
   def read_jsonl(self, path: str) -> list:
     records = []
+    first_line: dict[str, int] = {}  # dialogue id -> line
     dims = {m: int(self.config.data.dims[m]) for m in self.config.data.modalities}
     try:
       with open(path, encoding='utf-8') as f:
@@ -169,8 +227,17 @@ class Predictor:
             obj = json.loads(line)
           except json.JSONDecodeError as e:
             raise PredictInputError(f'{where}: invalid JSON ({e.msg})') from None
-          records.append(parse_dialogue(obj, where, tuple(self.config.data.modalities), dims,
-                                        text_from_transcripts=self.text is not None))
+          except RecursionError:
+            raise PredictInputError(f'{where}: invalid JSON (nested too deeply)') from None
+          except ValueError as e:  # an integer of more than 4300 digits
+            raise PredictInputError(f'{where}: invalid JSON ({str(e).split(";")[0]})') from None
+          record = parse_dialogue(obj, where, tuple(self.config.data.modalities), dims,
+                                  text_from_transcripts=self.text is not None)
+          first = first_line.setdefault(record.dialogue_id, line_no)
+          if first != line_no:
+            raise PredictInputError(f'{where}: dialogue_id: {_shown(record.dialogue_id)} repeats '
+                                    f'the dialogue on line {first}')
+          records.append(record)
     except UnicodeDecodeError as e:
       raise PredictInputError(f'{path}: not UTF-8 text ({e})') from None
     if not records:
@@ -208,8 +275,58 @@ def format_predictions(records: Iterable, probs: Iterable[np.ndarray],
   return rows
 
 
+def _same_file(a: str, b: str) -> bool:
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  try:
+    return os.path.samefile(a, b)  # hard links, case-insensitive file systems
+  except OSError:  # one of them does not exist
+    return False
+
+
+def check_paths(input_path: str, output_path: str | None) -> None:
+  """Refuses, before any work, an input that is not there and an output that would harm the
+  input or could not be written. Each problem is a PredictInputError naming the path."""
+  if not os.path.exists(input_path):
+    raise PredictInputError(f'--input {input_path}: no such file')
+  if os.path.isdir(input_path):
+    raise PredictInputError(f'--input {input_path}: is a folder, not a JSONL file')
+  if output_path:
+    check_output(output_path, input_path)
+
+
+def check_output(output_path: str, input_path: str) -> None:
+  """Refuses an output that is the input (however spelled, links included), a folder, in a
+  folder that is missing or not writable, or an existing read-only file."""
+  name = f'--output {output_path}'
+  if _same_file(output_path, input_path):
+    raise PredictInputError(f'{name}: is the input file (--input {input_path}); predict never '
+                            'writes over its input')
+  if output_path.endswith(('/', os.sep)) or os.path.isdir(output_path):
+    raise PredictInputError(f'{name}: is a folder; name a file for the predictions')
+  folder = os.path.dirname(os.path.abspath(output_path))
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise PredictInputError(f'{name}: {folder} is not a folder')
+  if not os.path.isdir(folder):
+    raise PredictInputError(f'{name}: folder {folder} does not exist')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise PredictInputError(f'{name}: folder {folder} is not writable')
+  if os.path.exists(output_path) and not os.access(output_path, os.W_OK):
+    raise PredictInputError(f'{name}: exists and is read-only')
+
+
+def write_predictions(path: str, rows: Sequence[dict]) -> None:
+  """JSONL, atomically: `path` holds either its old contents or all the rows."""
+  with files.open_atomically(path, encoding='utf-8') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+
+
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # keep library INFO logs (Orbax) out of the console
+  check_paths(_INPUT.value, _OUTPUT.value)
   predictor = Predictor(_WORKDIR.value, checkpoint_dir=_CHECKPOINT_DIR.value)
   records = predictor.read_jsonl(_INPUT.value)
   rows = format_predictions(records, predictor.probabilities(records), predictor.label_names)
@@ -218,9 +335,8 @@ def main(argv):
     print(f'{row["dialogue_id"]}\t{row["utterance_id"]}\t{row["speaker"]}\t{row["emotion"]}\t'
           + ' '.join(f'{k}={v:.3f}' for k, v in top))
   if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
-      for row in rows:
-        f.write(json.dumps(row) + '\n')
+    check_output(_OUTPUT.value, _INPUT.value)  # again: the files may have changed meanwhile
+    write_predictions(_OUTPUT.value, rows)
     print(f'wrote {len(rows)} predictions to {_OUTPUT.value}', file=sys.stderr)
 
 

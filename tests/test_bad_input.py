@@ -1,12 +1,9 @@
-"""Bad configs, shards, records and prediction inputs fail with one clear error naming the file,
+"""Bad configs, shards and records fail with one clear error naming the file,
 record or key (or, where asked for, are skipped and counted)."""
 
-import json
 import os
-import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,7 +12,6 @@ from configs import default
 from mer_jax import batch_contract
 from mer_jax.run import job
 from mer_jax.run import corpus as corpus_lib
-from mer_jax import predict
 from mer_jax.config_validation import ConfigError
 from mer_jax.config_validation import check_mesh_fits_batch
 from mer_jax.config_validation import validate_config
@@ -274,87 +270,3 @@ def test_non_finite_loss_stops_training_naming_stage_and_step(shard_dir, tmp_pat
     job.train_and_evaluate(config, str(tmp_path))
   # Stopped before anything was reported as a result.
   assert not (tmp_path / 'results.json').exists()
-
-
-# --- prediction inputs ----------------------------------------------------------------------
-
-def parser():
-  """Predictor.read_jsonl needs the trained config (the tiny dims here) and its text featurizer
-  (none: this config trains on given features)."""
-  return types.SimpleNamespace(config=tiny(), text=None)
-
-
-def utterance(dims, **features):
-  given = {m: [0.5] * d for m, d in dims.items()}
-  given.update(features)
-  return {'speaker': 'Ann', 'text': 'hi', 'features': given}
-
-
-def write_lines(path, lines):
-  path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
-  return str(path)
-
-
-@pytest.fixture
-def dims():
-  return tiny().data.dims.to_dict()
-
-
-def dialogue(*utterances):
-  return json.dumps({'dialogue_id': 'd', 'utterances': list(utterances)})
-
-
-def read(path):
-  return predict.Predictor.read_jsonl(parser(), path)
-
-
-def test_valid_predict_input_parses(tmp_path, dims):
-  path = write_lines(tmp_path / 'in.jsonl', [
-      dialogue(utterance(dims), utterance(dims, a=None)), '', dialogue(utterance(dims))])
-  records = read(path)
-  assert [len(r.labels) for r in records] == [2, 1]
-  assert records[0].present['a'].tolist() == [True, False]
-  assert not records[0].features['a'][1].any()
-
-
-@pytest.mark.parametrize('case, lines, where, what', [
-    ('invalid json', lambda d: [dialogue(utterance(d)), '{"utterances": ['], ':2', 'invalid JSON'),
-    ('wrong length', lambda d: [dialogue(utterance(d), utterance(d, a=[1.0] * 5))], ':1',
-     'utterances[1].features.a: expected 24 numbers'),
-    ('nan feature', lambda d: [dialogue(utterance(d, t=[float('nan')] * d['t']))], ':1',
-     'utterances[0].features.t: contains NaN or Inf'),
-    ('unknown modality', lambda d: [dialogue(utterance(d, x=[1.0]))], ':1',
-     "utterances[0].features: unknown modality keys ['x']"),
-    ('not a list', lambda d: [dialogue(utterance(d, v='loud'))], ':1',
-     'utterances[0].features.v:'),
-    ('no utterances', lambda d: [json.dumps({'dialogue_id': 'd'})], ':1',
-     '"utterances" must be a non-empty list'),
-])
-def test_bad_predict_input_names_line_and_key(tmp_path, dims, case, lines, where, what):
-  path = write_lines(tmp_path / 'in.jsonl', lines(dims))
-  with pytest.raises(predict.PredictInputError) as e:
-    read(path)
-  assert str(e.value).startswith(f'{path}{where}: '), (case, str(e.value))
-  assert what in str(e.value), (case, str(e.value))
-
-
-def test_predict_input_that_is_not_utf8(tmp_path):
-  path = tmp_path / 'in.jsonl'
-  path.write_bytes(b'{"dialogue_id": "caf\xe9", "utterances": []}\n')
-  with pytest.raises(predict.PredictInputError, match=re.escape(f'{path}: not UTF-8')):
-    read(str(path))
-
-
-def test_empty_predict_input(tmp_path):
-  path = write_lines(tmp_path / 'in.jsonl', ['', '   '])
-  with pytest.raises(predict.PredictInputError, match=re.escape(f'{path}: no dialogues')):
-    read(path)
-
-
-def test_predict_dialogue_longer_than_the_node_budget(tmp_path, dims):
-  max_nodes = tiny().batch.max_nodes
-  path = write_lines(tmp_path / 'in.jsonl', [
-      dialogue(utterance(dims)), dialogue(*[utterance(dims)] * max_nodes)])
-  with pytest.raises(predict.PredictInputError) as e:
-    read(path)
-  assert str(e.value).startswith(str(path)) and f'{max_nodes} utterances' in str(e.value)

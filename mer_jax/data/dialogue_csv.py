@@ -145,7 +145,8 @@ class Dialogue:
   utterance_ids: np.ndarray  # int32[n]
   speakers: list[str]
   transcripts: list[str]
-  labels: np.ndarray  # int32[n], -1 where the CSV has no label column value and unlabeled is allowed
+  # int32[n], -1 where the CSV has no label column value and unlabeled is allowed
+  labels: np.ndarray
 
   def __len__(self) -> int:
     return len(self.transcripts)
@@ -189,11 +190,35 @@ def _decode(raw: bytes, path: str) -> str:
         f'{e.start}); re-save the file as UTF-8') from None
 
 
-def _parse_int(value: str, column: str, where: str) -> int:
-  try:
-    return int(value.strip())
-  except ValueError:
-    raise CsvFormatError(f'{where}: column {column!r} must be an integer, got {value!r}') from None
+_INTEGER = re.compile(r'[+-]?[0-9]+')
+_INT32 = np.iinfo(np.int32)
+
+
+def _parse_id(value: str, column: str) -> tuple[int | None, str, str]:
+  """(id, '', '') or (None, skip reason, message) for an utterance id cell, stored as int32."""
+  text = value.strip()
+  if not _INTEGER.fullmatch(text):
+    shown = value if len(value) <= 40 else value[:37] + '...'
+    return None, 'non-integer utterance id', f'column {column!r} must be an integer, got {shown!r}'
+  number = int(text)
+  if not _INT32.min <= number <= _INT32.max:
+    shown = text if len(text) <= 40 else text[:37] + '...'
+    return None, 'utterance id out of range', (
+        f'column {column!r}: {shown} is outside the int32 range [{_INT32.min}, {_INT32.max}]')
+  return number, '', ''
+
+
+def _rows(reader: csv.DictReader, path: str):
+  """The reader's rows; a row the csv module cannot split is a CsvFormatError naming its line."""
+  while True:
+    try:
+      row = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:  # e.g. a cell longer than csv.field_size_limit()
+      # DictReader.line_num counts the rows read whole; its csv.reader's, the lines read.
+      raise CsvFormatError(f'{path}: line {reader.reader.line_num}: {e}') from None
+    yield row
 
 
 def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
@@ -202,10 +227,10 @@ def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
                       allow_unlabeled: bool = False) -> tuple[list[Dialogue], IngestReport]:
   """Reads one CSV into dialogues (utterance order) and a report of what was left out.
 
-  Bad rows (unknown label, empty utterance or speaker, non-integer id) raise
-  `CsvFormatError` naming the file, line and column, or are counted in the report with
-  `on_bad_row='skip'`. With `allow_unlabeled`, an empty label cell gives label -1 (for
-  prediction inputs).
+  Bad rows (unknown label, empty utterance or speaker, an utterance id that is not an integer
+  or does not fit int32) raise `CsvFormatError` naming the file, line and column, or are counted
+  in the report with `on_bad_row='skip'`. With `allow_unlabeled`, an empty label cell gives
+  label -1 (for prediction inputs).
   """
   path = os.fspath(path)
   if on_bad_row not in ('error', 'skip'):
@@ -230,7 +255,7 @@ def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
 
   by_dialogue: dict[str, dict[int, tuple[str, str, int]]] = {}
   first_line: dict[tuple[str, int], int] = {}
-  for row in reader:
+  for row in _rows(reader, path):
     report.rows += 1
     line = reader.line_num
     where = f'{path}: line {line}'
@@ -250,10 +275,10 @@ def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
     if not dialogue:
       bad('empty dialogue id', f'empty {schema.dialogue_column!r}')
       continue
-    try:
-      utterance = _parse_int(values[schema.utterance_column], schema.utterance_column, where)
-    except CsvFormatError as e:
-      bad('non-integer utterance id', str(e).split(': ', 2)[-1])
+    utterance, reason, detail = _parse_id(values[schema.utterance_column],
+                                          schema.utterance_column)
+    if utterance is None:
+      bad(reason, detail)
       continue
     raw_label = values[schema.label_column].strip()
     if not raw_label and allow_unlabeled:

@@ -18,8 +18,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mer_jax import errors
 from mer_jax import models
 from mer_jax.data import staging
+
+
+class MissingCheckpoint(errors.UserError, FileNotFoundError):
+  """A stage the caller needs has no checkpoint (the message names the folder)."""
 
 
 def checkpoint_dir(config, workdir: str) -> str:
@@ -149,7 +154,7 @@ class StageCheckpoints:
   def _require_best(self) -> int:
     step = self._best.latest_step()
     if step is None:
-      raise FileNotFoundError(f'no best checkpoint for stage {self.stage!r} under '
+      raise MissingCheckpoint(f'no best checkpoint for stage {self.stage!r} under '
                               f'{os.path.join(self.root, "best")}; train the stage first')
     return step
 
