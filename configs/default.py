@@ -200,7 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # 0: at the end of every epoch only
   # A rerun of a workdir whose settings changed for a trained stage: 'error' stops before any
   # work and lists the changed keys; 'retrain' retrains exactly the changed stages and those
-  # that depend on them, keeping the rest (see docs/design.md, "Run fingerprints").
+  # that depend on them, keeping the rest (docs/design.md, "Trust").
   c.train.on_change = 'error'
   # '' = workdir/checkpoints. A gs://bucket/run/checkpoints folder is written by Orbax directly;
   # predict then needs --checkpoint_dir.

@@ -71,9 +71,11 @@ def write(tmp_path, splits=None, name='shards', **kwargs):
 
 
 def rewrite_manifest(shard_dir, edit):
+  """Edits the manifest as a tool that keeps it consistent would: its checksum resealed."""
   path = shard_dir / 'manifest.json'
   raw = json.loads(path.read_text())
   edit(raw)
+  raw[shards.CHECKSUM_KEY] = shards.content_checksum(raw)
   path.write_text(json.dumps(raw))
 
 

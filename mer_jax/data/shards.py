@@ -34,6 +34,7 @@ from mer_jax import errors
 
 FORMAT = 'mer_jax.dialogue_shards/v1'
 MANIFEST_NAME = 'manifest.json'
+CHECKSUM_KEY = 'content_sha256'
 DEFAULT_WRITER_OPTIONS = 'group_size:1'
 _READER_OPTIONS = 'readahead_buffer_size:0'
 _SPLIT_NAME = re.compile(r'^[A-Za-z0-9_]+$')
@@ -249,6 +250,8 @@ class Manifest:
   dims: Mapping[str, int]
   label_names: tuple[str, ...]
   splits: Mapping[str, SplitInfo]
+  # Whether the file's `content_sha256` matches its content (None: a manifest without one).
+  checksum_ok: bool | None = dataclasses.field(default=None, compare=False)
 
   @property
   def num_classes(self) -> int:
@@ -270,6 +273,12 @@ class Manifest:
             'missing': dict(info.missing),
         } for name, info in self.splits.items()},
     }
+
+
+def content_checksum(manifest_json: Mapping[str, Any]) -> str:
+  """sha256 of a manifest's JSON content, less its own `content_sha256` entry."""
+  content = {k: v for k, v in manifest_json.items() if k != CHECKSUM_KEY}
+  return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str,
@@ -320,8 +329,10 @@ def _manifest_from_json(raw: Any, path: epath.Path) -> Manifest:
                  for m in modalities})
     _check_split(split, name, len(label_names), path)
     splits[name] = split
+  checksum = raw.get(CHECKSUM_KEY)
   return Manifest(format=fmt, modalities=modalities, dims=dict(dims),
-                  label_names=label_names, splits=splits)
+                  label_names=label_names, splits=splits,
+                  checksum_ok=None if checksum is None else checksum == content_checksum(raw))
 
 
 def _check_split(split: SplitInfo, name: str, num_classes: int,
@@ -336,6 +347,11 @@ def _check_split(split: SplitInfo, name: str, num_classes: int,
   if len(split.class_counts) != num_classes:
     problems.append(f'{len(split.class_counts)} class_counts for '
                     f'{num_classes} labels')
+  for field, low in (('class_counts', 0), ('dialogue_lengths', 1)):
+    values = getattr(split, field)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low
+               for v in values):
+      problems.append(f'{field} must hold ints >= {low}')
   round_robin = [(n - k + num_files - 1) // max(num_files, 1)
                  for k in range(num_files)]
   if [f.num_records for f in split.files] != round_robin:
@@ -493,7 +509,10 @@ def write_shards(out_dir: epath.PathLike,
                                   len(label_names), files, writer_options)
     manifest = Manifest(format=FORMAT, modalities=tuple(dims), dims=dims,
                         label_names=tuple(label_names), splits=infos)
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
+    content = manifest.to_json()
+    content[CHECKSUM_KEY] = content_checksum(content)
+    (tmp / MANIFEST_NAME).write_text(json.dumps(content, indent=1))
+    manifest = dataclasses.replace(manifest, checksum_ok=True)
     if out_dir.exists():
       old = out_dir.parent / f'.{out_dir.name}.old-{uuid.uuid4().hex[:8]}'
       out_dir.rename(old)
@@ -563,6 +582,8 @@ class DialogueShardSource:
     self._readers = [self._open_checked(p, f, verify_checksums)
                      for p, f in zip(self._paths, self._info.files)]
     self._lock = threading.Lock()
+    if self.manifest.checksum_ok is not True:
+      self._verify_manifest()
     feature_bytes = 4 * self._info.num_utterances * sum(self.dims.values())
     self._cache: dict[int, DialogueRecord] | None = (
         {} if 0 < feature_bytes <= cache_max_bytes else None)
@@ -631,6 +652,23 @@ class DialogueShardSource:
                        f'manifest says {entry.num_records}')
     return reader
 
+  def _verify_manifest(self) -> None:
+    """Recounts the split from its records when the manifest has no checksum, and every split
+    when its checksum does not match (it was edited): a difference names the split and field."""
+    edited = self.manifest.checksum_ok is False
+    path = self.shard_dir / MANIFEST_NAME
+    for name in (self.manifest.splits if edited else (self.split,)):
+      problem = _recount_problem(self.shard_dir, self.manifest, name)
+      if problem:
+        raise ShardError(f'{path}: split {name!r} {problem}'
+                         + (' (the manifest was edited after it was written: its '
+                            f'{CHECKSUM_KEY} does not match)' if edited else ''))
+    if edited:
+      raise ShardError(f'{path}: edited after it was written ({CHECKSUM_KEY} does not match '
+                       'its content); the splits still match their records, so label_names, '
+                       'dims or file entries changed. Restore the manifest or rewrite the '
+                       'shards.')
+
   def _open(self, path: epath.Path):
     try:
       reader = array_record_module.ArrayRecordReader(os.fspath(path),
@@ -674,6 +712,12 @@ class DialogueShardSource:
       validate_record(record, self.dims, self.manifest.num_classes)
     except ValueError as e:
       return SkippedRecord(name, position, _peek_dialogue_id(data), str(e))
+    expected = self._info.dialogue_lengths[global_index]
+    if record.num_utterances != expected:
+      return SkippedRecord(name, position, record.dialogue_id,
+                           f'holds {record.num_utterances} utterances, the manifest says '
+                           f'{expected} (dialogue_lengths[{global_index}] of split '
+                           f'{self.split!r})')
     return record
 
   def _scan_and_skip(self) -> None:
@@ -701,6 +745,46 @@ class DialogueShardSource:
   def _describe(self, bad: SkippedRecord) -> str:
     return (f'{self.shard_dir / bad.file}: record {bad.index} '
             f'(dialogue_id={bad.dialogue_id!r}): {bad.reason}')
+
+
+def _recount_problem(shard_dir: epath.Path, manifest: Manifest,
+                     split: str) -> str | None:
+  """The first manifest field of `split` its records contradict, described; None if none."""
+  info = manifest.splits[split]
+  num_files = len(info.files)
+  readers = [array_record_module.ArrayRecordReader(
+      os.fspath(shard_dir / f.name), _READER_OPTIONS) for f in info.files]
+  lengths, ids = [], []
+  counts = np.zeros(manifest.num_classes, np.int64)
+  missing = dict.fromkeys(manifest.modalities, 0)
+  try:
+    for i in range(info.num_dialogues):
+      data = readers[i % num_files].read([i // num_files])[0]
+      try:
+        record = decode_record(data, manifest.modalities)
+      except ValueError:
+        return None  # a bad record: reported, with its file, when it is read
+      lengths.append(record.num_utterances)
+      ids.append(record.dialogue_id)
+      labels = record.labels[(record.labels >= 0) & (record.labels < len(counts))]
+      counts += np.bincount(labels, minlength=len(counts))
+      for m in missing:
+        missing[m] += int(np.sum(~record.present[m]))
+  finally:
+    for reader in readers:
+      reader.close()
+  for i, (said, held) in enumerate(zip(info.dialogue_lengths, lengths)):
+    if said != held:
+      return (f'dialogue_lengths[{i}] (dialogue_id {ids[i]!r}): the manifest says {said}, '
+              f'the record holds {held} utterances')
+  recounted = {'class_counts': [int(c) for c in counts], 'num_utterances': sum(lengths),
+               'max_dialogue_len': max(lengths, default=0), 'missing': missing}
+  said = {'class_counts': list(info.class_counts), 'num_utterances': info.num_utterances,
+          'max_dialogue_len': info.max_dialogue_len, 'missing': dict(info.missing)}
+  for field, value in recounted.items():
+    if said[field] != value:
+      return f'{field}: the manifest says {said[field]}, its records hold {value}'
+  return None
 
 
 def _peek_dialogue_id(data: bytes) -> str | None:

@@ -29,18 +29,18 @@ class SplitSources:
 def check_manifest_matches_config(manifest: shards.Manifest, config, shard_dir: str) -> None:
   where = os.path.join(shard_dir, 'manifest.json')
   if tuple(manifest.label_names) != tuple(config.label_names):
-    raise ValueError(f'{where}: label_names {list(manifest.label_names)} differ from '
-                     f'config.label_names {list(config.label_names)}')
+    raise shards.ShardError(f'{where}: label_names {list(manifest.label_names)} differ from '
+                            f'config.label_names {list(config.label_names)}')
   for m in config.data.modalities:
     if m not in manifest.dims:
-      raise ValueError(f'{where}: has no modality {m!r} (has {list(manifest.dims)}); '
-                       f'set config.data.modalities accordingly')
+      raise shards.ShardError(f'{where}: has no modality {m!r} (has {list(manifest.dims)}); '
+                              'set config.data.modalities accordingly')
     if int(manifest.dims[m]) != int(config.data.dims[m]):
-      raise ValueError(f'{where}: modality {m!r} has dim {manifest.dims[m]}, config.data.dims.{m} '
-                       f'is {config.data.dims[m]}')
+      raise shards.ShardError(f'{where}: modality {m!r} has dim {manifest.dims[m]}, '
+                              f'config.data.dims.{m} is {config.data.dims[m]}')
   for split in (config.data.train_split, config.data.dev_split, config.data.test_split):
     if split not in manifest.splits:
-      raise ValueError(f'{where}: no split {split!r} (has {sorted(manifest.splits)})')
+      raise shards.ShardError(f'{where}: no split {split!r} (has {sorted(manifest.splits)})')
 
 
 def open_source(shard_dir: str, split: str, config) -> shards.DialogueShardSource:
@@ -62,15 +62,29 @@ def open_shard_splits(shard_dir: str, config) -> SplitSources:
     if getattr(src, 'num_skipped', 0):
       logging.warning('%s/%s: skipped %d bad records (see the log above)', shard_dir, split,
                       src.num_skipped)
-    longest = int(np.max(src.dialogue_lengths)) if len(src) else 0
-    if config.graph.scope == 'dialogue' and longest > config.batch.max_nodes - 1:
-      raise ValueError(
-          f'{shard_dir}/{split}: the longest dialogue has {longest} utterances but '
-          f'config.batch.max_nodes={config.batch.max_nodes} fits {config.batch.max_nodes - 1}; '
-          f'raise --config.batch.max_nodes')
+    check_split_is_usable(src, f'{shard_dir}/{split}', role, config)
     opened[role] = src
   return SplitSources(train=opened['train'], dev=opened['dev'], test=opened['test'],
                       shard_dir=shard_dir, test_name=config.data.test_split)
+
+
+def check_split_is_usable(src, where: str, role: str, config) -> None:
+  """Refuses at start-up, naming the split, what would otherwise fail after training: no
+  dialogues (all skipped, say), no labelled utterance, a dialogue longer than the batch budget."""
+  if not len(src):
+    skipped = getattr(src, 'num_skipped', 0)
+    raise shards.ShardError(f'{where}: the {role} split has no dialogues'
+                            + (f' ({skipped} bad records skipped)' if skipped else ''))
+  if not np.asarray(src.class_counts).sum():
+    raise shards.ShardError(f'{where}: the {role} split has no labelled utterance (every label '
+                            'is -1), so it cannot be trained on or scored')
+  lengths = np.asarray(src.dialogue_lengths)
+  fits = config.batch.max_nodes - 1
+  if config.graph.scope == 'dialogue' and lengths.max() > fits:
+    raise shards.ShardError(
+        f'{where}: dialogue record {int(np.argmax(lengths))} has {int(lengths.max())} '
+        f'utterances but config.batch.max_nodes={config.batch.max_nodes} fits {fits}; raise '
+        '--config.batch.max_nodes')
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@ evaluates every stage (mer_jax/train/trainer.py). Rerunning a workdir resumes it
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -10,6 +11,9 @@ import jax
 
 from mer_jax import config_validation
 from mer_jax import console
+from mer_jax import errors
+from mer_jax import locks
+from mer_jax.data import staging
 from mer_jax.run import corpus
 from mer_jax.train import cpu_backend
 from mer_jax.train import distributed
@@ -17,6 +21,8 @@ from mer_jax.train import preemption
 from mer_jax.train import sharding
 from mer_jax.train import trainer
 from mer_jax.train.stage import Context
+
+LOCK_NAME = 'run.lock'
 
 
 def enable_compilation_cache(config, workdir: str) -> None:
@@ -31,8 +37,9 @@ def prepare(config, workdir: str, mesh=None) -> Context:
   """The run's context: compilation cache, mesh, the corpus's opened splits, class weights."""
   os.makedirs(workdir, exist_ok=True)
   if config.train.shared_stages_dir and jax.process_count() > 1:
-    raise ValueError('train.shared_stages_dir is for single-process runs (sweeps on one '
-                     f'machine); this job has {jax.process_count()} processes')
+    raise config_validation.ConfigError(
+        'train.shared_stages_dir is for single-process runs (sweeps on one machine); this job '
+        f'has {jax.process_count()} processes')
   if config.train.compilation_cache_dir != 'off':
     enable_compilation_cache(config, workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh(config)
@@ -42,13 +49,26 @@ def prepare(config, workdir: str, mesh=None) -> Context:
   return trainer.make_context(config, workdir, data, mesh)
 
 
+def workdir_lock(workdir: str):
+  """One run per workdir: process 0 holds workdir/run.lock while the job runs (a second run
+  stops at once, naming the holder; a lock left by a killed run is cleared)."""
+  if jax.process_index() != 0 or staging.is_remote(workdir):
+    return contextlib.nullcontext()
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f'workdir {workdir}: cannot be written ({e})') from e
+  return locks.held(os.path.join(workdir, LOCK_NAME), f'workdir {workdir}')
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains every stage in config.train.stages on the config's corpus, then reports test metrics
   of each (model selection on dev only; test scored once per stage, after its training)."""
-  ctx = prepare(config, workdir)
-  console.say('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
-              len(ctx.data.train), len(ctx.data.dev), len(ctx.data.test))
-  return trainer.train_stages(ctx)
+  with workdir_lock(workdir):
+    ctx = prepare(config, workdir)
+    console.say('mesh %s; train %d dialogues, dev %d, test %d', dict(ctx.mesh.shape),
+                len(ctx.data.train), len(ctx.data.dev), len(ctx.data.test))
+    return trainer.train_stages(ctx)
 
 
 def run(config, workdir: str, *, coordinator_address: str = '', num_processes: int = 0,

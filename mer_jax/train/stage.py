@@ -22,11 +22,14 @@ import optax
 from tqdm import tqdm
 
 from mer_jax import console
+from mer_jax import errors
 from mer_jax import models
 from mer_jax import stages
 from mer_jax.data import pipeline
 from mer_jax.data import sources
 from mer_jax.train import checkpointing
+from mer_jax.train import distributed
+from mer_jax.train import fingerprints
 from mer_jax.train import inference
 from mer_jax.train import optim
 from mer_jax.train import preemption
@@ -38,6 +41,10 @@ from mer_jax.train.inference import FrozenModel
 from mer_jax.train.metrics_writer import MetricsWriter
 
 
+class NonFiniteLoss(errors.UserError, FloatingPointError):
+  """Training diverged: the message names the stage, step and batch."""
+
+
 @dataclasses.dataclass
 class Context:
   """What every stage of a run shares: its config, workdir, mesh, splits and class weights."""
@@ -46,6 +53,9 @@ class Context:
   mesh: Any
   data: sources.SplitSources
   class_weights: jax.Array
+  # What determines each stage (fingerprints.plan), recorded beside its checkpoints; empty in
+  # the benchmark, which trains throwaway stages.
+  records: dict[str, fingerprints.StageRecord] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -137,7 +147,7 @@ class StageRunner:
     if (config.train.shared_stages_dir and stages.is_encoder(stage)
         and None not in deps.values()):
       self.fingerprint = shared_stages.fingerprint(
-          config, stage, shared_stages.data_identity(ctx.data.shard_dir, config), deps, fold=fold)
+          config, stage, fingerprints.data_identity(ctx.data.shard_dir, config), deps, fold=fold)
 
     self.plan_lengths = [
         len(pipeline.make_dataset(ctx.data.train, config=config, budget=self.budget, train=True,
@@ -224,6 +234,10 @@ class StageRunner:
     return bool(meta and meta.get('finished'))
 
   def _fit(self, directory: str) -> FrozenModel:
+    record = self.ctx.records.get(self.name)
+    if record is not None and distributed.is_main_process():
+      if fingerprints.read_record(directory, self.name) != record.to_json():
+        fingerprints.write_record(directory, record)
     ckpt = checkpointing.StageCheckpoints(
         self.ctx.workdir, self.name, keep=self.config.train.checkpoint_keep, directory=directory)
     try:
@@ -361,7 +375,7 @@ def _log_train(pending: list[dict], step: int, stage: str, writer: MetricsWriter
   if not np.all(np.isfinite(losses_seen)):
     first = int(np.flatnonzero(~np.isfinite(losses_seen))[0])
     bad_step = step - len(fetched) + first + 1
-    raise FloatingPointError(
+    raise NonFiniteLoss(
         f'stage {stage}: non-finite loss at step {bad_step} (epoch {epoch + 1}, batch '
         f'{bad_step - epoch_first_step} of the epoch; grad norm {fetched[first]["grad_norm"]}); '
         f'stopping. Lower the learning rate or check the input features.')

@@ -14,13 +14,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mer_jax import console
 from mer_jax import evaluate
 from mer_jax import files
 from mer_jax import losses
 from mer_jax.data import sources
+from mer_jax.train import checkpointing
 from mer_jax.train import distributed
+from mer_jax.train import fingerprints
 from mer_jax.train import inference
 from mer_jax.train import sharding
 from mer_jax.train import stacking
@@ -35,7 +38,17 @@ def make_context(config, workdir: str, data: sources.SplitSources, mesh) -> Cont
                                            config.loss.class_weight_power)
   class_weights = jax.device_put(jnp.asarray(class_weights, jnp.float32), sharding.replicated(mesh))
   return Context(config=config, workdir=workdir, mesh=mesh, data=data,
-                 class_weights=class_weights)
+                 class_weights=class_weights,
+                 records=fingerprints.plan(config, os.fspath(data.shard_dir)))
+
+
+def check_workdir(ctx: Context) -> None:
+  """Before any training: stops if the workdir's stages were trained with other settings or
+  data (or, with train.on_change='retrain', removes exactly those stages)."""
+  fingerprints.check_workdir(ctx.records, checkpointing.checkpoint_dir(ctx.config, ctx.workdir),
+                             ctx.config.train.on_change, write=distributed.is_main_process())
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('fingerprints checked')
 
 
 def save_test_predictions(pred: dict[str, np.ndarray], workdir: str, stage: str) -> str:
@@ -61,6 +74,8 @@ def train_stages(ctx: Context) -> dict[str, Any]:
     console.say('batch: %d sub-batches of %d nodes / %d graphs per step; process %d reads and '
                 'builds sub-batch(es) %s', budget.groups, budget.max_nodes, budget.max_graphs,
                 jax.process_index(), list(budget.local_groups))
+  check_workdir(ctx)
+  provenance = fingerprints.provenance()
   trained: dict[str, inference.FrozenModel] = {}
   results = {}
   for stage in config.train.stages:
@@ -83,6 +98,10 @@ def train_stages(ctx: Context) -> dict[str, Any]:
                       'dev_weighted_f1': runner.loop.best_f1,
                       'best_epoch': runner.loop.best_epoch + 1,
                       'history': runner.loop.history, 'seconds': time.time() - started}
+    record = ctx.records.get(stage)
+    if record is not None:
+      results[stage].update(fingerprint=record.fingerprint, settings=record.settings,
+                            evaluation=record.evaluation, **provenance)
   if distributed.is_main_process():
     save_results(results, workdir)
     summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
