@@ -15,6 +15,7 @@ from mer_jax import errors
 from mer_jax.data import shards
 from mer_jax.data import sources
 from mer_jax.data import synthetic
+from tests.test_bad_input import shards_config
 
 SPLITS = {'train': 6, 'dev': 3, 'test': 3}
 
@@ -56,14 +57,6 @@ def edit_manifest(folder, edit, reseal=False):
 
 def snapshot(folder):
   return {p: (folder / p).read_bytes() for p in sorted(os.listdir(folder))}
-
-
-def config_for(folder, **data):
-  config = tiny()
-  config.data.source = 'shards'
-  config.data.shard_dir = str(folder)
-  config.data.update(data)
-  return config
 
 
 def open_error(folder, split='train', **kwargs) -> str:
@@ -165,7 +158,7 @@ def test_split_without_labels_is_refused_at_start_up(records, tmp_path, role):
   splits[role] = unlabeled(records[role])
   folder = write(tmp_path / 'shards', splits)
   with pytest.raises(shards.ShardError) as e:
-    sources.open_shard_splits(str(folder), config_for(folder))
+    sources.open_shard_splits(str(folder), shards_config(folder))
   assert str(e.value) == (f'{folder}/{role}: the {role} split has no labelled utterance '
                           '(every label is -1), so it cannot be trained on or scored')
 
@@ -185,20 +178,20 @@ def test_split_whose_records_are_all_skipped_is_refused_at_start_up(records, tmp
     entry['sha256'] = hashlib.sha256(path.read_bytes()).hexdigest()
   edit_manifest(folder, fix, reseal=True)
   with pytest.raises(shards.ShardError) as e:
-    sources.open_shard_splits(str(folder), config_for(folder, on_bad_record='skip'))
+    sources.open_shard_splits(str(folder), shards_config(folder, on_bad_record='skip'))
   assert str(e.value) == (f'{folder}/dev: the dev split has no dialogues ({SPLITS["dev"]} bad '
                           'records skipped)')
 
 
 def test_split_named_by_the_config_but_absent(folder):
   with pytest.raises(shards.ShardError) as e:
-    sources.open_shard_splits(str(folder), config_for(folder, test_split='heldout'))
+    sources.open_shard_splits(str(folder), shards_config(folder, test_split='heldout'))
   assert str(e.value) == (f"{os.path.join(str(folder), 'manifest.json')}: no split 'heldout' "
                           "(has ['dev', 'test', 'train'])")
 
 
 def test_label_names_differing_from_the_config(folder):
-  config = config_for(folder)
+  config = shards_config(folder)
   config.label_names = tuple(reversed(config.label_names))
   with pytest.raises(shards.ShardError, match=r'manifest.json: label_names \[.*\] differ from '
                                               r'config.label_names'):
