@@ -253,3 +253,16 @@ def test_full_disk_while_writing_results_or_a_record_keeps_the_old_files(workdir
     fingerprints.write_record(os.path.join(workdir, 'checkpoints'), records['teacher'])
   assert tree_digest(workdir) == before  # old results and record intact, no temporary files
   assert os.path.exists(results) and os.path.exists(record)
+
+
+def test_retrain_removes_a_changed_stage_and_its_dependants_only(workdir, capsys):
+  ckpts = os.path.join(workdir, 'checkpoints')
+  records = fingerprints.plan(small(**{'model.teacher.dropout': 0.3}), records_dir(workdir))
+  assert fingerprints.check_workdir(records, ckpts, 'retrain') == ['teacher', 'audio']
+  out = capsys.readouterr().out
+  assert 'stage teacher: settings changed (model.teacher.dropout 0.15 -> 0.3); retraining it' in out
+  assert ('stage audio: settings changed (frozen stages it depends on changed: teacher); '
+          'retraining it') in out
+  assert not os.path.exists(os.path.join(ckpts, 'teacher'))
+  assert not os.path.exists(os.path.join(ckpts, 'audio'))
+  assert sorted(os.listdir(ckpts)) == []  # nothing half-removed left beside them

@@ -260,7 +260,7 @@ def check_workdir(records: dict[str, StageRecord], directory: str, on_change: st
   are reported and recorded. `write=False` (the non-main processes of a multi-process run)
   checks without touching the folder.
   """
-  changed: dict[str, dict[str, tuple[Any, Any]]] = {}
+  changed: dict[str, dict[str, tuple[Any, Any] | None]] = {}  # key -> (old, new), or None
   for name, record in records.items():
     if not _exists(directory, name):
       continue
@@ -282,15 +282,15 @@ def check_workdir(records: dict[str, StageRecord], directory: str, on_change: st
     diff = changed_keys(stored.get('settings', {}), record.settings)
     if stored.get('data') != record.data:
       diff['training/dev data (manifest)'] = (stored.get('data', '?')[:12], record.data[:12])
-    for dep, fp in record.frozen.items():
-      if stored.get('frozen', {}).get(dep) != fp:
-        diff[f'frozen stage {dep}'] = ('as trained before', 'changed')
+    moved = [d for d, fp in record.frozen.items() if stored.get('frozen', {}).get(d) != fp]
+    if moved:
+      diff[f'frozen stages it depends on changed: {", ".join(moved)}'] = None
     changed[name] = diff
   if not changed:
     return []
   if on_change != 'retrain':
     every = {k: v for d in changed.values() for k, v in d.items()}
-    own = {k: v for k, v in every.items() if not k.startswith('frozen ')} or every
+    own = {k: v for k, v in every.items() if v is not None} or every
     raise SettingsChanged(
         f'{directory} holds stages trained with other settings: {_describe(own)}. Invalidated '
         f'stages: {", ".join(changed)}. Nothing was changed. Rerun with '
@@ -318,7 +318,7 @@ def provenance() -> dict[str, str | None]:
   return {'mer_jax_version': version, 'git_commit': commit}
 
 
-def _describe(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
-  items = [f'{k} {a!r} -> {b!r}' for k, (a, b) in diff.items()]
+def _describe(diff: dict[str, tuple[Any, Any] | None], limit: int = 12) -> str:
+  items = [k if v is None else f'{k} {v[0]!r} -> {v[1]!r}' for k, v in diff.items()]
   more = f' and {len(items) - limit} more' if len(items) > limit else ''
   return '; '.join(items[:limit]) + more

@@ -243,7 +243,7 @@ class StageRunner:
     try:
       meta = ckpt.latest_meta()
       if meta is not None and meta.get('finished'):
-        console.say('stage %s: already finished in %s; restoring its best weights', self.stage,
+        console.say('stage %s: already finished in %s; restoring its best weights', self.name,
                     ckpt.root)
         self.loop = LoopState.from_meta(meta['loop'])
       else:
