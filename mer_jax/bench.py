@@ -4,7 +4,8 @@
 
 Prints, per stage: examples (utterances) per second, model FLOPs per step from XLA's cost
 analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, and the input
-pipeline's batches per second against the step's. Then where the step's time goes: its matmuls
+pipeline's batches per second against the step's, and the seconds its train step took to trace
+and lower, then to compile (cold: the bench's compilation cache is a fresh folder). Then where the step's time goes: its matmuls
 timed alone (every dot_general of the traced step, at its shapes, in one program), its parameter
 update alone (clipping, optimizer, EMA, accumulation: a pass over every parameter, the same at any
 batch size) and the rest; and the share of the peak the step would reach if only its matmuls and
@@ -175,6 +176,8 @@ class StageBench:
   update: Any  # the jitted parameter update alone (parameter_update)
   update_state: Any  # its own copy of the stage's state, donated to it
   grads: Any
+  lower_s: float  # tracing and lowering the train step
+  compile_s: float  # XLA compilation of the train step (short on a compilation-cache hit)
   step_times: list = dataclasses.field(default_factory=list)
   pipeline_times: list = dataclasses.field(default_factory=list)
   matmul_times: list = dataclasses.field(default_factory=list)
@@ -220,7 +223,8 @@ class StageBench:
             'params': self.params, 'pipeline_ms': 1e3 * pipeline_s,
             'pipeline_vs_step': step_s / pipeline_s, 'matmul_flops': self.matmul_flops,
             'matmuls_ms': (1e3 * statistics.median(self.matmul_times) if self.matmul_times
-                           else float('nan'))}
+                           else float('nan')),
+            'lower_s': self.lower_s, 'compile_s': self.compile_s}
 
 
 def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None,
@@ -237,9 +241,13 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
   host_batches = [ds[i % len(ds)] for i in range(steps)]
   batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh, budget)
   device_batches = [sharding.put_batch(b, batch_sh, budget) for b in host_batches]
+  started = time.perf_counter()
   traced = run.jitted_train_step(batch_sh).trace(
       run.state, device_batches[0], run.frozen_states, ctx.class_weights)
-  compiled = traced.lower().compile()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  lower_s, compile_s = lowered_at - started, time.perf_counter() - lowered_at
   matmuls = step_matmuls(traced.jaxpr.jaxpr)
   bench = StageBench(
       label=label or stage, moe=moe, step=compiled, state=run.state,
@@ -248,7 +256,7 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
       params=sum(x.size for x in jax.tree.leaves(run.state.params)),
       utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches),
       matmuls=matmuls_alone(matmuls) if ctx.mesh.size == 1 else None,
-      matmul_flops=sum(m.flops for m in matmuls),
+      matmul_flops=sum(m.flops for m in matmuls), lower_s=lower_s, compile_s=compile_s,
       **parameter_update(run))
   # Copies: the timing rounds go on donating this stage's own state to its step.
   frozen = jax.tree.map(jnp.copy, (bench.state.params, bench.state.model_state))
@@ -324,12 +332,14 @@ def main(argv):
         'per stage; medians')
   print()
   print(f'{"stage":13} {"moe":5} {"step ms":>7} {"utt/step":>8} {"utt/s":>6} {"GFLOP/step":>10} '
-        f'{"GFLOP/s":>7} {"% peak":>6} {"params M":>8} {"input ms":>8} {"input x":>7}')
+        f'{"GFLOP/s":>7} {"% peak":>6} {"params M":>8} {"input ms":>8} {"input x":>7} '
+        f'{"lower s":>7} {"compile s":>9}')
   for r in rows:
     print(f'{r["stage"]:13} {str(r["moe"]):5} {r["step_ms"]:7.2f} {r["utterances_per_step"]:8.1f} '
           f'{r["examples_per_s"]:6.0f} {r["flops_per_step"] / 1e9:10.3f} '
           f'{r["flops_per_s"] / 1e9:7.1f} {100 * r["flops_per_s"] / peak:6.1f} '
-          f'{r["params"] / 1e6:8.2f} {r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:7.1f}')
+          f'{r["params"] / 1e6:8.2f} {r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:7.1f} '
+          f'{r["lower_s"]:7.2f} {r["compile_s"]:9.2f}')
   print()
   print('where a step\'s time goes: "matmul ms" times the step\'s matmuls alone, at their shapes, '
         'in one program; "update ms" its parameter side alone (clipping, AdamW, EMA, '

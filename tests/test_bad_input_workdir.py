@@ -88,6 +88,8 @@ def test_each_stage_records_what_determines_it(trained):
     assert stored['fingerprint'] == records[stage].fingerprint == results[stage]['fingerprint']
     assert results[stage]['settings'] == stored['settings']
     assert results[stage]['mer_jax_version'] == '0.1.0'
+    compiled = results[stage]['compile_seconds']
+    assert compiled['train_step'] > 0 and compiled['eval_step'] > 0
     assert 'git_commit' in results[stage]
   # The student depends on the teacher it distils from.
   assert fingerprints.read_record(ckpts, 'audio')['frozen'] == {

@@ -28,6 +28,7 @@ from mer_jax import stages
 from mer_jax.data import pipeline
 from mer_jax.data import sources
 from mer_jax.train import checkpointing
+from mer_jax.train import compile_timing
 from mer_jax.train import distributed
 from mer_jax.train import fingerprints
 from mer_jax.train import inference
@@ -166,11 +167,18 @@ class StageRunner:
 
     self.state = jax.jit(init_state)(params, batch_stats)
     self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.predict_fn = jax.jit(functools.partial(
+    self.predict_fn = compile_timing.TimedCompile(jax.jit(functools.partial(
         steps.predict_step, graphdef=self.graphdef, rng_state=self.rng_state,
-        frozen_graphdefs=self.frozen_graphdefs, statics=self.statics))
+        frozen_graphdefs=self.frozen_graphdefs, statics=self.statics)))
     self.loop = LoopState()
     self._train_step = self._batch_sh = None
+
+  @property
+  def compile_seconds(self) -> dict[str, float | None]:
+    """Lowering + compilation seconds of the train and eval steps this process compiled (None:
+    not compiled here, e.g. a finished stage restored)."""
+    return {'train_step': self._train_step.seconds if self._train_step is not None else None,
+            'eval_step': self.predict_fn.seconds}
 
   def jitted_train_step(self, batch_shardings):
     rep = sharding.replicated(self.ctx.mesh)
@@ -196,10 +204,14 @@ class StageRunner:
         augmented=self.augmented, teacher_log_probs=self._teacher_log_probs)
 
   def evaluate(self, source, params, batch_stats) -> dict:
+    first = self.predict_fn.seconds is None
     pred = inference.predict_split(
         source, self.config, self.budget,
         lambda b: self.predict_fn(params, batch_stats, b, self.frozen_states), self.ctx.mesh,
         dims=self.dims)
+    if first:
+      console.say('stage %s: eval step lowered and compiled in %.1f s', self.name,
+                  self.predict_fn.seconds)
     return inference.split_metrics(pred, self.config.label_names)
 
   def fit(self) -> FrozenModel:
@@ -293,12 +305,16 @@ class StageRunner:
     bar.update(host_step - epoch_first_step)
     try:
       for batch in it:
-        if self._train_step is None:  # one jitted step for every epoch: it compiles once
+        first = self._train_step is None
+        if first:  # one compiled step for every epoch
           self._batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
-          self._train_step = self.jitted_train_step(self._batch_sh)
+          self._train_step = compile_timing.TimedCompile(self.jitted_train_step(self._batch_sh))
         state, metrics = self._train_step(
             state, sharding.put_batch(batch, self._batch_sh, self.budget), self.frozen_states,
             self.ctx.class_weights)
+        if first:
+          console.say('stage %s: train step lowered and compiled in %.1f s', self.name,
+                      self._train_step.seconds)
         host_step += 1
         pending.append(metrics)
         bar.update(1)

@@ -97,7 +97,8 @@ def train_stages(ctx: Context) -> dict[str, Any]:
                       'test_accuracy': test['accuracy'],
                       'dev_weighted_f1': runner.loop.best_f1,
                       'best_epoch': runner.loop.best_epoch + 1,
-                      'history': runner.loop.history, 'seconds': time.time() - started}
+                      'history': runner.loop.history, 'seconds': time.time() - started,
+                      'compile_seconds': runner.compile_seconds}
     record = ctx.records.get(stage)
     if record is not None:
       results[stage].update(fingerprint=record.fingerprint, settings=record.settings,

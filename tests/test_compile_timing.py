@@ -1,0 +1,35 @@
+"""TimedCompile: compiled once, on the first call's arguments, with its seconds recorded, and the
+same results as the jitted function."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mer_jax.train import compile_timing
+
+
+def test_compiles_once_and_matches_the_jitted_function():
+  traces = []
+
+  def f(x, y):
+    traces.append(1)
+    return jnp.tanh(x @ y) * 2.0
+
+  timed = compile_timing.TimedCompile(jax.jit(f))
+  assert timed.seconds is None
+  x, y = jnp.arange(12.0).reshape(3, 4) / 10, jnp.ones((4, 2))
+  out = [timed(x, y), timed(x + 1, y)]
+  assert len(traces) == 1  # traced, lowered and compiled once
+  assert timed.lower_seconds > 0 and timed.compile_seconds > 0
+  assert timed.seconds == timed.lower_seconds + timed.compile_seconds
+  np.testing.assert_allclose(out[0], np.tanh(np.asarray(x) @ np.asarray(y)) * 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(out[1], jax.jit(f)(x + 1, y))
+
+
+def test_donated_state_stays_donated():
+  step = compile_timing.TimedCompile(jax.jit(lambda s, x: (s + x, s.sum()), donate_argnums=(0,)))
+  state = jnp.zeros(8)
+  for i in range(3):
+    state, total = step(state, jnp.full(8, 1.0))
+  np.testing.assert_array_equal(state, np.full(8, 3.0))
+  assert float(total) == 16.0
