@@ -115,17 +115,18 @@ def _hash(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_identity(shard_dir: str, config) -> str:
+def data_identity(shard_dir: str, config, manifest: shards.Manifest | None = None) -> str:
   """Hash of what the stages train and are selected on: the manifest's train and dev entries
   (every shard file's sha256) and how bad records are treated."""
-  manifest = shards.load_manifest(shard_dir)
+  manifest = manifest or shards.load_manifest(shard_dir)
   splits = (config.data.train_split, config.data.dev_split)
   return _hash([_split_identity(manifest, splits), list(splits), config.data.on_bad_record])
 
 
-def evaluation_settings(shard_dir: str, config) -> dict[str, Any]:
+def evaluation_settings(shard_dir: str, config,
+                        manifest: shards.Manifest | None = None) -> dict[str, Any]:
   """What only the test scores depend on: the test split (name and content) and `eval.*`."""
-  manifest = shards.load_manifest(shard_dir)
+  manifest = manifest or shards.load_manifest(shard_dir)
   test = config.data.test_split
   return {'data.test_split': test,
           'test data': _hash(_split_identity(manifest, (test,)))[:16],
@@ -158,8 +159,9 @@ def fold_name(stage: str, fold: int) -> str:
 def plan(config, shard_dir: str) -> dict[str, StageRecord]:
   """Every stage the run trains, in training order, with its record: the encoders of
   train.stages, and for stacked fusion each fold's encoders, then fusion."""
-  data = data_identity(shard_dir, config)
-  evaluation = evaluation_settings(shard_dir, config)
+  manifest = shards.load_manifest(shard_dir)
+  data = data_identity(shard_dir, config, manifest)
+  evaluation = evaluation_settings(shard_dir, config, manifest)
   run = tuple(config.train.stages)
   encoders = [s for s in run if stages.is_encoder(s)]
   fusion_input = config.model.fusion.input
