@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -116,20 +117,35 @@ def per_record_outputs(pred: dict[str, np.ndarray], source, key: str = 'probs') 
   return out
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'frozen_graphdefs', 'statics',
+                                             'log_probs'))
+def _predict(params, model_state, rng_state, batch, frozen_states, *, graphdef, frozen_graphdefs,
+             statics, log_probs):
+  return steps.predict_step(params, model_state, batch, frozen_states, graphdef=graphdef,
+                            rng_state=rng_state, frozen_graphdefs=dict(frozen_graphdefs),
+                            statics=statics, log_probs=log_probs)
+
+
 def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, FrozenModel],
                      log_probs: bool = False):
-  """`batch -> class probabilities` (or log-probabilities) of a trained stage, in eval mode."""
+  """`batch -> class probabilities` (or log-probabilities) of a trained stage, in eval mode.
+
+  One jitted function serves every call: models of the same structure (a stage and its
+  cross-fitting folds; the splits they predict) share its compiled program instead of tracing
+  and compiling their own.
+  """
   statics = steps.StageStatics(stage=stage, modalities=tuple(config.data.modalities),
-                               fusion_input=config.model.fusion.input, loss=config.loss,
+                               fusion_input=config.model.fusion.input,
+                               loss=ml_collections.FrozenConfigDict(config.loss),
                                distill=False, ema_decay=0.0)
   needed = stages.frozen_in_step(stage, distill=False, fusion_input=statics.fusion_input,
                                  modalities=statics.modalities)
-  fn = jax.jit(functools.partial(
-      steps.predict_step, graphdef=model.graphdef, rng_state=model.states[2],
-      frozen_graphdefs={n: frozen[n].graphdef for n in needed}, statics=statics,
-      log_probs=log_probs))
+  frozen_graphdefs = tuple((n, frozen[n].graphdef) for n in needed)
   frozen_states = {n: frozen[n].states for n in needed}
-  return lambda batch: fn(model.states[0], model.states[1], batch, frozen_states)
+  params, model_state, rng_state = model.states
+  return lambda batch: _predict(params, model_state, rng_state, batch, frozen_states,
+                                graphdef=model.graphdef, frozen_graphdefs=frozen_graphdefs,
+                                statics=statics, log_probs=log_probs)
 
 
 def predict_stage(source, stage: str, model: FrozenModel, config, mesh,
