@@ -74,7 +74,10 @@ def release(path: str) -> None:
 def held(path: str, what: str) -> Iterator[None]:
   """Holds the lock at `path` for the block (released on any exit); raises LockHeld, naming the
   holder's pid and host, if a live process has it."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  try:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f'{what}: cannot be written ({e})') from e
   if not try_acquire(path, what):
     held_by = holder(path)
     by = f'process {held_by[1]} on host {held_by[0]}' if held_by else 'another process'

@@ -11,7 +11,6 @@ import jax
 
 from mer_jax import config_validation
 from mer_jax import console
-from mer_jax import errors
 from mer_jax import locks
 from mer_jax.data import staging
 from mer_jax.run import corpus
@@ -54,10 +53,6 @@ def workdir_lock(workdir: str):
   stops at once, naming the holder; a lock left by a killed run is cleared)."""
   if jax.process_index() != 0 or staging.is_remote(workdir):
     return contextlib.nullcontext()
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise errors.UserError(f'workdir {workdir}: cannot be written ({e})') from e
   return locks.held(os.path.join(workdir, LOCK_NAME), f'workdir {workdir}')
 
 
