@@ -119,33 +119,38 @@ def per_record_outputs(pred: dict[str, np.ndarray], source, key: str = 'probs') 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'frozen_graphdefs', 'statics',
                                              'log_probs'))
-def _predict(params, model_state, rng_state, batch, frozen_states, *, graphdef, frozen_graphdefs,
-             statics, log_probs):
+def predict_program(params, model_state, rng_state, batch, frozen_states, *, graphdef,
+                    frozen_graphdefs, statics, log_probs):
+  """The one jitted eval-mode forward of every stage. Models of the same structure (a stage and
+  its cross-fitting folds; the splits they predict; evaluation during training and after it)
+  pass equal static arguments, so they share its compiled program instead of compiling their
+  own. Static arguments and frozen states: `predict_program_args`."""
   return steps.predict_step(params, model_state, batch, frozen_states, graphdef=graphdef,
                             rng_state=rng_state, frozen_graphdefs=dict(frozen_graphdefs),
                             statics=statics, log_probs=log_probs)
 
 
-def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, FrozenModel],
-                     log_probs: bool = False):
-  """`batch -> class probabilities` (or log-probabilities) of a trained stage, in eval mode.
-
-  One jitted function serves every call: models of the same structure (a stage and its
-  cross-fitting folds; the splits they predict) share its compiled program instead of tracing
-  and compiling their own.
-  """
+def predict_program_args(stage: str, graphdef, config, frozen: dict[str, FrozenModel],
+                         log_probs: bool = False) -> tuple[dict, dict]:
+  """(static keyword arguments of predict_program, the frozen states it reads) for `stage`."""
   statics = steps.StageStatics(stage=stage, modalities=tuple(config.data.modalities),
                                fusion_input=config.model.fusion.input,
                                loss=ml_collections.FrozenConfigDict(config.loss),
                                distill=False, ema_decay=0.0)
   needed = stages.frozen_in_step(stage, distill=False, fusion_input=statics.fusion_input,
                                  modalities=statics.modalities)
-  frozen_graphdefs = tuple((n, frozen[n].graphdef) for n in needed)
-  frozen_states = {n: frozen[n].states for n in needed}
+  static = {'graphdef': graphdef, 'statics': statics, 'log_probs': log_probs,
+            'frozen_graphdefs': tuple((n, frozen[n].graphdef) for n in needed)}
+  return static, {n: frozen[n].states for n in needed}
+
+
+def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, FrozenModel],
+                     log_probs: bool = False):
+  """`batch -> class probabilities` (or log-probabilities) of a trained stage, in eval mode."""
+  static, frozen_states = predict_program_args(stage, model.graphdef, config, frozen, log_probs)
   params, model_state, rng_state = model.states
-  return lambda batch: _predict(params, model_state, rng_state, batch, frozen_states,
-                                graphdef=model.graphdef, frozen_graphdefs=frozen_graphdefs,
-                                statics=statics, log_probs=log_probs)
+  return lambda batch: predict_program(params, model_state, rng_state, batch, frozen_states,
+                                       **static)
 
 
 def predict_stage(source, stage: str, model: FrozenModel, config, mesh,

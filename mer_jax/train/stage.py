@@ -167,9 +167,10 @@ class StageRunner:
 
     self.state = jax.jit(init_state)(params, batch_stats)
     self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.predict_fn = compile_timing.TimedCompile(jax.jit(functools.partial(
-        steps.predict_step, graphdef=self.graphdef, rng_state=self.rng_state,
-        frozen_graphdefs=self.frozen_graphdefs, statics=self.statics)))
+    # The eval step is the program that predicts with the trained stage later (shared with it).
+    static, self.eval_frozen_states = inference.predict_program_args(
+        stage, self.graphdef, config, frozen)
+    self.predict_fn = compile_timing.TimedCompile(inference.predict_program, **static)
     self.loop = LoopState()
     self._train_step = self._batch_sh = None
 
@@ -207,7 +208,8 @@ class StageRunner:
     first = self.predict_fn.seconds is None
     pred = inference.predict_split(
         source, self.config, self.budget,
-        lambda b: self.predict_fn(params, batch_stats, b, self.frozen_states), self.ctx.mesh,
+        lambda b: self.predict_fn(params, batch_stats, self.rng_state, b, self.eval_frozen_states),
+        self.ctx.mesh,
         dims=self.dims)
     if first:
       console.say('stage %s: eval step lowered and compiled in %.1f s', self.name,
