@@ -242,9 +242,10 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
   batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh, budget)
   device_batches = [sharding.put_batch(b, batch_sh, budget) for b in host_batches]
   started = time.perf_counter()
-  traced = run.jitted_train_step(batch_sh).trace(
-      run.state, device_batches[0], run.frozen_states, ctx.class_weights)
-  lowered = traced.lower()
+  with cpu_backend.unrolled_threefry():  # as the stage's TimedCompile lowers it
+    traced = run.jitted_train_step(batch_sh).trace(
+        run.state, device_batches[0], run.frozen_states, ctx.class_weights)
+    lowered = traced.lower()
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   lower_s, compile_s = lowered_at - started, time.perf_counter() - lowered_at

@@ -1,4 +1,4 @@
-"""The unrolled threefry lowering on CPU: same random bits, no while loop."""
+"""The unrolled threefry lowering on CPU: same random bits, no while loop where it is asked for."""
 
 import json
 import subprocess
@@ -7,8 +7,9 @@ import sys
 import pytest
 
 # Draws what training draws (fold_in per stream, split, dropout masks, normal noise) in one jitted
-# program, and says whether its compiled CPU program still loops. Run in a fresh process, as the
-# lowering is registered process-wide.
+# program, lowered inside `unrolled_threefry(min_elements)` (argv[2]; 'none': outside it), and
+# says how many loops its compiled CPU program has. Run in a fresh process, as the lowering is
+# registered process-wide.
 _PROBE = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -26,28 +27,48 @@ def draws(key):
 
 fn = jax.jit(draws)
 key = jax.random.key(20260)
-hlo = fn.lower(key).compile().as_text()
+if sys.argv[2] == 'none':
+  hlo = fn.lower(key).compile().as_text()
+else:
+  with cpu_backend.unrolled_threefry(int(sys.argv[2])):
+    hlo = fn.lower(key).compile().as_text()
 out = {k: np.asarray(v).astype(np.int64 if v.dtype != np.float32 else np.float64).tolist()
        for k, v in fn(key).items()}
-print(json.dumps({'unrolled': unrolled, 'loops': ' while(' in hlo, 'draws': out}))
+print(json.dumps({'unrolled': unrolled, 'loops': hlo.count(' while('), 'draws': out}))
 """
 
 
-def _probe(mode: str) -> dict:
-  out = subprocess.run([sys.executable, '-c', _PROBE, mode], capture_output=True, text=True,
-                       check=True)
+def _probe(mode: str, min_elements: str) -> dict:
+  out = subprocess.run([sys.executable, '-c', _PROBE, mode, min_elements], capture_output=True,
+                       text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_unrolled_threefry_draws_the_same_bits_without_a_loop():
-  rolled, unrolled = _probe('rolled'), _probe('unrolled')
+  rolled = _probe('rolled', '0')
   if not rolled['loops']:
     pytest.skip('this JAX does not loop threefry on CPU: nothing to unroll')
+  unrolled = _probe('unrolled', '0')
   if not unrolled['unrolled']:
     pytest.skip('this JAX keeps its unrolled threefry lowering elsewhere (module left as is)')
-  assert not unrolled['loops']
+  assert unrolled['loops'] == 0
   assert unrolled['draws'] == rolled['draws']
   # The draws are real draws: masks near the keep rate, distinct streams.
   mask = [x for row in rolled['draws']['mask'] for x in row]
   assert 0.83 < sum(mask) / len(mask) < 0.87
   assert len({tuple(s) for s in rolled['draws']['streams']}) == 5
+
+
+def test_only_large_draws_of_step_programs_are_unrolled():
+  rolled = _probe('rolled', '0')
+  if not rolled['loops']:
+    pytest.skip('this JAX does not loop threefry on CPU: nothing to unroll')
+  # Outside an unrolled_threefry block (initializers, one-off programs) every draw keeps its loop.
+  outside = _probe('unrolled', 'none')
+  assert outside['loops'] == rolled['loops'] and outside['draws'] == rolled['draws']
+  # Inside one, draws of at least min_elements words are unrolled: of the probe's draws only the
+  # [48, 1024] mask (49,152) and the [3, 1001] bits (3,003) reach 3,003; the rest are a few words.
+  partly = _probe('unrolled', '3003')
+  assert 0 < partly['loops'] == rolled['loops'] - 2 and partly['draws'] == rolled['draws']
+  only_mask = _probe('unrolled', '3004')
+  assert only_mask['loops'] == rolled['loops'] - 1

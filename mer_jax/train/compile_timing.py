@@ -9,14 +9,22 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from mer_jax.train import cpu_backend
+
 
 class TimedCompile:
   """`jitted` (a jax.jit function), lowered and compiled for the arguments of its first call and
   then run as that executable. Every later call must have the same shapes and shardings (the
-  static batch budgets of a stage guarantee it)."""
+  static batch budgets of a stage guarantee it). `static` are keyword arguments that `jitted`
+  takes as static; they are given once, here.
 
-  def __init__(self, jitted: Callable):
+  Programs lowered here unroll their large random draws on CPU (`cpu_backend.unrolled_threefry`):
+  they are the steps, run many times.
+  """
+
+  def __init__(self, jitted: Callable, **static):
     self._jitted = jitted
+    self._static = static
     self._compiled = None
     self.lower_seconds: float | None = None
     self.compile_seconds: float | None = None
@@ -24,7 +32,8 @@ class TimedCompile:
   def __call__(self, *args) -> Any:
     if self._compiled is None:
       started = time.perf_counter()
-      lowered = self._jitted.lower(*args)
+      with cpu_backend.unrolled_threefry():
+        lowered = self._jitted.lower(*args, **self._static)
       lowered_at = time.perf_counter()
       self._compiled = lowered.compile()
       self.lower_seconds = lowered_at - started

@@ -7,18 +7,24 @@
   reused. glibc still mmaps where the heap cannot grow.
 * Threefry (`unroll_threefry_on_cpu`): JAX lowers the threefry2x32 hash as a five-trip loop on CPU
   and unrolled elsewhere; XLA's CPU runtime pays for every trip, and every dropout mask and
-  `fold_in` goes through one. Registering JAX's own unrolled lowering for CPU gives the same bits
-  (so every run, checkpoint and result is unchanged) in fewer, faster ops. The rule is
-  JAX-internal: where it is not found, nothing changes and a warning says so.
+  `fold_in` goes through one. JAX's own unrolled lowering gives the same bits (so every run,
+  checkpoint and result is unchanged) in fewer, faster ops, but each unrolled draw is a large
+  piece of program to compile. So draws are unrolled only where that pays: in programs run every
+  step (lowered inside `unrolled_threefry`: the stages' train steps) and only when large; the
+  initializers and small draws keep the loop. The rules are JAX-internal: where they are not
+  found, nothing changes and a warning says so.
 
 docs/performance.md has the measurements behind both.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import importlib
+import math
 
 import jax
 from absl import logging
@@ -33,6 +39,11 @@ TRIM_THRESHOLD = 256 << 20  # free heap kept by the process before it is returne
 
 # Where JAX has kept the threefry primitive and its unrolled lowering rule.
 _THREEFRY_MODULES = ('jax._src.random.threefry2x32', 'jax._src.prng')
+# Draws of at least this many words are unrolled in step programs: an unrolled draw adds about
+# 0.4 s of compilation and saves about 3.7 ns per word per step (docs/performance.md).
+UNROLL_MIN_ELEMENTS = 1 << 14
+# The unroll threshold of programs being lowered now; None (the default): keep every loop.
+_UNROLL_FROM = contextvars.ContextVar('unroll_threefry_from', default=None)
 
 
 def tune_for_cpu_backend() -> bool:
@@ -69,17 +80,36 @@ def keep_freed_blocks_in_heap() -> bool:
 
 
 def unroll_threefry_on_cpu() -> bool:
-  """Registers JAX's unrolled threefry2x32 lowering for CPU; False where it cannot be found."""
+  """Registers a CPU lowering of threefry2x32 that unrolls the draws of `unrolled_threefry` blocks
+  (train steps) and keeps JAX's loop elsewhere; False where JAX's rules cannot be found."""
   for name in _THREEFRY_MODULES:
     try:
       module = importlib.import_module(name)
     except ImportError:
       continue
     primitive = getattr(module, 'threefry2x32_p', None)
-    rule = getattr(module, '_threefry2x32_lowering_rule', None)
-    if primitive is not None and rule is not None:
+    unrolled = getattr(module, '_threefry2x32_lowering_rule', None)
+    rolled = getattr(module, '_threefry2x32_cpu_lowering_rule', None)
+    if primitive is not None and unrolled is not None and rolled is not None:
+
+      def rule(ctx, *args, **kwargs):
+        limit = _UNROLL_FROM.get()
+        size = math.prod(ctx.avals_out[0].shape)
+        return (unrolled if limit is not None and size >= limit else rolled)(ctx, *args, **kwargs)
+
       mlir.register_lowering(primitive, rule, platform='cpu')
       return True
   logging.warning('this JAX has no unrolled threefry lowering under %s; random draws on CPU keep '
                   'their while loop (slower steps, same numbers)', ' or '.join(_THREEFRY_MODULES))
   return False
+
+
+@contextlib.contextmanager
+def unrolled_threefry(min_elements: int = UNROLL_MIN_ELEMENTS):
+  """Programs lowered in this block unroll their random draws of at least `min_elements` words
+  (where `unroll_threefry_on_cpu` has registered the rule): for programs run every step."""
+  token = _UNROLL_FROM.set(min_elements)
+  try:
+    yield
+  finally:
+    _UNROLL_FROM.reset(token)
