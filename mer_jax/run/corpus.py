@@ -18,8 +18,6 @@ from mer_jax.data import cache
 from mer_jax.data import sources
 from mer_jax.data import staging
 from mer_jax.data import synthetic
-from mer_jax.preprocess import raw
-from mer_jax.preprocess import text_features
 from mer_jax.train import cpu_backend
 from mer_jax.train import preemption
 
@@ -48,14 +46,25 @@ def ensure_synthetic(config, workdir: str) -> str:
   return cache.build_once(out, build)
 
 
+def _front_ends():
+  """The raw-clip and text front ends, imported when a run needs one: with their media, text
+  and fine-tuning libraries they add about 1.5 s to the start of every process that imports
+  them."""
+  from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
+  from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-top
+  return raw, text_features
+
+
 def prepare_shards(config, workdir: str) -> str:
   """The local shard folder of the run's corpus, built or copied first where needed."""
   source = config.data.source
   if source == 'synthetic':
     return ensure_synthetic(config, workdir)
   if source == 'text_csv':
+    _, text_features = _front_ends()
     return text_features.ensure_text_shards(config, workdir)
   if source == 'raw':
+    raw, _ = _front_ends()
     return raw.ensure_raw_shards(config, workdir)
   return staging.stage_shards(config.data.shard_dir, cache.data_root(config, workdir))
 
@@ -69,6 +78,7 @@ def extract_features(config, workdir: str | None, out: str | None = None) -> str
   """The front end alone (data.source 'text_csv' or 'raw'): its shards, in the data cache of
   `workdir` or in `out` (overwritten); returns the folder. Resumable like a run."""
   cpu_backend.tune_for_cpu_backend()  # fine-tuning (LipSyncNet, text encoder) trains
+  raw, text_features = _front_ends()
   if config.data.source == 'raw':
     if out:
       stats = preemption.run_preemptible(raw.build_raw_shards, config, out,
