@@ -242,7 +242,7 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
   batch_sh = sharding.batch_shardings(host_batches[0], ctx.mesh, budget)
   device_batches = [sharding.put_batch(b, batch_sh, budget) for b in host_batches]
   started = time.perf_counter()
-  with cpu_backend.unrolled_threefry():  # as the stage's TimedCompile lowers it
+  with cpu_backend.step_draws():  # as the stage's TimedCompile lowers it
     traced = run.jitted_train_step(batch_sh).trace(
         run.state, device_batches[0], run.frozen_states, ctx.class_weights)
     lowered = traced.lower()

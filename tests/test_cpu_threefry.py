@@ -1,4 +1,5 @@
-"""The unrolled threefry lowering on CPU: same random bits, no while loop where it is asked for."""
+"""The unrolled threefry lowering on CPU: same random bits; no while loop but for the small draws
+of train steps."""
 
 import json
 import subprocess
@@ -7,8 +8,8 @@ import sys
 import pytest
 
 # Draws what training draws (fold_in per stream, split, dropout masks, normal noise) in one jitted
-# program, lowered inside `unrolled_threefry(min_elements)` (argv[2]; 'none': outside it), and
-# says how many loops its compiled CPU program has. Run in a fresh process, as the lowering is
+# program, lowered inside `step_draws(min_words)` (argv[2]; 'none': outside it), and says how
+# many loops its compiled CPU program has. Run in a fresh process, as the lowering is
 # registered process-wide.
 _PROBE = """
 import json, sys
@@ -30,7 +31,7 @@ key = jax.random.key(20260)
 if sys.argv[2] == 'none':
   hlo = fn.lower(key).compile().as_text()
 else:
-  with cpu_backend.unrolled_threefry(int(sys.argv[2])):
+  with cpu_backend.step_draws(int(sys.argv[2])):
     hlo = fn.lower(key).compile().as_text()
 out = {k: np.asarray(v).astype(np.int64 if v.dtype != np.float32 else np.float64).tolist()
        for k, v in fn(key).items()}
@@ -38,17 +39,17 @@ print(json.dumps({'unrolled': unrolled, 'loops': hlo.count(' while('), 'draws': 
 """
 
 
-def _probe(mode: str, min_elements: str) -> dict:
-  out = subprocess.run([sys.executable, '-c', _PROBE, mode, min_elements], capture_output=True,
+def _probe(mode: str, min_words: str) -> dict:
+  out = subprocess.run([sys.executable, '-c', _PROBE, mode, min_words], capture_output=True,
                        text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_unrolled_threefry_draws_the_same_bits_without_a_loop():
-  rolled = _probe('rolled', '0')
+  rolled = _probe('rolled', 'none')
   if not rolled['loops']:
     pytest.skip('this JAX does not loop threefry on CPU: nothing to unroll')
-  unrolled = _probe('unrolled', '0')
+  unrolled = _probe('unrolled', 'none')
   if not unrolled['unrolled']:
     pytest.skip('this JAX keeps its unrolled threefry lowering elsewhere (module left as is)')
   assert unrolled['loops'] == 0
@@ -59,16 +60,16 @@ def test_unrolled_threefry_draws_the_same_bits_without_a_loop():
   assert len({tuple(s) for s in rolled['draws']['streams']}) == 5
 
 
-def test_only_large_draws_of_step_programs_are_unrolled():
-  rolled = _probe('rolled', '0')
+def test_train_steps_keep_the_loop_for_small_draws_only():
+  rolled = _probe('rolled', 'none')
   if not rolled['loops']:
     pytest.skip('this JAX does not loop threefry on CPU: nothing to unroll')
-  # Outside an unrolled_threefry block (initializers, one-off programs) every draw keeps its loop.
-  outside = _probe('unrolled', 'none')
-  assert outside['loops'] == rolled['loops'] and outside['draws'] == rolled['draws']
-  # Inside one, draws of at least min_elements words are unrolled: of the probe's draws only the
-  # [48, 1024] mask (49,152) and the [3, 1001] bits (3,003) reach 3,003; the rest are a few words.
+  if not _probe('unrolled', 'none')['unrolled']:
+    pytest.skip('this JAX keeps its unrolled threefry lowering elsewhere (module left as is)')
+  # In a step program, draws of at least min_words words are unrolled: of the probe's draws only
+  # the [48, 1024] mask (49,152 words) and the [3, 1001] bits (3,003) reach 3,003; the others
+  # (keys, the [7, 33] normals) are small and keep their loops.
   partly = _probe('unrolled', '3003')
   assert 0 < partly['loops'] == rolled['loops'] - 2 and partly['draws'] == rolled['draws']
   only_mask = _probe('unrolled', '3004')
-  assert only_mask['loops'] == rolled['loops'] - 1
+  assert only_mask['loops'] == rolled['loops'] - 1 and only_mask['draws'] == rolled['draws']

@@ -18,8 +18,8 @@ class TimedCompile:
   static batch budgets of a stage guarantee it). `static` are keyword arguments that `jitted`
   takes as static; they are given once, here.
 
-  Programs lowered here unroll their large random draws on CPU (`cpu_backend.unrolled_threefry`):
-  they are the steps, run many times.
+  Programs lowered here are steps: on CPU their small random draws keep JAX's loop
+  (`cpu_backend.step_draws`).
   """
 
   def __init__(self, jitted: Callable, **static):
@@ -32,7 +32,7 @@ class TimedCompile:
   def __call__(self, *args) -> Any:
     if self._compiled is None:
       started = time.perf_counter()
-      with cpu_backend.unrolled_threefry():
+      with cpu_backend.step_draws():
         lowered = self._jitted.lower(*args, **self._static)
       lowered_at = time.perf_counter()
       self._compiled = lowered.compile()

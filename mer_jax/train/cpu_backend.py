@@ -8,11 +8,10 @@
 * Threefry (`unroll_threefry_on_cpu`): JAX lowers the threefry2x32 hash as a five-trip loop on CPU
   and unrolled elsewhere; XLA's CPU runtime pays for every trip, and every dropout mask and
   `fold_in` goes through one. JAX's own unrolled lowering gives the same bits (so every run,
-  checkpoint and result is unchanged) in fewer, faster ops, but each unrolled draw is a large
-  piece of program to compile. So draws are unrolled only where that pays: in programs run every
-  step (lowered inside `unrolled_threefry`: the stages' train steps) and only when large; the
-  initializers and small draws keep the loop. The rules are JAX-internal: where they are not
-  found, nothing changes and a warning says so.
+  checkpoint and result is unchanged) in fewer, faster ops, and is used for every draw except
+  the small ones of train steps (lowered inside `step_draws`): there the loop compiles faster and
+  costs little per step. The rules are JAX-internal: where they are not found, nothing changes
+  and a warning says so.
 
 docs/performance.md has the measurements behind both.
 """
@@ -39,11 +38,10 @@ TRIM_THRESHOLD = 256 << 20  # free heap kept by the process before it is returne
 
 # Where JAX has kept the threefry primitive and its unrolled lowering rule.
 _THREEFRY_MODULES = ('jax._src.random.threefry2x32', 'jax._src.prng')
-# Draws of at least this many words are unrolled in step programs: an unrolled draw adds about
-# 0.4 s of compilation and saves about 3.7 ns per word per step (docs/performance.md).
-UNROLL_MIN_ELEMENTS = 1 << 14
-# The unroll threshold of programs being lowered now; None (the default): keep every loop.
-_UNROLL_FROM = contextvars.ContextVar('unroll_threefry_from', default=None)
+# Train steps keep the loop for draws of fewer words than this (docs/performance.md).
+STEP_UNROLL_MIN_WORDS = 1 << 14
+# Draws of at least this many words are unrolled in the programs being lowered now.
+_UNROLL_FROM = contextvars.ContextVar('unroll_threefry_from', default=0)
 
 
 def tune_for_cpu_backend() -> bool:
@@ -80,8 +78,8 @@ def keep_freed_blocks_in_heap() -> bool:
 
 
 def unroll_threefry_on_cpu() -> bool:
-  """Registers a CPU lowering of threefry2x32 that unrolls the draws of `unrolled_threefry` blocks
-  (train steps) and keeps JAX's loop elsewhere; False where JAX's rules cannot be found."""
+  """Registers a CPU lowering of threefry2x32 that unrolls every draw but the small ones of train
+  steps (`step_draws`); False where JAX's rules cannot be found."""
   for name in _THREEFRY_MODULES:
     try:
       module = importlib.import_module(name)
@@ -93,9 +91,8 @@ def unroll_threefry_on_cpu() -> bool:
     if primitive is not None and unrolled is not None and rolled is not None:
 
       def rule(ctx, *args, **kwargs):
-        limit = _UNROLL_FROM.get()
         size = math.prod(ctx.avals_out[0].shape)
-        return (unrolled if limit is not None and size >= limit else rolled)(ctx, *args, **kwargs)
+        return (unrolled if size >= _UNROLL_FROM.get() else rolled)(ctx, *args, **kwargs)
 
       mlir.register_lowering(primitive, rule, platform='cpu')
       return True
@@ -105,10 +102,10 @@ def unroll_threefry_on_cpu() -> bool:
 
 
 @contextlib.contextmanager
-def unrolled_threefry(min_elements: int = UNROLL_MIN_ELEMENTS):
-  """Programs lowered in this block unroll their random draws of at least `min_elements` words
-  (where `unroll_threefry_on_cpu` has registered the rule): for programs run every step."""
-  token = _UNROLL_FROM.set(min_elements)
+def step_draws(min_words: int = STEP_UNROLL_MIN_WORDS):
+  """Programs lowered in this block (train steps) unroll only their draws of at least
+  `min_words` words, where `unroll_threefry_on_cpu` has registered the rule."""
+  token = _UNROLL_FROM.set(min_words)
   try:
     yield
   finally:

@@ -53,6 +53,15 @@ def stage_in_dims(stage: str, config) -> dict[str, int]:
 
 def build_sharded_model(stage: str, config, mesh, seed: int):
   """(graphdef, params, batch_stats, rng_state), created directly in their sharded layout."""
+  graphdef, init = _initializer(stage, ml_collections.FrozenConfigDict(config), mesh, seed)
+  params, batch_stats, rng_state = init()
+  return graphdef, params, batch_stats, rng_state
+
+
+@functools.lru_cache(maxsize=32)
+def _initializer(stage: str, config: ml_collections.FrozenConfigDict, mesh, seed: int):
+  """The graphdef and the jitted initializer of a stage's model. Cached, so that models of the
+  same structure and seed (a stage and its cross-fitting folds) run one compiled program."""
   num_classes = len(config.label_names)
   in_dims = stage_in_dims(stage, config)
 
@@ -71,8 +80,7 @@ def build_sharded_model(stage: str, config, mesh, seed: int):
   def init():
     return tuple(nnx.to_pure_dict(s) for s in create()[1:])
 
-  params, batch_stats, rng_state = init()
-  return graphdef, params, batch_stats, rng_state
+  return graphdef, init
 
 
 def predict_split(source, config, budget, predict_fn, mesh, *,
