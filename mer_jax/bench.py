@@ -1,6 +1,7 @@
 """Throughput of every stage's train step and of the input pipeline, at the authors' MELD sizes.
 
   python -m mer_jax.bench [--config configs/default.py] [--steps 20] [--rounds 5] [--moe both]
+      [--equal_batch_utterances 16]
 
 Prints, per stage: examples (utterances) per second, model FLOPs per step from XLA's cost
 analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, and the input
@@ -12,6 +13,14 @@ batch size) and the rest; and the share of the peak the step would reach if only
 its update took time. Then projects a full MELD run (9,989 training utterances, 30 epochs, every
 stage, no early stopping), for the authors' stages and for our default (which adds the
 cross-fitted encoders of stacked fusion).
+
+Our stages train on whole-dialogue batches (about 40 utterances a step at the default budget) while
+the authors' recipe uses 16 utterances a step; per utterance, part of a speed-up over their code
+comes from the larger batch alone. So every stage is also timed at an equal batch: the
+whole-dialogue budget (batch.max_nodes, batch.max_graphs) whose batches hold closest to
+`--equal_batch_utterances` utterances on average (`equal_batch_budget`; 0 leaves these rows out).
+Those rows are labelled with the target (`teacher@16`) and show their measured utterances per step,
+and the projections are printed at both batches, each saying which batch it uses.
 
 Every stage is compiled and warmed up first; then each of `--rounds` rounds measures the matmul
 peak and times `--steps` input batches, steps, matmul programs and updates of every stage in turn.
@@ -33,12 +42,16 @@ from typing import Any
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
+import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mer_jax import batch_contract
+from mer_jax import config_validation
 from mer_jax import errors
 from mer_jax import stages
+from mer_jax.data import pipeline
 from mer_jax.data import sources
 from mer_jax.run import job
 from mer_jax.train import cpu_backend
@@ -53,6 +66,9 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (and input batches) per 
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds, each over every stage in turn.')
 _MOE = flags.DEFINE_enum('moe', 'both', ['off', 'on', 'both'], 'Fusion MoE setting(s) to time.')
 _DIALOGUES = flags.DEFINE_integer('dialogues', 120, 'Synthetic training dialogues to sample from.')
+_EQUAL_BATCH = flags.DEFINE_integer(
+    'equal_batch_utterances', 16, 'Also time every stage at the whole-dialogue batch closest to '
+    'this many utterances a step (the authors\' batch: 16); 0: only the configured batch.')
 
 MELD_TRAIN_UTTERANCES = 9989
 MELD_EPOCHS = 30
@@ -178,6 +194,7 @@ class StageBench:
   grads: Any
   lower_s: float  # tracing and lowering the train step
   compile_s: float  # XLA compilation of the train step (short on a compilation-cache hit)
+  batch: str = ''  # '' at the configured batch budget; '@16' at the equal batch (EqualBatch.tag)
   step_times: list = dataclasses.field(default_factory=list)
   pipeline_times: list = dataclasses.field(default_factory=list)
   matmul_times: list = dataclasses.field(default_factory=list)
@@ -215,7 +232,7 @@ class StageBench:
   def row(self) -> dict:
     step_s = statistics.median(self.step_times)
     pipeline_s = statistics.median(self.pipeline_times)
-    return {'stage': self.label, 'moe': self.moe, 'step_ms': 1e3 * step_s,
+    return {'stage': self.label, 'batch': self.batch, 'moe': self.moe, 'step_ms': 1e3 * step_s,
             'utterances_per_step': self.utterances_per_step,
             'examples_per_s': self.utterances_per_step / step_s, 'flops_per_step': self.flops,
             'flops_per_s': self.flops / step_s,
@@ -228,10 +245,11 @@ class StageBench:
 
 
 def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None,
-                  moe: bool = False) -> StageBench:
+                  moe: bool = False, batch: str = '') -> StageBench:
   """Compiles the train step of `stage` for real batches from the pipeline and sets up the
   programs that run its matmuls and its parameter update alone; leaves a frozen model of the stage
-  in `trained` for the stages that read it."""
+  in `trained` for the stages that read it. `batch` tags the row of a non-default batch budget
+  (ctx.config.batch is the budget either way)."""
   budget = sharding.batch_budget(ctx.config, ctx.mesh)
   run = stage_lib.StageRunner(stage, ctx, trained)
   ds = run.train_dataset(0)
@@ -258,7 +276,7 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
       utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches),
       matmuls=matmuls_alone(matmuls) if ctx.mesh.size == 1 else None,
       matmul_flops=sum(m.flops for m in matmuls), lower_s=lower_s, compile_s=compile_s,
-      **parameter_update(run))
+      batch=batch, **parameter_update(run))
   # Copies: the timing rounds go on donating this stage's own state to its step.
   frozen = jax.tree.map(jnp.copy, (bench.state.params, bench.state.model_state))
   trained[stage] = inference.FrozenModel(run.graphdef, (*frozen, run.rng_state))
@@ -286,6 +304,100 @@ def stacked_context(ctx, trained):
   return dataclasses.replace(ctx, config=config, data=data)
 
 
+def equal_batch_budget(lengths, utterances: float, max_nodes: int, max_graphs: int, *,
+                       groups: int = 1, seed: int = 0, epochs: int = 5,
+                       fits=lambda max_nodes, max_graphs: True) -> tuple[int, int, float]:
+  """The whole-dialogue budget (max_nodes, max_graphs) whose training batches hold closest to
+  `utterances` utterances a step on average, and that average.
+
+  The rule: every budget that still holds the longest dialogue (max_nodes - 1 >= longest; one slot
+  of each is padding), is no larger than the configured one (`max_nodes`, `max_graphs`) and
+  `fits` (the mesh) is planned as the pipeline plans a training epoch (greedy packing of whole
+  dialogues in the epoch's shuffled order, `pipeline.plan_dialogue_batches`; `groups` sub-batches
+  a step), over the first `epochs` epochs' orders. The budget whose mean utterances per step is
+  nearest `utterances` wins; ties go to fewer node slots (less padding computed), then fewer graph
+  slots. The node budget cannot go below the longest dialogue, so the graph slots do most of the
+  work: on MELD's lengths (9.6 utterances a dialogue, longest 33) one dialogue a batch averages
+  about 10 utterances and two (max_graphs=3) about 19, so 16 gives max_graphs=3 and the smallest
+  node budget, 34.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  total = int(lengths.sum())
+  best = None
+  for nodes in range(int(lengths.max()) + 1, max_nodes + 1):
+    for graphs in range(2, max_graphs + 1):
+      if not fits(nodes, graphs):
+        continue
+      budget = batch_contract.Budget(nodes, graphs)
+      means = []
+      for epoch in range(epochs):
+        plan = pipeline.plan_dialogue_batches(
+            lengths, budget, pipeline.epoch_order(len(lengths), seed, epoch))
+        means.append(total / -(-len(plan) // groups))
+      mean = statistics.mean(means)
+      key = (abs(mean - utterances), nodes, graphs)
+      if best is None or key < best[0]:
+        best = (key, nodes, graphs, mean)
+  if best is None:
+    raise ValueError(f'no batch budget up to max_nodes={max_nodes}, max_graphs={max_graphs} holds '
+                     f'the longest dialogue ({int(lengths.max())} utterances) and fits the mesh')
+  return best[1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class EqualBatch:
+  """The batch budget of the equal-batch rows: `utterances` asked for, the budget chosen for it
+  (equal_batch_budget) and the mean utterances a step its plan gives; under graph scope 'batch'
+  (utterances shuffled across dialogues) the batch is `utterances` itself."""
+  utterances: int
+  max_nodes: int
+  max_graphs: int
+  planned: float
+  scope: str = 'dialogue'
+
+  @property
+  def tag(self) -> str:
+    return f'@{self.utterances}'
+
+  @classmethod
+  def for_context(cls, ctx, utterances: int) -> 'EqualBatch':
+    config = ctx.config
+    if config.graph.scope == 'batch':
+      return cls(utterances, int(config.batch.max_nodes), 2, float(utterances), 'batch')
+    data_axis, groups = sharding.data_axis_size(ctx.mesh), sharding.batch_groups(config)
+
+    def fits(nodes, graphs):
+      trial = config.copy_and_resolve_references()
+      trial.batch.max_nodes, trial.batch.max_graphs = nodes, graphs
+      try:
+        config_validation.check_mesh_fits_batch(trial, data_axis, groups)
+      except config_validation.ConfigError:
+        return False
+      return True
+
+    nodes, graphs, planned = equal_batch_budget(
+        ctx.data.train.dialogue_lengths, utterances, int(config.batch.max_nodes),
+        int(config.batch.max_graphs), groups=groups, seed=config.seed, fits=fits)
+    return cls(utterances, nodes, graphs, planned)
+
+  def apply(self, ctx):
+    """`ctx` with its config's batch budget set to this one."""
+    config = ctx.config.copy_and_resolve_references()
+    if self.scope == 'batch':
+      config.batch.utterances_per_batch = self.utterances
+    else:
+      config.batch.max_nodes, config.batch.max_graphs = self.max_nodes, self.max_graphs
+    return dataclasses.replace(ctx, config=config)
+
+  def describe(self) -> str:
+    if self.scope == 'batch':
+      return (f'batches of {self.utterances} utterances shuffled across dialogues (graph scope '
+              'batch)')
+    return (f'batch.max_nodes={self.max_nodes}, batch.max_graphs={self.max_graphs}: the '
+            f'whole-dialogue budget closest to {self.utterances} utterances a step '
+            f'({self.planned:.1f} planned on the training split\'s dialogues)')
+
+
 def main(argv):
   del argv
   cpu_backend.tune_for_cpu_backend()  # as mer_jax.main does
@@ -294,6 +406,7 @@ def main(argv):
   settings = {'off': [False], 'on': [True], 'both': [False, True]}[_MOE.value]
   steps = _STEPS.value
   benches = []
+  equal = None  # the EqualBatch of the equal-batch rows (--equal_batch_utterances)
   with tempfile.TemporaryDirectory() as workdir:
     trained = {}
     for use_moe in settings:
@@ -306,14 +419,27 @@ def main(argv):
       config.train.progress_bar = False
       config.model.fusion.input = 'graph'
       ctx = job.prepare(config, workdir)
+      if _EQUAL_BATCH.value and equal is None:
+        equal = EqualBatch.for_context(ctx, _EQUAL_BATCH.value)
       if not trained:  # the encoders do not depend on the fusion's MoE setting
         benches += [prepare_stage(stage, ctx, trained, steps)
                     for stage in stages.ENCODER_STAGES]
+        if equal is not None:
+          # The same stages at the equal batch; their frozen models (the same weights whatever
+          # the batch) go to a scratch copy, so `trained` keeps the default batch's.
+          scratch = dict(trained)
+          benches += [prepare_stage(stage, equal.apply(ctx), scratch, steps, batch=equal.tag)
+                      for stage in stages.ENCODER_STAGES]
       # Fusion as it trains by default (stacked: inputs are the encoders' log-probabilities) and
       # with the frozen encoders run inside every step (input 'graph').
-      benches.append(prepare_stage('fusion', stacked_context(ctx, trained), {}, steps, 'fusion',
-                                   use_moe))
+      stacked = stacked_context(ctx, trained)
+      benches.append(prepare_stage('fusion', stacked, {}, steps, 'fusion', use_moe))
       benches.append(prepare_stage('fusion', ctx, trained, steps, 'fusion(graph)', use_moe))
+      if equal is not None:
+        benches.append(prepare_stage('fusion', equal.apply(stacked), {}, steps, 'fusion', use_moe,
+                                     batch=equal.tag))
+        benches.append(prepare_stage('fusion', equal.apply(ctx), dict(trained), steps,
+                                     'fusion(graph)', use_moe, batch=equal.tag))
     folds = config.model.fusion.stacking_folds
     # Rounds over every stage in turn, so that a slow spell of this shared machine falls on all
     # of them rather than on one; each number below is a median over all rounds.
@@ -326,17 +452,23 @@ def main(argv):
         bench.time_matmuls(steps)
         bench.time_update(steps)
   peak = statistics.median(peaks)
-  rows = [b.row() for b in benches]
+  # The configured batch's rows first, then the equal batch's.
+  rows = sorted((b.row() for b in benches), key=lambda r: r['batch'] != '')
+  width = max(13, *(len(r['stage'] + r['batch']) for r in rows))
   print(f'fp32 matmul peak (1024^3, median of {_ROUNDS.value} rounds x 20): {peak / 1e9:.1f} '
         f'GFLOP/s (rounds: {", ".join(f"{p / 1e9:.0f}" for p in peaks)})')
   print(f'{_ROUNDS.value} rounds x {steps} steps, input batches, matmul programs and updates '
         'per stage; medians')
+  print(f'batch: rows without a tag at the configured budget (batch.max_nodes='
+        f'{config.batch.max_nodes}, batch.max_graphs={config.batch.max_graphs}: whole dialogues)'
+        + (f'; {equal.tag} rows at {equal.describe()}' if equal is not None else ''))
   print()
-  print(f'{"stage":13} {"moe":5} {"step ms":>7} {"utt/step":>8} {"utt/s":>6} {"GFLOP/step":>10} '
-        f'{"GFLOP/s":>7} {"% peak":>6} {"params M":>8} {"input ms":>8} {"input x":>7} '
-        f'{"lower s":>7} {"compile s":>9}')
+  print(f'{"stage":{width}} {"moe":5} {"step ms":>7} {"utt/step":>8} {"utt/s":>6} '
+        f'{"GFLOP/step":>10} {"GFLOP/s":>7} {"% peak":>6} {"params M":>8} {"input ms":>8} '
+        f'{"input x":>7} {"lower s":>7} {"compile s":>9}')
   for r in rows:
-    print(f'{r["stage"]:13} {str(r["moe"]):5} {r["step_ms"]:7.2f} {r["utterances_per_step"]:8.1f} '
+    print(f'{r["stage"] + r["batch"]:{width}} {str(r["moe"]):5} {r["step_ms"]:7.2f} '
+          f'{r["utterances_per_step"]:8.1f} '
           f'{r["examples_per_s"]:6.0f} {r["flops_per_step"] / 1e9:10.3f} '
           f'{r["flops_per_s"] / 1e9:7.1f} {100 * r["flops_per_s"] / peak:6.1f} '
           f'{r["params"] / 1e6:8.2f} {r["pipeline_ms"]:8.2f} {r["pipeline_vs_step"]:7.1f} '
@@ -348,21 +480,32 @@ def main(argv):
         'over those two times: the most it could reach if everything else were free.')
   if ctx.mesh.size > 1:
     print(f'(matmuls alone are timed only on a one-device mesh; this one has {ctx.mesh.size})')
-  print(f'{"stage":13} {"moe":5} {"step ms":>7} {"matmul ms":>9} {"matmul % peak":>13} '
+  print(f'{"stage":{width}} {"moe":5} {"step ms":>7} {"matmul ms":>9} {"matmul % peak":>13} '
         f'{"update ms":>9} {"other ms":>8} {"% peak, matmuls + update":>24}')
   for r in rows:
     matmul_s = r['matmuls_ms'] / 1e3
-    print(f'{r["stage"]:13} {str(r["moe"]):5} {r["step_ms"]:7.2f} {r["matmuls_ms"]:9.2f} '
+    print(f'{r["stage"] + r["batch"]:{width}} {str(r["moe"]):5} {r["step_ms"]:7.2f} '
+          f'{r["matmuls_ms"]:9.2f} '
           f'{100 * r["matmul_flops"] / matmul_s / peak:13.1f} {r["update_ms"]:9.2f} '
           f'{r["step_ms"] - r["matmuls_ms"] - r["update_ms"]:8.2f} '
           f'{100 * r["flops_per_step"] / (matmul_s + r["update_ms"] / 1e3) / peak:24.1f}')
+  batches = [('', f'at the configured batch (batch.max_nodes={config.batch.max_nodes}, '
+                  f'batch.max_graphs={config.batch.max_graphs}')]
+  if equal is not None:
+    batches.append((equal.tag, f'at the equal batch {equal.tag} (batch.max_nodes='
+                               f'{equal.max_nodes}, batch.max_graphs={equal.max_graphs}'))
   for use_moe in settings:
-    totals = projected_minutes(rows, use_moe, folds)
-    print(f'projected full MELD run, {MELD_EPOCHS} epochs, moe={use_moe}, train steps only: '
-          f'{totals["authors"]:.1f} min for the authors\' stages (teacher, students, fusion '
-          f'on graph representations); {totals["default"]:.1f} min for our default '
-          f'(stacked fusion, + {folds} cross-fitted encoder sets on {folds - 1}/{folds} of the '
-          'data)')
+    for tag, which in batches:
+      at_batch = [r for r in rows if r['batch'] == tag]
+      totals = projected_minutes(at_batch, use_moe, folds)
+      measured = statistics.mean(r['utterances_per_step'] for r in at_batch
+                                 if r['stage'] in stages.ENCODER_STAGES or r['moe'] == use_moe)
+      print(f'projected full MELD run, {MELD_EPOCHS} epochs, moe={use_moe}, train steps only, '
+            f'{which}: {measured:.1f} utterances a step, mean of its stages): '
+            f'{totals["authors"]:.1f} min for the authors\' stages (teacher, students, fusion '
+            f'on graph representations); {totals["default"]:.1f} min for our default '
+            f'(stacked fusion, + {folds} cross-fitted encoder sets on {folds - 1}/{folds} of the '
+            'data)')
 
 
 def projected_minutes(rows: list[dict], use_moe: bool, folds: int) -> dict:

@@ -93,3 +93,30 @@ def test_timed_waits_for_each_call_and_skips_the_warmup():
   times = bench.timed(lambda: calls.append(len(calls)) or jnp.ones(3) * len(calls), 4, warmup=2)
   assert calls == list(range(6))  # 2 untimed, then 4 timed
   assert len(times) == 4 and all(t >= 0 for t in times)
+
+
+def test_equal_batch_budget_by_hand():
+  # Dialogues of 8 utterances: two a batch hold 16, which needs 16 real node slots (17 with the
+  # padding slot) and 2 real graph slots (3); every larger graph budget packs the same batches, and
+  # ties go to the smaller budget. Below 17 node slots a batch holds one dialogue: 8 utterances.
+  lengths = [8] * 32
+  assert bench.equal_batch_budget(lengths, 16, 48, 8) == (17, 3, 16.0)
+  # Two sub-batches a step: 32 utterances a step from the same budget.
+  assert bench.equal_batch_budget(lengths, 32, 48, 8, groups=2) == (17, 3, 32.0)
+  # Only budgets that fit (the mesh): odd node counts are out, so 18 (two dialogues, 16).
+  got = bench.equal_batch_budget(lengths, 16, 48, 8, fits=lambda nodes, graphs: nodes % 2 == 0)
+  assert got == (18, 3, 16.0)
+  with pytest.raises(ValueError, match='longest dialogue'):
+    bench.equal_batch_budget(lengths, 16, 8, 8)  # 8 slots hold 7 utterances, not 8
+
+
+def test_equal_batch_budget_on_meld_lengths():
+  from mer_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  counts = synthetic.MELD_TRAIN_LENGTH_COUNTS
+  lengths = np.repeat(np.arange(1, len(counts) + 1), counts)
+  nodes, graphs, planned = bench.equal_batch_budget(lengths, 16, 48, 8)
+  # The longest dialogue (33) sets the node floor; two dialogues a batch come nearest 16.
+  assert (nodes, graphs) == (34, 3)
+  assert 17 < planned < 21
+  # The configured budget's own batches, for comparison: about 40 utterances.
+  assert bench.equal_batch_budget(lengths, 41.5, 48, 8)[:2] == (48, 8)
