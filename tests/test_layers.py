@@ -17,7 +17,7 @@ LAYERS = (
     ('train', ('mer_jax.train',)),
     ('front ends', ('mer_jax.preprocess',)),
     ('orchestration', ('mer_jax.run', 'mer_jax.config_rules', 'mer_jax.config_validation')),
-    ('entry points', ('mer_jax.main', 'mer_jax.predict', 'mer_jax.bench', 'mer_jax.experiments',
+    ('entry points', ('mer_jax.main', 'mer_jax.predict', 'mer_jax.bench', 'mer_jax.bench_text', 'mer_jax.experiments',
                       'mer_jax.preprocess.__main__')),
 )
 MAX_FUNCTION_LOCAL_IMPORTS = 15
