@@ -53,7 +53,6 @@ from mer_jax import errors
 from mer_jax.data import dialogue_csv
 from mer_jax.data import prompts as prompts_lib
 from mer_jax.data import text_batching
-from mer_jax.models import text_transformer
 from mer_jax.preprocess import text_features
 from mer_jax.preprocess import text_finetune
 from mer_jax.train import cpu_backend
@@ -223,15 +222,6 @@ class CompileSeconds:
     CompileSeconds._active = None
 
 
-def load_flax_encoder(folder: str, vocab_size: int):
-  """Our encoder from the checkpoint folder, resized for the tokenizer's added tokens (as
-  text_features.load_encoder)."""
-  _, model = text_transformer.load_hf_checkpoint(folder)
-  if vocab_size > model.config.vocab_size:
-    text_transformer.resize_token_embeddings(model, vocab_size)
-  return model
-
-
 class FlaxSide:
   """Our extraction (`make_encode_fn`) and fine-tuning step (`TextFinetuner`'s jitted train step,
   state donated), each on its own copy of the encoder."""
@@ -240,13 +230,13 @@ class FlaxSide:
 
   def __init__(self, config, folder: str, workload: Workload, workdir: str):
     t = config.text
-    encoder = load_flax_encoder(folder, workload.vocab_size)
+    encoder = text_features.encoder_from_folder(folder, workload.vocab_size)
     self.encode_fn = text_features.make_encode_fn(encoder, t.pooling, t.normalize, tuple(t.layers))
     split = text_finetune.TokenSplit(workload.sequences, workload.labels)
     mesh = sharding.make_mesh(config)
     self.tuner = text_finetune.TextFinetuner(
-        config, workdir, mesh, load_flax_encoder(folder, workload.vocab_size), split, split,
-        workload.pad_id)
+        config, workdir, mesh, text_features.encoder_from_folder(folder, workload.vocab_size),
+        split, split, workload.pad_id)
     self.state = self.tuner.state
     self.train_step = self.tuner._train_step  # pylint: disable=protected-access
 

@@ -175,10 +175,15 @@ def read_splits(text_cfg, splits: Sequence[str]) -> dict[str, list[dialogue_csv.
 
 def load_encoder(text_cfg, vocab_size: int) -> tuple[nnx.Module, str]:
   folder = resolve_encoder(text_cfg.encoder)
+  return encoder_from_folder(folder, vocab_size), folder
+
+
+def encoder_from_folder(folder: str, vocab_size: int) -> nnx.Module:
+  """The encoder of a checkpoint folder, its embeddings resized for the tokenizer's added tokens."""
   _, model = text_transformer.load_hf_checkpoint(folder)
   if vocab_size > model.config.vocab_size:
     text_transformer.resize_token_embeddings(model, vocab_size)
-  return model, folder
+  return model
 
 
 def prompt_tokenizer(text_cfg, folder: str) -> prompts_lib.PromptTokenizer:
