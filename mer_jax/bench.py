@@ -180,6 +180,7 @@ class StageBench:
   state: Any
   frozen_states: Any
   class_weights: Any
+  schedule_steps: Any
   device_batches: list
   dataset: Any  # the stage's input pipeline (a Grain MapDataset of host batches)
   flops: float
@@ -207,7 +208,7 @@ class StageBench:
 
     def step():
       self.state, metrics = self.step(self.state, next(batches), self.frozen_states,
-                                      self.class_weights)
+                                      self.class_weights, self.schedule_steps)
       return metrics
 
     self.step_times += timed(step, n, warmup)
@@ -220,7 +221,7 @@ class StageBench:
 
   def time_update(self, n: int, warmup: int = 3) -> None:
     def update():
-      self.update_state = self.update(self.update_state, self.grads)
+      self.update_state = self.update(self.update_state, self.grads, self.schedule_steps)
       return self.update_state
 
     self.update_times += timed(update, n, warmup)
@@ -262,7 +263,7 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
   started = time.perf_counter()
   with cpu_backend.step_draws():  # as the stage's TimedCompile lowers it
     traced = run.jitted_train_step(batch_sh).trace(
-        run.state, device_batches[0], run.frozen_states, ctx.class_weights)
+        run.state, device_batches[0], *run.step_inputs)
     lowered = traced.lower()
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
@@ -271,6 +272,7 @@ def prepare_stage(stage: str, ctx, trained, steps: int, label: str | None = None
   bench = StageBench(
       label=label or stage, moe=moe, step=compiled, state=run.state,
       frozen_states=run.frozen_states, class_weights=ctx.class_weights,
+      schedule_steps=run.schedule_steps,
       device_batches=device_batches, dataset=ds, flops=_flops(compiled),
       params=sum(x.size for x in jax.tree.leaves(run.state.params)),
       utterances_per_step=statistics.mean(int(b.nodes['mask'].sum()) for b in host_batches),

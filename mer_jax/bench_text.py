@@ -260,7 +260,8 @@ class FlaxSide:
   def finetune(self, batches: Sequence[Any]) -> list[float]:
     losses = []
     for batch in batches:
-      self.state, metrics = self.train_step(self.state, batch, self.tuner.class_weights)
+      self.state, metrics = self.train_step(self.state, batch, self.tuner.class_weights,
+                                            self.tuner.schedule_steps)
       losses.append(metrics['loss'])
     return [float(l) for l in jax.device_get(losses)]
 

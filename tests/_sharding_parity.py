@@ -35,7 +35,7 @@ def run(workdir: str, devices, shape) -> dict:
     batch_sh = sharding.batch_shardings(batch, mesh, budget)
     step = runner.jitted_train_step(batch_sh)
     state, metrics = step(runner.state, sharding.put_batch(batch, batch_sh, budget),
-                          runner.frozen_states, ctx.class_weights)
+                          *runner.step_inputs)
     params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
     shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
     out[stage] = {'loss': float(metrics['loss']), 'grad_norm': float(metrics['grad_norm']),

@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
                                 epoch=0, seed=config.seed)[0]
   sh = sharding.batch_shardings(batch, ctx.mesh, teacher.budget)
   state, _ = teacher.jitted_train_step(sh)(teacher.state, sharding.put_batch(batch, sh, teacher.budget),
-                                          teacher.frozen_states, ctx.class_weights)
+                                          *teacher.step_inputs)
   frozen = {'teacher': inference.FrozenModel(teacher.graphdef,
                                            (state.params, state.model_state, teacher.rng_state))}
   return config, ctx, frozen
@@ -39,7 +39,7 @@ def student_step(ctx, frozen, config, stage):
   batch = run.train_dataset(1)[0]
   sh = sharding.batch_shardings(batch, ctx.mesh, run.budget)
   state, metrics = run.jitted_train_step(sh)(run.state, sharding.put_batch(batch, sh, run.budget),
-                                            run.frozen_states, ctx.class_weights)
+                                            *run.step_inputs)
   return run, batch, float(metrics['loss']), jax.device_get(state.params)
 
 

@@ -95,7 +95,7 @@ def runners(tmp_path_factory):
 def run_steps(runner, ctx, state, batches):
   states, metrics = [], []
   for batch in batches:
-    state, m = runner.step_fn(state, batch, runner.frozen_states, ctx.class_weights)
+    state, m = runner.step_fn(state, batch, *runner.step_inputs)
     states.append(host(state))
     metrics.append(host(m))
   return state, states, metrics
@@ -136,7 +136,7 @@ def stage_cfg(**overrides) -> ml_collections.ConfigDict:
 
 
 def test_constant_schedule():
-  schedule = optim.make_schedule(stage_cfg(lr=3e-4), total_steps=50)
+  schedule = optim.make_schedule(stage_cfg(lr=3e-4), total_updates=50)
   for step in (0, 1, 17, 49, 500):
     np.testing.assert_allclose(float(schedule(step)), 3e-4, rtol=1e-7)
 
@@ -144,7 +144,7 @@ def test_constant_schedule():
 def test_warmup_cosine_schedule_numbers():
   peak, total = 1e-3, 100  # warm-up: 20% of 100 = 20 steps, then cosine to 0 over 80 steps.
   schedule = optim.make_schedule(
-      stage_cfg(lr=peak, schedule='warmup_cosine', warmup_fraction=0.2), total_steps=total)
+      stage_cfg(lr=peak, schedule='warmup_cosine', warmup_fraction=0.2), total_updates=total)
   expected = {
       0: 0.0,
       10: 0.5 * peak,  # halfway up the linear warm-up
@@ -156,17 +156,45 @@ def test_warmup_cosine_schedule_numbers():
   for step, lr in expected.items():
     np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12, err_msg=step)
   with pytest.raises(ValueError, match='linear'):
-    optim.make_schedule(stage_cfg(schedule='linear'), total_steps=10)
+    optim.make_schedule(stage_cfg(schedule='linear'), total_updates=10)
 
 
 def test_warmup_linear_schedule_numbers():
   peak, total = 2e-3, 50  # warm-up: 10% of 50 = 5 steps, then linear decay to 0 over 45 steps.
   schedule = optim.make_schedule(
-      stage_cfg(lr=peak, schedule='warmup_linear', warmup_fraction=0.1), total_steps=total)
+      stage_cfg(lr=peak, schedule='warmup_linear', warmup_fraction=0.1), total_updates=total)
   expected = {0: 0.0, 2: 0.4 * peak, 5: peak, 14: peak * 36 / 45, 27.5: 0.5 * peak, 50: 0.0,
               60: 0.0}
   for step, lr in expected.items():
     np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12, err_msg=step)
+
+
+def optax_schedule(cfg, total: int):
+  """The schedules as optax builds them, with the run length a Python constant."""
+  if cfg.schedule == 'warmup_cosine':
+    warmup = int(cfg.warmup_fraction * total)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1),
+                                              max(total, warmup + 1), 0.0)
+  warmup = max(int(cfg.warmup_fraction * total), 1)
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup),
+                               optax.linear_schedule(cfg.lr, 0.0, max(total - warmup, 1))],
+                              [warmup])
+
+
+@pytest.mark.parametrize('name', ['warmup_cosine', 'warmup_linear'])
+def test_one_compiled_schedule_equals_optax_for_every_run_length(name):
+  """The run length is an argument (folds of different lengths share one step program), and the
+  values are optax's to the bit."""
+  lr_at = jax.jit(jax.vmap(optim.scheduled_lr, in_axes=(None, 0, None)), static_argnums=0)
+  counts = jnp.arange(1240)  # past the end of every run below
+  for fraction in (0.0, 0.06, 0.1, 0.29):
+    cfg = stage_cfg(lr=2e-4, schedule=name, warmup_fraction=fraction)
+    for total in (2, 3, 7, 37, 100, 1234):
+      ours = lr_at(ml_collections.FrozenConfigDict(cfg), counts, optim.schedule_steps(cfg, total))
+      reference = jax.jit(jax.vmap(optax_schedule(cfg, total)))(counts)  # compiled, as in a step
+      np.testing.assert_array_equal(ours, reference,
+                                    err_msg=f'{fraction} {total}')
+  assert lr_at._cache_size() == 4  # one program per config, whatever the length
 
 
 def two_group_params():
@@ -185,8 +213,9 @@ def test_lr_multipliers_scale_each_groups_update():
   g = jnp.asarray([0.5, -0.25, 2.0, -1e-3], jnp.float32)
   grads = jax.tree.map(lambda _: g, params)
   cfg = stage_cfg(lr=0.1, lr_multipliers={'slow': 1.0, 'fast': 2.0, 'other': 0.5})
-  tx = optim.make_optimizer(cfg, params, total_steps=10, group_of=lambda path: path[0])
-  updates, _ = tx.update(grads, tx.init(params), params)
+  tx = optim.make_optimizer(cfg, params, group_of=lambda path: path[0])
+  updates, _ = tx.update(grads, tx.init(params), params,
+                         schedule_steps=optim.schedule_steps(cfg, 10))
   # float32 bias corrections (1 - 0.999 is not exact in float32) give ~1e-5 relative error.
   np.testing.assert_allclose(updates['slow']['w'], first_adam_update(0.1, g), rtol=2e-5)
   np.testing.assert_allclose(updates['fast']['w'], 2.0 * np.asarray(updates['slow']['w']),
@@ -202,8 +231,8 @@ def test_lr_multipliers_match_a_separate_adamw_per_group_with_weight_decay():
   multipliers = {'slow': 1.0, 'fast': 2.0, 'other': 0.5}
   cfg = stage_cfg(lr=0.05, weight_decay=0.1, schedule='warmup_cosine', warmup_fraction=0.2,
                   lr_multipliers=multipliers)
-  tx = optim.make_optimizer(cfg, params, total_steps=10, group_of=lambda path: path[0])
-  schedule = optim.make_schedule(cfg, total_steps=10)
+  tx = optim.make_optimizer(cfg, params, group_of=lambda path: path[0])
+  schedule = optim.make_schedule(cfg, total_updates=10)
   state, p = tx.init(params), params
   refs = {g: optax.adamw(lambda step, m=m: schedule(step) * m, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                          weight_decay=0.1) for g, m in multipliers.items()}
@@ -211,7 +240,7 @@ def test_lr_multipliers_match_a_separate_adamw_per_group_with_weight_decay():
   ref_p = dict(params)
   for i in range(3):
     grads = jax.tree.map(lambda w: jnp.sin(w * (i + 1)), p)
-    updates, state = tx.update(grads, state, p)
+    updates, state = tx.update(grads, state, p, schedule_steps=optim.schedule_steps(cfg, 10))
     p = optax.apply_updates(p, updates)
     for g in multipliers:
       u, ref_states[g] = refs[g].update(jax.tree.map(lambda w: jnp.sin(w * (i + 1)), ref_p[g]),
@@ -225,7 +254,7 @@ def test_lr_multipliers_match_a_separate_adamw_per_group_with_weight_decay():
 def test_lr_multiplier_for_unknown_group_is_an_error():
   cfg = stage_cfg(lr_multipliers={'slow': 1.0})
   with pytest.raises(ValueError, match=r"\['fast', 'other'\]"):
-    optim.make_optimizer(cfg, two_group_params(), total_steps=10, group_of=lambda path: path[0])
+    optim.make_optimizer(cfg, two_group_params(), group_of=lambda path: path[0])
 
 
 def test_fusion_param_groups_all_have_multipliers():
@@ -241,13 +270,15 @@ def test_fusion_param_groups_all_have_multipliers():
 
 def test_gradient_accumulation_applies_every_second_step():
   params = {'w': jnp.asarray([1.0, -1.0, 2.0], jnp.float32)}
-  tx = optim.make_optimizer(stage_cfg(lr=0.1, grad_accum_steps=2), params, total_steps=10)
+  cfg = stage_cfg(lr=0.1, grad_accum_steps=2)
+  tx = optim.make_optimizer(cfg, params)
   opt_state = tx.init(params)
   grads = [jnp.asarray(x, jnp.float32) for x in
            ([1.0, 2.0, -3.0], [3.0, -4.0, -1.0], [0.5, 0.5, 0.5], [-0.5, -0.5, 2.5])]
   history = [params]
   for g in grads:
-    updates, opt_state = tx.update({'w': g}, opt_state, history[-1])
+    updates, opt_state = tx.update({'w': g}, opt_state, history[-1],
+                                   schedule_steps=optim.schedule_steps(cfg, 10))
     history.append(optax.apply_updates(history[-1], updates))
   w = [np.asarray(p['w']) for p in history]
   np.testing.assert_array_equal(w[1], w[0])  # micro-step 1: only accumulated
@@ -276,8 +307,8 @@ def test_lr_scale_scales_the_update(runners):
   full = fresh_copy(runner.initial_state, runner.state_shardings)
   half = fresh_copy(runner.initial_state.replace(lr_scale=jnp.asarray(0.5, jnp.float32)),
                     runner.state_shardings)
-  new_full, m_full = runner.step_fn(full, batch, runner.frozen_states, ctx.class_weights)
-  new_half, m_half = runner.step_fn(half, batch, runner.frozen_states, ctx.class_weights)
+  new_full, m_full = runner.step_fn(full, batch, *runner.step_inputs)
+  new_half, m_half = runner.step_fn(half, batch, *runner.step_inputs)
   assert float(m_half['loss']) == float(m_full['loss'])
   assert any(not np.array_equal(a, h) for a, h in zip(leaves(runner.initial_state.params),
                                                        leaves(new_half.params)))

@@ -69,8 +69,9 @@ def loss_and_logits(model, batch: dict[str, jax.Array], class_weights: jax.Array
   return loss, logits
 
 
-def train_step(state: steps.TrainState, batch, class_weights, *, graphdef, rng_state, tx):
-  """One update; pure (jit it with the state donated)."""
+def train_step(state: steps.TrainState, batch, class_weights, schedule_steps, *, graphdef,
+               rng_state, tx):
+  """One update; pure (jit it with the state donated). `schedule_steps`: optim.schedule_steps."""
   rng_state = steps.reseed_rng_state(rng_state, jax.random.fold_in(state.rng, state.step))
   model = nnx.merge(graphdef, state.params, rng_state)
 
@@ -78,7 +79,8 @@ def train_step(state: steps.TrainState, batch, class_weights, *, graphdef, rng_s
     return loss_and_logits(model, batch, class_weights, train=True)
 
   (loss, logits), grads = nnx.value_and_grad(compute, has_aux=True)(model)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                 schedule_steps=schedule_steps)
   updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
   params = optax.apply_updates(state.params, updates)
   valid = batch['labels'] >= 0
@@ -112,8 +114,10 @@ class TextFinetuner:
     param_shardings = sharding.state_shardings(params, mesh, config.mesh.rules)
     params = jax.device_put(params, param_shardings)
     self.plan_sizes = [len(self.epoch_plan(e)) for e in range(ft.epochs)]
-    self.tx = optim.make_optimizer(ft.optim, params, max(1, sum(self.plan_sizes)))
+    self.tx = optim.make_optimizer(ft.optim, params)
     self.rep = sharding.replicated(mesh)
+    self.schedule_steps = jax.device_put(
+        optim.schedule_steps(ft.optim, max(1, sum(self.plan_sizes))), self.rep)
 
     def init_state(params):
       return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=None,
@@ -130,7 +134,7 @@ class TextFinetuner:
     self._train_step = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, rng_state=self.rng_state,
                           tx=self.tx),
-        in_shardings=(self.state_shardings, self.batch_sharding, self.rep),
+        in_shardings=(self.state_shardings, self.batch_sharding, self.rep, self.rep),
         out_shardings=(self.state_shardings, self.rep), donate_argnums=(0,))
     self._predict = jax.jit(functools.partial(predict_step, graphdef=self.graphdef,
                                               rng_state=self.rng_state))
@@ -199,7 +203,8 @@ class TextFinetuner:
           total=len(remaining), desc=f'text fine-tuning epoch {epoch + 1}/{ft.epochs}',
           unit='batch', enabled=config.train.progress_bar)
       for i, batch in enumerate(bar, start=first):
-        state, metrics = self._train_step(state, self.put(batch), self.class_weights)
+        state, metrics = self._train_step(state, self.put(batch), self.class_weights,
+                                          self.schedule_steps)
         host_step += 1
         tokens += batch.num_real_tokens
         pending.append(metrics)

@@ -3,6 +3,10 @@
 Reduce-on-plateau is not an optax transformation here: the step multiplies the final update by
 `lr_scale`, a scalar carried in the train state. With AdamW that is exactly a scaled learning
 rate (the decoupled weight decay is scaled by the lr too).
+
+The schedule's length is an argument of every update (`tx.update(..., schedule_steps=...)`), not
+a constant of the optimizer: a stage and its cross-fitting folds train for different numbers of
+steps on the same shapes, and with the length a runtime value they share one compiled step.
 """
 
 from __future__ import annotations
@@ -10,27 +14,76 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mer_jax import models
 
+SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear')
 
-def make_schedule(stage_cfg, total_steps: int) -> optax.Schedule:
-  """Learning rate per optimizer step (after gradient accumulation)."""
+
+def schedule_steps(stage_cfg, total_updates: int) -> np.ndarray:
+  """(warm-up updates, total updates) of a run of `total_updates` optimizer updates: the int32[2]
+  every update takes as `schedule_steps=`. Computed here, in Python, so the warm-up length is
+  exactly optax's `int(fraction * total)`."""
+  total = max(int(total_updates), 1)
+  warmup = max(int(stage_cfg.get('warmup_fraction', 0.0) * total), 1)
+  return np.asarray([warmup, total], np.int32)
+
+
+def scheduled_lr(stage_cfg, count, steps):
+  """The learning rate of optimizer update `count` (0-based, after gradient accumulation);
+  `steps` is `schedule_steps`'s pair. Both may be traced; the values are optax's
+  (warmup_cosine_decay_schedule; join_schedules of two linear_schedule) for the same integers."""
+  lr = stage_cfg.lr
   if stage_cfg.schedule == 'constant':
-    return optax.constant_schedule(stage_cfg.lr)
+    return jnp.full(jnp.shape(count), lr, jnp.float32)
+  warmup, total = steps[0], steps[1]
   if stage_cfg.schedule == 'warmup_cosine':
-    warmup = int(stage_cfg.warmup_fraction * total_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=stage_cfg.lr, warmup_steps=max(warmup, 1),
-        decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+    decay = jnp.maximum(total, warmup + 1) - warmup
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay).astype(jnp.float32)
+                                / decay.astype(jnp.float32)))
+    return jnp.where(count < warmup, _linear(count, 0.0, lr, warmup), lr * cosine)
   if stage_cfg.schedule == 'warmup_linear':  # linear warm-up, then linear decay to 0
-    warmup = max(int(stage_cfg.warmup_fraction * total_steps), 1)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, stage_cfg.lr, warmup),
-         optax.linear_schedule(stage_cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
-  raise ValueError(f'unknown schedule {stage_cfg.schedule!r} '
-                   '(constant | warmup_cosine | warmup_linear)')
+    return jnp.where(count < warmup, _linear(count, 0.0, lr, warmup),
+                     _linear(count - warmup, lr, 0.0, jnp.maximum(total - warmup, 1)))
+  raise ValueError(f'unknown schedule {stage_cfg.schedule!r} ({" | ".join(SCHEDULES)})')
+
+
+def _linear(count, start: float, end: float, steps):
+  """optax.linear_schedule(start, end, steps) at `count`, for a positive, maybe traced, `steps`."""
+  count = jnp.clip(count, 0, steps)
+  frac = 1 - count / steps
+  return (start - end) * frac ** 1 + end
+
+
+def make_schedule(stage_cfg, total_updates: int) -> optax.Schedule:
+  """`count -> learning rate` of a run of `total_updates` optimizer updates."""
+  _check_schedule(stage_cfg)
+  steps = schedule_steps(stage_cfg, total_updates)
+  return lambda count: scheduled_lr(stage_cfg, count, steps)
+
+
+def _check_schedule(stage_cfg) -> None:
+  if stage_cfg.schedule not in SCHEDULES:
+    raise ValueError(f'unknown schedule {stage_cfg.schedule!r} ({" | ".join(SCHEDULES)})')
+
+
+def scale_by_scheduled_lr(stage_cfg) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_learning_rate with our schedule, its length given to each update."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, *, schedule_steps, **unused):
+    del params, unused
+    step_size = -scheduled_lr(stage_cfg, state.count, schedule_steps)
+    updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def param_labels(params: Any, group_of: Callable[[tuple[str, ...]], str]) -> Any:
@@ -42,13 +95,16 @@ def param_labels(params: Any, group_of: Callable[[tuple[str, ...]], str]) -> Any
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(stage_cfg, params: Any, total_steps: int,
+def make_optimizer(stage_cfg, params: Any,
                    group_of: Callable[[tuple[str, ...]], str] | None = None
-                   ) -> optax.GradientTransformation:
-  schedule = make_schedule(stage_cfg, total_steps)
-
-  tx = optax.adamw(schedule, b1=stage_cfg.b1, b2=stage_cfg.b2, eps=stage_cfg.eps,
-                   weight_decay=stage_cfg.weight_decay)
+                   ) -> optax.GradientTransformationExtraArgs:
+  """optax.adamw with our schedule (every update takes `schedule_steps=`), then per-group lr
+  multipliers, global-norm clipping and gradient accumulation as `stage_cfg` asks."""
+  _check_schedule(stage_cfg)
+  tx = optax.chain(
+      optax.scale_by_adam(b1=stage_cfg.b1, b2=stage_cfg.b2, eps=stage_cfg.eps),
+      optax.add_decayed_weights(stage_cfg.weight_decay),
+      scale_by_scheduled_lr(stage_cfg))
   multipliers = dict(stage_cfg.lr_multipliers)
   if group_of is not None and multipliers:
     labels = param_labels(params, group_of)

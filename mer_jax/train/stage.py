@@ -155,8 +155,11 @@ class StageRunner:
                                   epoch=e, seed=config.seed))
         for e in range(config.train.epochs)]
     total_updates = max(1, sum(self.plan_lengths) // max(1, scfg.grad_accum_steps))
-    self.tx = optim.make_optimizer(scfg, params, total_updates,
+    self.tx = optim.make_optimizer(scfg, params,
                                    group_of=models.param_group if stage == 'fusion' else None)
+    # A runtime argument of the step (not a constant in it), so folds share the stage's program.
+    self.schedule_steps = jax.device_put(optim.schedule_steps(scfg, total_updates),
+                                         sharding.replicated(ctx.mesh))
 
     def init_state(params, batch_stats):
       return steps.TrainState(
@@ -181,13 +184,18 @@ class StageRunner:
     return {'train_step': self._train_step.seconds if self._train_step is not None else None,
             'eval_step': self.predict_fn.seconds}
 
+  @property
+  def step_inputs(self) -> tuple:
+    """The train step's arguments after (state, batch): frozen states, class weights, schedule."""
+    return self.frozen_states, self.ctx.class_weights, self.schedule_steps
+
   def jitted_train_step(self, batch_shardings):
     rep = sharding.replicated(self.ctx.mesh)
     fn = functools.partial(
         steps.train_step, graphdef=self.graphdef, rng_state=self.rng_state,
         frozen_graphdefs=self.frozen_graphdefs, tx=self.tx, statics=self.statics)
     frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen_states)
-    return jax.jit(fn, in_shardings=(self.state_shardings, batch_shardings, frozen_sh, rep),
+    return jax.jit(fn, in_shardings=(self.state_shardings, batch_shardings, frozen_sh, rep, rep),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
   def train_dataset(self, epoch: int) -> grain.MapDataset:
@@ -312,8 +320,7 @@ class StageRunner:
           self._batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
           self._train_step = compile_timing.TimedCompile(self.jitted_train_step(self._batch_sh))
         state, metrics = self._train_step(
-            state, sharding.put_batch(batch, self._batch_sh, self.budget), self.frozen_states,
-            self.ctx.class_weights)
+            state, sharding.put_batch(batch, self._batch_sh, self.budget), *self.step_inputs)
         if first:
           console.say('stage %s: train step lowered and compiled in %.1f s', self.name,
                       self._train_step.seconds)

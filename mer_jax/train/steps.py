@@ -150,9 +150,10 @@ def reseed_rng_state(rng_state, raw_key: jax.Array):
   return jax.tree.unflatten(treedef, fresh)
 
 
-def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphdef, rng_state,
-               frozen_graphdefs, tx, statics: StageStatics):
+def train_step(state: TrainState, batch, frozen_states, class_weights, schedule_steps, *, graphdef,
+               rng_state, frozen_graphdefs, tx, statics: StageStatics):
   """One micro-step: gradients, (accumulated) AdamW update, EMA. Pure; jit with donation.
+  `schedule_steps` is the lr schedule's (warm-up, total) updates (`optim.schedule_steps`).
 
   `rng_state` holds the model's nnx rng streams; they are reseeded from `state.rng` and the step
   number here, so they need no checkpointing.
@@ -170,7 +171,8 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
   # updated in place while tracing; the gradients come back as a State shaped like the params.
   (loss, (logits, parts)), grads = nnx.value_and_grad(compute_loss, has_aux=True)(model)
   grads = nnx.to_pure_dict(grads)  # the train state holds plain dicts (inference.build_sharded_model)
-  new_state = apply_gradients(state, grads, tx=tx, ema_decay=statics.ema_decay).replace(
+  new_state = apply_gradients(state, grads, schedule_steps, tx=tx,
+                              ema_decay=statics.ema_decay).replace(
       model_state=nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
   labels = batch.nodes['label']
   valid = batch.nodes['mask'] & (labels >= 0)
@@ -188,13 +190,15 @@ def train_step(state: TrainState, batch, frozen_states, class_weights, *, graphd
   return new_state, metrics
 
 
-def apply_gradients(state: TrainState, grads, *, tx, ema_decay: float) -> TrainState:
+def apply_gradients(state: TrainState, grads, schedule_steps, *, tx,
+                    ema_decay: float) -> TrainState:
   """The parameter side of a step: (accumulated) AdamW update, lr scale, EMA, step count.
 
   One pass over every parameter and its optimizer and EMA slots, whatever the batch size: at the
   authors' batch of 16 utterances this memory traffic is a fixed share of a step on CPU.
   """
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                 schedule_steps=schedule_steps)
   updates = jax.tree.map(lambda u: u * state.lr_scale, updates)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
