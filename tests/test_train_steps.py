@@ -92,7 +92,7 @@ def runners(tmp_path_factory):
           'host_batches': host_batches}
 
 
-def run_steps(runner, ctx, state, batches):
+def run_steps(runner, state, batches):
   states, metrics = [], []
   for batch in batches:
     state, m = runner.step_fn(state, batch, *runner.step_inputs)
@@ -113,7 +113,7 @@ def test_train_and_predict_steps_trace_once_per_stage(runners):
     # compiled this stage's already): evaluating adds at most one compiled version of it.
     programs_before = inference.predict_program._cache_size()
     state = fresh_copy(runner.initial_state, runner.state_shardings)
-    state, _, metrics = run_steps(runner, ctx, state, runners['batches'])
+    state, _, metrics = run_steps(runner, state, runners['batches'])
     assert traces['train'][stage] == 1, (stage, traces['train'])
     assert all(np.isfinite(m['loss']) for m in metrics), stage
     assert int(state.step) == len(runners['batches'])
@@ -291,10 +291,10 @@ def test_gradient_accumulation_applies_every_second_step():
 # --- the real train step: accumulation, lr_scale and EMA -----------------------------------
 
 def test_step_with_accumulation_updates_every_second_micro_batch(runners):
-  runner, ctx = runners['runners']['teacher'], runners['ctx']
+  runner = runners['runners']['teacher']
   assert isinstance(runner.tx, optax.MultiSteps)
   state = fresh_copy(runner.initial_state, runner.state_shardings)
-  _, states, _ = run_steps(runner, ctx, state, runners['batches'][:4])
+  _, states, _ = run_steps(runner, state, runners['batches'][:4])
   p = [leaves(runner.initial_state.params)] + [leaves(s.params) for s in states]
   moved = [any(not np.array_equal(a, b) for a, b in zip(p[i], p[i + 1])) for i in range(4)]
   assert moved == [False, True, False, True]
@@ -302,7 +302,7 @@ def test_step_with_accumulation_updates_every_second_micro_batch(runners):
 
 def test_lr_scale_scales_the_update(runners):
   """AdamW's first step from one state and batch, with lr_scale 1 and 0.5."""
-  runner, ctx = runners['runners']['audio'], runners['ctx']
+  runner = runners['runners']['audio']
   batch = runners['batches'][0]
   full = fresh_copy(runner.initial_state, runner.state_shardings)
   half = fresh_copy(runner.initial_state.replace(lr_scale=jnp.asarray(0.5, jnp.float32)),
@@ -327,9 +327,9 @@ def expected_ema(old, new, updates_before: int, decay: float):
 
 
 def test_ema_after_each_update_without_accumulation(runners):
-  runner, ctx = runners['runners']['audio'], runners['ctx']
+  runner = runners['runners']['audio']
   state = fresh_copy(runner.initial_state, runner.state_shardings)
-  _, states, _ = run_steps(runner, ctx, state, runners['batches'][:3])
+  _, states, _ = run_steps(runner, state, runners['batches'][:3])
   old_ema = leaves(runner.initial_state.ema_params)
   for t, s in enumerate(states):
     want = expected_ema(old_ema, leaves(s.params), t, EMA_DECAY)
@@ -341,9 +341,9 @@ def test_ema_after_each_update_without_accumulation(runners):
 def test_ema_with_accumulation_counts_applied_updates(runners):
   """With accumulation the EMA moves only when an update is applied, by the same rule: the
   first applied update uses t = 0 updates before it, exactly as without accumulation."""
-  runner, ctx = runners['runners']['teacher'], runners['ctx']
+  runner = runners['runners']['teacher']
   state = fresh_copy(runner.initial_state, runner.state_shardings)
-  _, states, _ = run_steps(runner, ctx, state, runners['batches'][:4])
+  _, states, _ = run_steps(runner, state, runners['batches'][:4])
   ema = [leaves(runner.initial_state.ema_params)] + [leaves(s.ema_params) for s in states]
   for a, b in zip(ema[0], ema[1]):  # micro-step 1: nothing applied, the average stays
     np.testing.assert_array_equal(a, b)
