@@ -203,7 +203,7 @@ def apply_gradients(state: TrainState, grads, schedule_steps, *, tx,
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
-    if isinstance(tx, optax.MultiSteps):
+    if isinstance(opt_state, optax.MultiStepsState):  # gradient accumulation
       # Only move the average when the accumulated update was actually applied.
       applied = opt_state.mini_step == 0
       # gradient_step already counts this update; the warm-up uses the count before it.
