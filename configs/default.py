@@ -208,8 +208,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Finished encoder stages shared between runs with the same settings for them (sweeps set it;
   # see mer_jax/train/shared_stages.py). '' = off.
   c.train.shared_stages_dir = ''
-  # Persistent XLA compilation cache ('' = workdir/jax_cache, 'off' = none): the cross-fitting
-  # folds and resumed runs then compile each step once.
+  # Persistent XLA compilation cache ('' = $JAX_COMPILATION_CACHE_DIR if set, else
+  # workdir/jax_cache; 'off' = none): the cross-fitting folds and resumed runs then compile each
+  # step once.
   c.train.compilation_cache_dir = ''
   c.train.early_stopping_min_delta = 0.001
 

@@ -352,7 +352,8 @@ def _build_rules() -> dict[str, Rule]:
       'train.on_change': choice('error', 'retrain'),
       'train.checkpoint_dir': text(note="'': workdir/checkpoints"),
       'train.shared_stages_dir': text(note="'': off"),
-      'train.compilation_cache_dir': text(note="'': workdir/jax_cache, 'off': none"),
+      'train.compilation_cache_dir': text(
+          note="'': $JAX_COMPILATION_CACHE_DIR if set, else workdir/jax_cache; 'off': none"),
       'train.early_stopping_min_delta': number(0),
       **{f'optim.*.{k}': r for k, r in _optim_rules().items()},
       # devices and evaluation

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import default
+from mer_jax.run import job
 from mer_jax.train import compile_timing
 
 
@@ -33,3 +35,21 @@ def test_donated_state_stays_donated():
     state, total = step(state, jnp.full(8, 1.0))
   np.testing.assert_array_equal(state, np.full(8, 3.0))
   assert float(total) == 16.0
+
+
+def test_the_cache_folder_is_the_config_s_then_the_environment_s_then_the_workdir_s(monkeypatch):
+  config = default.get_config('tiny')
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/env/cache')
+    job.enable_compilation_cache(config, '/w')
+    assert jax.config.jax_compilation_cache_dir == '/env/cache'
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+    job.enable_compilation_cache(config, '/w')
+    assert jax.config.jax_compilation_cache_dir == '/w/jax_cache'
+    config.train.compilation_cache_dir = '/mine'
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/env/cache')
+    job.enable_compilation_cache(config, '/w')
+    assert jax.config.jax_compilation_cache_dir == '/mine'
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)

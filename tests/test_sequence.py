@@ -131,7 +131,6 @@ def test_gru_teacher_without_batchnorm_trains_saves_and_restores(tmp_path):
   config.model.teacher.context_gru = 6
   config.model.teacher.context_projection = 5
   config.model.teacher.input_batchnorm = False
-  config.train.compilation_cache_dir = 'off'
   config.mesh.shape = {'data': 1, 'model': 1}
   validate_config(config)
   workdir = str(tmp_path / 'w')

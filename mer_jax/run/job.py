@@ -25,8 +25,11 @@ LOCK_NAME = 'run.lock'
 
 
 def enable_compilation_cache(config, workdir: str) -> None:
-  """Persistent XLA cache: fold encoders, resumed runs and reruns reuse compiled steps."""
-  cache = config.train.compilation_cache_dir or os.path.join(workdir, 'jax_cache')
+  """Persistent XLA cache: fold encoders, resumed runs and reruns reuse compiled steps. Unset
+  (''), it is the environment's JAX_COMPILATION_CACHE_DIR (one cache for all of a user's runs),
+  else workdir/jax_cache."""
+  cache = (config.train.compilation_cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR')
+           or os.path.join(workdir, 'jax_cache'))
   jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
