@@ -7,6 +7,7 @@ evaluation weights, and is not trained again once finished: rerunning a workdir 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -17,6 +18,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -40,6 +42,25 @@ from mer_jax.train import steps
 from mer_jax.train import teacher_cache
 from mer_jax.train.inference import FrozenModel
 from mer_jax.train.metrics_writer import MetricsWriter
+
+
+# Train steps compiled in this process, by everything that determines their program. A stage's
+# cross-fitting folds have the stage's config, model, mesh and batch layout (their data and
+# schedule length are runtime arguments), so they run the stage's compiled step.
+_TRAIN_STEPS: collections.OrderedDict = collections.OrderedDict()
+_TRAIN_STEPS_KEPT = 8
+
+
+def _shared_train_step(key, build) -> tuple[compile_timing.TimedCompile, bool]:
+  """(the compiled step for `key`, whether `build` made it now)."""
+  step = _TRAIN_STEPS.pop(key, None)
+  built = step is None
+  if built:
+    step = build()
+  _TRAIN_STEPS[key] = step
+  while len(_TRAIN_STEPS) > _TRAIN_STEPS_KEPT:
+    _TRAIN_STEPS.popitem(last=False)
+  return step, built
 
 
 class NonFiniteLoss(errors.UserError, FloatingPointError):
@@ -175,14 +196,13 @@ class StageRunner:
         stage, self.graphdef, config, frozen)
     self.predict_fn = compile_timing.TimedCompile(inference.predict_program, **static)
     self.loop = LoopState()
-    self._train_step = self._batch_sh = None
+    self._train_step = self._batch_sh = self._train_step_seconds = None
 
   @property
   def compile_seconds(self) -> dict[str, float | None]:
     """Lowering + compilation seconds of the train and eval steps this process compiled (None:
     not compiled here, e.g. a finished stage restored)."""
-    return {'train_step': self._train_step.seconds if self._train_step is not None else None,
-            'eval_step': self.predict_fn.seconds}
+    return {'train_step': self._train_step_seconds, 'eval_step': self.predict_fn.seconds}
 
   @property
   def step_inputs(self) -> tuple:
@@ -197,6 +217,15 @@ class StageRunner:
     frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen_states)
     return jax.jit(fn, in_shardings=(self.state_shardings, batch_shardings, frozen_sh, rep, rep),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+  def _program_key(self, batch) -> tuple:
+    """What determines the train step's program besides the runtime arguments: the stage, its
+    config (model, optimizer, loss, frozen models), the mesh, the batch's layout and shapes."""
+    leaves, layout = jax.tree.flatten(batch)
+    shapes = tuple((np.shape(x), np.asarray(x).dtype.str) for x in leaves)
+    return (self.stage, ml_collections.FrozenConfigDict(self.config), self.ctx.mesh, layout,
+            shapes, tuple(jax.tree.leaves(self._batch_sh)), self.statics.distill,
+            self.statics.teacher_in_batch, tuple(sorted(self.frozen_graphdefs.items())))
 
   def train_dataset(self, epoch: int) -> grain.MapDataset:
     """The training batches of `epoch`: only the modalities the step reads, and, with the
@@ -316,14 +345,17 @@ class StageRunner:
     try:
       for batch in it:
         first = self._train_step is None
-        if first:  # one compiled step for every epoch
+        if first:  # one compiled step for every epoch (and for the stage's folds)
           self._batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
-          self._train_step = compile_timing.TimedCompile(self.jitted_train_step(self._batch_sh))
+          self._train_step, built = _shared_train_step(
+              self._program_key(batch),
+              lambda: compile_timing.TimedCompile(self.jitted_train_step(self._batch_sh)))
         state, metrics = self._train_step(
             state, sharding.put_batch(batch, self._batch_sh, self.budget), *self.step_inputs)
         if first:
+          self._train_step_seconds = self._train_step.seconds if built else 0.0
           console.say('stage %s: train step lowered and compiled in %.1f s', self.name,
-                      self._train_step.seconds)
+                      self._train_step_seconds)
         host_step += 1
         pending.append(metrics)
         bar.update(1)
