@@ -174,6 +174,11 @@ def test_training_writes_results_reports_events_and_checkpoints(reference):
     best = os.path.join(workdir, 'checkpoints', stage, 'best')
     assert [n for n in os.listdir(best) if n.isdigit()], best
     assert latest_steps(workdir, stage), stage
+    assert all(seconds > 0 for seconds in results[stage]['compile_seconds'].values()), stage
+  # The stacking folds run their stage's compiled initializer and steps.
+  folds = re.findall(r'stage fold\d/\w+: train step lowered and compiled in ([\d.]+) s \(model '
+                     r'initializer: ([\d.]+) s\)', reference['stderr'])
+  assert len(folds) == 6 and all(float(x) == 0.0 for pair in folds for x in pair), folds
 
 
 def test_steps_trace_once_per_stage_over_the_whole_run(reference):

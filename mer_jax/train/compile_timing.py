@@ -6,6 +6,7 @@ took to lower and compile (a hit in the persistent compilation cache shows as a 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -18,12 +19,13 @@ class TimedCompile:
   static batch budgets of a stage guarantee it). `static` are keyword arguments that `jitted`
   takes as static; they are given once, here.
 
-  Programs lowered here are steps: on CPU their small random draws keep JAX's loop
-  (`cpu_backend.step_draws`).
+  Programs lowered here are steps unless `is_step=False` (initializers): on CPU a step's small
+  random draws keep JAX's loop (`cpu_backend.step_draws`).
   """
 
-  def __init__(self, jitted: Callable, **static):
+  def __init__(self, jitted: Callable, *, is_step: bool = True, **static):
     self._jitted = jitted
+    self._is_step = is_step
     self._static = static
     self._compiled = None
     self.lower_seconds: float | None = None
@@ -32,7 +34,7 @@ class TimedCompile:
   def __call__(self, *args) -> Any:
     if self._compiled is None:
       started = time.perf_counter()
-      with cpu_backend.step_draws():
+      with cpu_backend.step_draws() if self._is_step else contextlib.nullcontext():
         lowered = self._jitted.lower(*args, **self._static)
       lowered_at = time.perf_counter()
       self._compiled = lowered.compile()

@@ -16,6 +16,7 @@ from mer_jax import evaluate
 from mer_jax import models
 from mer_jax import stages
 from mer_jax.data import pipeline
+from mer_jax.train import compile_timing
 from mer_jax.train import distributed
 from mer_jax.train import sharding
 from mer_jax.train import steps
@@ -53,9 +54,16 @@ def stage_in_dims(stage: str, config) -> dict[str, int]:
 
 def build_sharded_model(stage: str, config, mesh, seed: int):
   """(graphdef, params, batch_stats, rng_state), created directly in their sharded layout."""
+  return build_sharded_model_timed(stage, config, mesh, seed)[:4]
+
+
+def build_sharded_model_timed(stage: str, config, mesh, seed: int):
+  """build_sharded_model's four, then the seconds this call spent lowering and compiling the
+  initializer (0.0 where a model of the same structure and seed had compiled it)."""
   graphdef, init = _initializer(stage, ml_collections.FrozenConfigDict(config), mesh, seed)
+  compiles = init.seconds is None
   params, batch_stats, rng_state = init()
-  return graphdef, params, batch_stats, rng_state
+  return graphdef, params, batch_stats, rng_state, init.seconds if compiles else 0.0
 
 
 @functools.lru_cache(maxsize=32)
@@ -76,11 +84,11 @@ def _initializer(stage: str, config: ml_collections.FrozenConfigDict, mesh, seed
 
   # Plain nested dicts of arrays, not nnx.State: JAX flattens dicts in C++ but calls back into
   # Python for each nnx Variable on every jitted call. nnx.merge takes the dicts as they are.
-  @functools.partial(jax.jit, out_shardings=tuple(shardings))
   def init():
     return tuple(nnx.to_pure_dict(s) for s in create()[1:])
 
-  return graphdef, init
+  return graphdef, compile_timing.TimedCompile(jax.jit(init, out_shardings=tuple(shardings)),
+                                               is_step=False)
 
 
 def predict_split(source, config, budget, predict_fn, mesh, *,

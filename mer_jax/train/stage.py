@@ -18,7 +18,6 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -139,8 +138,8 @@ class StageRunner:
     self.scfg = scfg = config.optim[stage]
     self.budget = sharding.batch_budget(config, ctx.mesh)
     self.seed = config.seed + stages.SEED_OFFSET[stage]
-    self.graphdef, params, batch_stats, self.rng_state = inference.build_sharded_model(
-        stage, config, ctx.mesh, self.seed)
+    self.graphdef, params, batch_stats, self.rng_state, self._init_seconds = (
+        inference.build_sharded_model_timed(stage, config, ctx.mesh, self.seed))
     distill = stages.distills(stage, config.loss.distill) and 'teacher' in frozen
     self.statics = steps.StageStatics(
         stage=stage, modalities=tuple(config.data.modalities),
@@ -200,9 +199,11 @@ class StageRunner:
 
   @property
   def compile_seconds(self) -> dict[str, float | None]:
-    """Lowering + compilation seconds of the train and eval steps this process compiled (None:
-    not compiled here, e.g. a finished stage restored)."""
-    return {'train_step': self._train_step_seconds, 'eval_step': self.predict_fn.seconds}
+    """Lowering + compilation seconds of the model initializer and the train and eval steps
+    (0.0: this process had compiled them for a model of the same structure, e.g. a stacking
+    fold's; None: not run here, e.g. the steps of a finished stage restored)."""
+    return {'initializer': self._init_seconds, 'train_step': self._train_step_seconds,
+            'eval_step': self.predict_fn.seconds}
 
   @property
   def step_inputs(self) -> tuple:
@@ -219,11 +220,15 @@ class StageRunner:
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
   def _program_key(self, batch) -> tuple:
-    """What determines the train step's program besides the runtime arguments: the stage, its
-    config (model, optimizer, loss, frozen models), the mesh, the batch's layout and shapes."""
+    """What determines the train step's program besides the runtime arguments: the stage, the
+    settings it trains with (fingerprints.stage_settings: not paths, logging or other stages'
+    models), the frozen models, the mesh, the batch's layout and shapes. Runs in one process
+    that differ elsewhere (a sweep's variants' encoders) share the step."""
     leaves, layout = jax.tree.flatten(batch)
     shapes = tuple((np.shape(x), np.asarray(x).dtype.str) for x in leaves)
-    return (self.stage, ml_collections.FrozenConfigDict(self.config), self.ctx.mesh, layout,
+    settings = json.dumps(fingerprints.stage_settings(self.config, self.stage), sort_keys=True,
+                          default=str)
+    return (self.stage, settings, self.ctx.mesh, layout,
             shapes, tuple(jax.tree.leaves(self._batch_sh)), self.statics.distill,
             self.statics.teacher_in_batch, tuple(sorted(self.frozen_graphdefs.items())))
 
@@ -354,8 +359,8 @@ class StageRunner:
             state, sharding.put_batch(batch, self._batch_sh, self.budget), *self.step_inputs)
         if first:
           self._train_step_seconds = self._train_step.seconds if built else 0.0
-          console.say('stage %s: train step lowered and compiled in %.1f s', self.name,
-                      self._train_step_seconds)
+          console.say('stage %s: train step lowered and compiled in %.1f s (model initializer: '
+                      '%.1f s)', self.name, self._train_step_seconds, self._init_seconds)
         host_step += 1
         pending.append(metrics)
         bar.update(1)
