@@ -36,6 +36,7 @@ def scheduled_lr(stage_cfg, count, steps):
   """The learning rate of optimizer update `count` (0-based, after gradient accumulation);
   `steps` is `schedule_steps`'s pair. Both may be traced; the values are optax's
   (warmup_cosine_decay_schedule; join_schedules of two linear_schedule) for the same integers."""
+  _check_schedule(stage_cfg)
   lr = stage_cfg.lr
   if stage_cfg.schedule == 'constant':
     return jnp.full(jnp.shape(count), lr, jnp.float32)
@@ -45,10 +46,9 @@ def scheduled_lr(stage_cfg, count, steps):
     cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay).astype(jnp.float32)
                                 / decay.astype(jnp.float32)))
     return jnp.where(count < warmup, _linear(count, 0.0, lr, warmup), lr * cosine)
-  if stage_cfg.schedule == 'warmup_linear':  # linear warm-up, then linear decay to 0
-    return jnp.where(count < warmup, _linear(count, 0.0, lr, warmup),
-                     _linear(count - warmup, lr, 0.0, jnp.maximum(total - warmup, 1)))
-  raise ValueError(f'unknown schedule {stage_cfg.schedule!r} ({" | ".join(SCHEDULES)})')
+  # warmup_linear: linear warm-up, then linear decay to 0
+  return jnp.where(count < warmup, _linear(count, 0.0, lr, warmup),
+                   _linear(count - warmup, lr, 0.0, jnp.maximum(total - warmup, 1)))
 
 
 def _linear(count, start: float, end: float, steps):

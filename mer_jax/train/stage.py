@@ -220,15 +220,15 @@ class StageRunner:
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
   def _program_key(self, batch) -> tuple:
-    """What determines the train step's program besides the runtime arguments: the stage, the
-    settings it trains with (fingerprints.stage_settings: not paths, logging or other stages'
-    models), the frozen models, the mesh, the batch's layout and shapes. Runs in one process
+    """What determines the train step's program besides the runtime arguments: the settings the
+    stage trains with (fingerprints.stage_settings, which names the stage; not paths, logging or
+    other stages' models), the frozen models, the mesh, the batch's layout and shapes. Runs in one process
     that differ elsewhere (a sweep's variants' encoders) share the step."""
     leaves, layout = jax.tree.flatten(batch)
     shapes = tuple((np.shape(x), np.asarray(x).dtype.str) for x in leaves)
     settings = json.dumps(fingerprints.stage_settings(self.config, self.stage), sort_keys=True,
                           default=str)
-    return (self.stage, settings, self.ctx.mesh, layout,
+    return (settings, self.ctx.mesh, layout,
             shapes, tuple(jax.tree.leaves(self._batch_sh)), self.statics.distill,
             self.statics.teacher_in_batch, tuple(sorted(self.frozen_graphdefs.items())))
 
