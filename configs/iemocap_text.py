@@ -5,7 +5,9 @@
 
 The folder holds `{split}.csv` with columns Dialogue_ID, Utterance_ID, Utterance, Speaker,
 Emotion (labels neutral, frustration, sadness, anger, excited, happiness; the short forms
-neu/fru/sad/ang/exc/hap are accepted). Same variants as configs/meld_text.py.
+neu/fru/sad/ang/exc/hap are accepted). Files named otherwise, e.g. `train_iemo.csv`:
+--config.text.csv.pattern='{split}_iemo.csv'; every key: docs/dialogue_csv.md. Same variants as
+configs/meld_text.py.
 """
 
 from configs import iemocap

@@ -33,15 +33,19 @@ from configs import default
 def text_frontend(preset: str, csv_dir: str, pattern: str) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.csv = ml_collections.ConfigDict()
-  t.csv.preset = preset  # 'meld', 'iemocap' or 'custom' (then set the columns and labels)
+  # Every key, with an example for a non-MELD corpus: docs/dialogue_csv.md.
+  t.csv.preset = preset  # 'meld', 'iemocap' or 'custom' (then set the columns)
   t.csv.dir = csv_dir
   t.csv.pattern = pattern  # file name per split; {split} is data.{train,dev,test}_split
-  t.csv.dialogue_column = ''  # '' keeps the preset's column name
+  # '' keeps the preset's column; a tuple of columns (e.g. ('Season', 'Episode', 'Scene'))
+  # identifies a dialogue by their values joined with '/'. Typed `object` so that both a str
+  # and a tuple can be set, in a config file or with --config.text.csv.dialogue_column.
+  t.csv.dialogue_column = ml_collections.FieldReference('', field_type=object)
   t.csv.utterance_column = ''
   t.csv.text_column = ''
   t.csv.speaker_column = ''
   t.csv.label_column = ''
-  t.csv.label_names = ()  # () keeps the preset's labels
+  t.csv.label_names = ()  # (): the top-level label_names (set labels there, once)
   t.csv.label_aliases = ml_collections.ConfigDict()  # spelling in the CSV -> label name
   t.csv.on_bad_row = 'error'  # 'error' or 'skip' (counted and reported)
   t.csv.ascii_punctuation = True

@@ -379,9 +379,18 @@ def _text_rules() -> dict[str, Rule]:
                                 template="{value!r} is not 'meld', 'iemocap' or 'custom'"),
       'text.csv.dir': PATH,
       'text.csv.pattern': FILE_PATTERN,
-      **{f'text.csv.{k}_column': column
-         for k in ('dialogue', 'utterance', 'text', 'speaker', 'label')},
-      'text.csv.label_names': tuple_of(text(nonempty=True), note="(): the preset's labels"),
+      'text.csv.dialogue_column': Rule(
+          Kind('a str or a tuple of str', lambda v: isinstance(v, (str, tuple, list))),
+          'naming distinct columns',
+          lambda v: isinstance(v, str) or (
+              all(isinstance(c, str) and c for c in v) and len(set(v)) == len(v)),
+          note="'' or (): the preset's column; several: the dialogue id joins their values "
+               "with '/'",
+          template="must be a column name or a tuple of distinct column names ('' or (): the "
+                   "preset's column), got {value!r}"),
+      **{f'text.csv.{k}_column': column for k in ('utterance', 'text', 'speaker', 'label')},
+      'text.csv.label_names': tuple_of(text(nonempty=True),
+                                       note='(): label_names; else the same as label_names'),
       'text.csv.label_aliases': mapping('spelling in the CSV -> label name'),
       'text.csv.label_aliases.*': text(nonempty=True),
       'text.csv.on_bad_row': choice('error', 'skip'),

@@ -381,12 +381,23 @@ def text_frontend_errors(config, v: Mapping[str, Any], ok: _Usable, *,
         name = v['text.csv.pattern'].format(split=split)
         need(os.path.isfile(os.path.join(csv_dir, name)), 'csv.pattern',
              f'{os.path.join(csv_dir, name)} (split {split!r}) does not exist')
-  if ok('text.csv.preset', 'text.csv.label_names') and v['text.csv.preset'] == 'custom':
-    need(len(v['text.csv.label_names']) >= 2, 'csv.label_names',
-         "csv.preset='custom' needs the labels")
+  # label_names is the one source of the labels; text.csv.label_names, kept for older configs,
+  # may only repeat it.
   if ok('text.csv.label_names', 'label_names') and v['text.csv.label_names']:
     names, labels = list(v['text.csv.label_names']), list(v['label_names'])
-    need(names == labels, 'csv.label_names', f'{names} differ from label_names {labels}')
+    need(names == labels, 'csv.label_names',
+         f'{names} contradicts label_names {labels}; set the labels once, in label_names '
+         '(text.csv.label_names=() reads them from there)')
+  if ok('text.csv.label_aliases', 'label_names'):
+    known = {name.lower() for name in v['label_names']}
+    for alias, target in dict(v['text.csv.label_aliases']).items():
+      need(target.lower() in known, f'csv.label_aliases.{alias}',
+           f'{target!r} is not one of label_names {list(v["label_names"])}')
+  if ok('data.source', 'text.csv.dialogue_column') and v['data.source'] == 'raw':
+    column = v['text.csv.dialogue_column']
+    need(isinstance(column, str) or len(column) <= 1, 'csv.dialogue_column',
+         f'{tuple(column)}: the raw front end finds clips as dia{{D}}_utt{{U}}.mp4, so D must be '
+         'one column')
   if ok('text.layers'):
     layers = tuple(v['text.layers'])
     need(len(set(layers)) == len(layers), 'layers', f'{layers} names a hidden state twice')

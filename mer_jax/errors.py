@@ -50,10 +50,58 @@ def _exit_with(message: str) -> None:
   sys.exit(EXIT_USER_ERROR)
 
 
+def _config_file(argv: list[str]) -> str | None:
+  """The file of `--config FILE[:arg]` (or `--config=...`) in `argv`, if given."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith('--config='):
+      value = arg[len('--config='):]
+    else:
+      continue
+    return value.split(':', 1)[0] if not os.path.isfile(value) else value
+  return None
+
+
+def package_root(path: str) -> str:
+  """The folder above the outermost package holding `path` (a package: a folder with
+  __init__.py); for repo/configs/x.py, repo. A file in no package: its own folder."""
+  folder = os.path.dirname(os.path.abspath(path))
+  while os.path.isfile(os.path.join(folder, '__init__.py')):
+    folder = os.path.dirname(folder)
+  return folder
+
+
+def make_config_importable(config_file: str) -> None:
+  """Lets a config file import its siblings from any working directory.
+
+  Config files import each other as `from configs import default`, which only works where
+  `configs` is importable: Python puts the working directory on sys.path, so runs from the
+  repository root worked and others failed with "No module named 'configs'". The root of the
+  file's own package goes first (a config imports the configs beside it, not those of the
+  working directory); the checkout that holds mer_jax goes last, so a config file outside the
+  repository can still build on ours.
+  """
+  root = package_root(config_file)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if (os.path.isfile(os.path.join(checkout, 'configs', '__init__.py'))
+      and checkout not in sys.path):
+    sys.path.append(checkout)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """`flags_parser` for `app.run`: a bad flag or `--config.<key>` override is one message."""
+  config_file = _config_file(argv)
+  if config_file:
+    make_config_importable(config_file)
   try:
     return flags.FLAGS(argv)
+  except (OSError, ImportError, SyntaxError) as e:  # the config file cannot be loaded
+    if wants_traceback():
+      raise
+    _exit_with('--config: ' + ' '.join(str(e).split()))
   except flags.Error as e:
     lines = [l for l in str(e).splitlines() if l.strip()]
     if len(lines) > 1 and not wants_traceback():  # e.g. get_config raised: first and last line

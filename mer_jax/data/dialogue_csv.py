@@ -2,7 +2,10 @@
 
 One row per utterance. A `CsvSchema` names the columns and the label set, so a new dataset
 needs a config entry, not code. Rows are grouped by dialogue id (in order of first
-appearance) and ordered by utterance id within a dialogue.
+appearance) and ordered by utterance id within a dialogue. A dialogue may be identified by
+several columns (season, episode, scene): its id is then their values joined by '/'.
+Speaker cells holding a list of names (`['Monica Geller']`) are normalised and counted. The
+schema keys, with an example for a non-MELD corpus: docs/dialogue_csv.md.
 
 Problems are never dropped silently: with `on_bad_row='error'` (default) the first bad row
 stops ingestion with the file, line and column named; with 'skip' the row is left out and
@@ -13,6 +16,7 @@ what the schema says.
 
 from __future__ import annotations
 
+import ast
 import collections
 import csv
 import dataclasses
@@ -20,6 +24,7 @@ import io
 import os
 import re
 from typing import Literal, Sequence
+import warnings
 
 import numpy as np
 
@@ -28,6 +33,10 @@ from mer_jax.data import shards
 
 MELD_LABELS = ('neutral', 'surprise', 'fear', 'sadness', 'joy', 'disgust', 'anger')
 IEMOCAP_LABELS = ('neutral', 'frustration', 'sadness', 'anger', 'excited', 'happiness')
+# Joins the values of several dialogue columns into one dialogue id ('1/3/12').
+DIALOGUE_ID_SEPARATOR = '/'
+# Joins the names of a speaker cell that lists several speakers ("['Rachel', 'Ross']").
+SPEAKER_SEPARATOR = ' & '
 
 
 class CsvFormatError(errors.UserError):
@@ -39,7 +48,8 @@ class CsvSchema:
   """Column names and label set of a dialogue CSV."""
 
   label_names: tuple[str, ...]
-  dialogue_column: str = 'Dialogue_ID'
+  # One column, or several whose values together identify a dialogue.
+  dialogue_column: str | tuple[str, ...] = 'Dialogue_ID'
   utterance_column: str = 'Utterance_ID'
   text_column: str = 'Utterance'
   speaker_column: str = 'Speaker'
@@ -49,9 +59,15 @@ class CsvSchema:
   label_aliases: tuple[tuple[str, str], ...] = ()
 
   @property
+  def dialogue_columns(self) -> tuple[str, ...]:
+    if isinstance(self.dialogue_column, str):
+      return (self.dialogue_column,)
+    return tuple(self.dialogue_column)
+
+  @property
   def columns(self) -> tuple[str, ...]:
-    return (self.dialogue_column, self.utterance_column, self.text_column, self.speaker_column,
-            self.label_column)
+    return (*self.dialogue_columns, self.utterance_column, self.text_column,
+            self.speaker_column, self.label_column)
 
 
 MELD_SCHEMA = CsvSchema(label_names=MELD_LABELS)
@@ -62,8 +78,13 @@ IEMOCAP_SCHEMA = CsvSchema(label_names=IEMOCAP_LABELS,
                                           ('happy', 'happiness')))
 
 
-def schema_from_config(cfg) -> CsvSchema:
-  """A schema from a config block: `preset` ('meld', 'iemocap', 'custom') plus overrides."""
+def schema_from_config(cfg, label_names: Sequence[str] = ()) -> CsvSchema:
+  """A schema from a config block: `preset` ('meld', 'iemocap', 'custom') plus overrides.
+
+  The labels are `cfg.label_names` if set, else `label_names` (the config's top-level
+  `label_names`, so a user sets them once), else the preset's. A preset's aliases whose label
+  is not in the label set are dropped; the user's own aliases are checked when reading.
+  """
   base = {'meld': MELD_SCHEMA, 'iemocap': IEMOCAP_SCHEMA, 'custom': None}
   if cfg.preset not in base:
     raise ValueError(f'csv.preset must be one of {sorted(base)}, got {cfg.preset!r}')
@@ -73,13 +94,20 @@ def schema_from_config(cfg) -> CsvSchema:
               'label_column'):
     if cfg.get(key):
       overrides[key] = cfg[key]
-  if cfg.get('label_names'):
-    overrides['label_names'] = tuple(cfg.label_names)
+  if isinstance(overrides.get('dialogue_column'), (tuple, list)):
+    columns = tuple(overrides['dialogue_column'])
+    overrides['dialogue_column'] = columns[0] if len(columns) == 1 else columns
+  labels = tuple(cfg.get('label_names') or label_names) or (schema.label_names if schema else ())
+  if not labels:
+    raise ValueError('csv.preset=custom needs label_names (or csv.label_names)')
+  overrides['label_names'] = labels
   if cfg.get('label_aliases'):
     overrides['label_aliases'] = tuple((str(k), str(v)) for k, v in dict(cfg.label_aliases).items())
+  elif schema is not None:
+    known = {name.lower() for name in labels}
+    overrides['label_aliases'] = tuple((alias, target) for alias, target in schema.label_aliases
+                                       if target.lower() in known)
   if schema is None:
-    if 'label_names' not in overrides:
-      raise ValueError('csv.preset=custom needs csv.label_names')
     return CsvSchema(**overrides)
   return dataclasses.replace(schema, **overrides)
 
@@ -161,6 +189,8 @@ class IngestReport:
   kept: int = 0
   dialogues: int = 0
   repaired_text: int = 0  # rows with mis-decoded characters that `clean_text` repaired
+  listed_speakers: int = 0  # speaker cells holding a list of names, normalised
+  listed_speakers_example: str = ''  # the first: 'line N: <cell> -> <speaker>'
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict = dataclasses.field(default_factory=dict)  # reason -> first 'line N: ...'
 
@@ -173,6 +203,9 @@ class IngestReport:
             f'dialogues')
     if self.repaired_text:
       text += f'; repaired text in {self.repaired_text} rows'
+    if self.listed_speakers:
+      text += (f'; normalised {self.listed_speakers} list-valued speaker cells (first: '
+               f'{self.listed_speakers_example})')
     if self.skipped:
       parts = [f'{n} {reason} (first: {self.examples[reason]})'
                for reason, n in sorted(self.skipped.items())]
@@ -208,6 +241,33 @@ def _parse_id(value: str, column: str) -> tuple[int | None, str, str]:
   return number, '', ''
 
 
+_STRING_LITERAL = r"""(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""
+# A Python or JSON list of string literals and nothing else: only such cells reach literal_eval.
+_LIST_OF_STRINGS = re.compile(
+    rf'\[\s*(?:{_STRING_LITERAL}(?:\s*,\s*{_STRING_LITERAL})*\s*,?\s*)?\]')
+
+
+def normalise_speaker(cell: str) -> tuple[str, bool]:
+  """(speaker, whether the cell was a list of names) of a speaker cell, whitespace collapsed.
+
+  A cell that is a Python/JSON list of strings becomes its one name, or its names (empty and
+  repeated ones dropped) joined by SPEAKER_SEPARATOR: "['Rachel Green', 'Ross Geller']" ->
+  'Rachel Green & Ross Geller'; '[]' -> '' (an empty speaker). Other cells are kept as they are.
+  """
+  text = cell.strip()
+  if _LIST_OF_STRINGS.fullmatch(text):
+    try:
+      with warnings.catch_warnings():  # "invalid escape sequence" warnings on names like '\q'
+        warnings.simplefilter('ignore')
+        names = ast.literal_eval(text)
+    except (ValueError, SyntaxError):  # e.g. a truncated \x escape; then the cell is a name
+      names = None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+      names = dict.fromkeys(' '.join(n.split()) for n in names)
+      return SPEAKER_SEPARATOR.join(n for n in names if n), True
+  return ' '.join(text.split()), False
+
+
 def _rows(reader: csv.DictReader, path: str):
   """The reader's rows; a row the csv module cannot split is a CsvFormatError naming its line."""
   while True:
@@ -229,8 +289,9 @@ def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
 
   Bad rows (unknown label, empty utterance or speaker, an utterance id that is not an integer
   or does not fit int32) raise `CsvFormatError` naming the file, line and column, or are counted
-  in the report with `on_bad_row='skip'`. With `allow_unlabeled`, an empty label cell gives
-  label -1 (for prediction inputs).
+  in the report with `on_bad_row='skip'`. List-valued speaker cells are normalised
+  (`normalise_speaker`) and counted in the report. With `allow_unlabeled`, an empty label cell
+  gives label -1 (for prediction inputs).
   """
   path = os.fspath(path)
   if on_bad_row not in ('error', 'skip'):
@@ -255,6 +316,9 @@ def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
 
   by_dialogue: dict[str, dict[int, tuple[str, str, int]]] = {}
   first_line: dict[tuple[str, int], int] = {}
+  # Joined ids must stay distinct: ('a/b', 'c') and ('a', 'b/c') would both be 'a/b/c'.
+  dialogue_first: dict[str, tuple[tuple[str, ...], int]] = {}
+  dialogue_name = DIALOGUE_ID_SEPARATOR.join(schema.dialogue_columns)
   for row in _rows(reader, path):
     report.rows += 1
     line = reader.line_num
@@ -271,10 +335,16 @@ def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
         raise CsvFormatError(f'{where}: {detail}')
       report.skip(reason, f'line {line}: {detail}')
 
-    dialogue = values[schema.dialogue_column].strip()
-    if not dialogue:
-      bad('empty dialogue id', f'empty {schema.dialogue_column!r}')
+    parts = tuple(values[c].strip() for c in schema.dialogue_columns)
+    if not all(parts):
+      bad('empty dialogue id', f'empty {schema.dialogue_columns[parts.index("")]!r}')
       continue
+    dialogue = DIALOGUE_ID_SEPARATOR.join(parts)
+    first_parts, first_on = dialogue_first.setdefault(dialogue, (parts, line))
+    if first_parts != parts:
+      raise CsvFormatError(f'{where}: dialogue id {dialogue!r} also comes from {first_parts} '
+                           f'on line {first_on}: a value of {dialogue_name} contains '
+                           f'{DIALOGUE_ID_SEPARATOR!r}')
     utterance, reason, detail = _parse_id(values[schema.utterance_column],
                                           schema.utterance_column)
     if utterance is None:
@@ -296,13 +366,18 @@ def read_dialogue_csv(path: str | os.PathLike, schema: CsvSchema, *,
     if not transcript:
       bad('empty utterance', f'empty {schema.text_column!r}')
       continue
-    speaker = ' '.join(values[schema.speaker_column].split())
+    speaker, listed = normalise_speaker(values[schema.speaker_column])
     if not speaker:
       bad('empty speaker', f'empty {schema.speaker_column!r}')
       continue
+    if listed:
+      report.listed_speakers += 1
+      if not report.listed_speakers_example:
+        report.listed_speakers_example = (f'line {line}: {values[schema.speaker_column].strip()}'
+                                          f' -> {speaker!r}')
     key = (dialogue, utterance)
     if key in first_line:
-      raise CsvFormatError(f'{where}: duplicate utterance {schema.dialogue_column}={dialogue} '
+      raise CsvFormatError(f'{where}: duplicate utterance {dialogue_name}={dialogue} '
                            f'{schema.utterance_column}={utterance} (first on line '
                            f'{first_line[key]})')
     first_line[key] = line

@@ -84,13 +84,13 @@ def ensure_raw_root(config, workdir: str) -> str:
 
 
 def read_dialogues(config, root: str) -> dict[str, list[dialogue_csv.Dialogue]]:
-  schema = dialogue_csv.schema_from_config(config.text.csv)
+  schema = dialogue_csv.schema_from_config(config.text.csv, config.label_names)
   out = {}
   for split in _splits(config):
     path = os.path.join(root, config.raw.csv_pattern.format(split=split))
     out[split], report = dialogue_csv.read_dialogue_csv(path, schema,
                                                         on_bad_row=config.text.csv.on_bad_row)
-    if report.skipped:
+    if report.skipped or report.listed_speakers:
       console.say('%s', report.summary())
   return out
 

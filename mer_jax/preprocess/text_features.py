@@ -157,9 +157,13 @@ def _store(out, index, vectors, n):
 # CSV -> shards.
 
 
-def read_splits(text_cfg, splits: Sequence[str]) -> dict[str, list[dialogue_csv.Dialogue]]:
-  """Each split's dialogues, printing what ingestion kept and skipped."""
-  schema = dialogue_csv.schema_from_config(text_cfg.csv)
+def read_splits(text_cfg, splits: Sequence[str], label_names: Sequence[str] = ()
+                ) -> dict[str, list[dialogue_csv.Dialogue]]:
+  """Each split's dialogues, printing what ingestion kept, changed and skipped.
+
+  `label_names` (the config's) are the labels unless `text_cfg.csv.label_names` is set.
+  """
+  schema = dialogue_csv.schema_from_config(text_cfg.csv, label_names)
   paths = dialogue_csv.split_paths(os.path.abspath(text_cfg.csv.dir), text_cfg.csv.pattern, splits)
   out = {}
   for split, path in paths.items():
@@ -289,11 +293,11 @@ def build_text_shards(config, out_dir: str, *, workdir: str | None = None) -> di
   t = config.text
   splits = tuple(dict.fromkeys(
       (config.data.train_split, config.data.dev_split, config.data.test_split)))
-  schema = dialogue_csv.schema_from_config(t.csv)
+  schema = dialogue_csv.schema_from_config(t.csv, config.label_names)
   if tuple(schema.label_names) != tuple(config.label_names):
     raise ValueError(f'text.csv labels {list(schema.label_names)} differ from config.label_names '
                      f'{list(config.label_names)}')
-  dialogues = read_splits(t, splits)
+  dialogues = read_splits(t, splits, config.label_names)
   folder = resolve_encoder(t.encoder)
   tok = prompt_tokenizer(t, folder)
   encoder, _ = load_encoder(t, tok.vocab_size)
