@@ -1,7 +1,8 @@
 """Throughput of every stage's train step and of the input pipeline, at the authors' MELD sizes.
 
   python -m mer_jax.bench [--config configs/default.py] [--steps 20] [--rounds 5] [--moe both]
-      [--equal_batch_utterances 16]
+      [--equal_batch_utterances 16] [--config.<key>=<value> ...]
+  (installed: mer-jax-bench [flags])
 
 Prints, per stage: examples (utterances) per second, model FLOPs per step from XLA's cost
 analysis, achieved FLOP/s next to the fp32 matmul peak measured in the same run, and the input
@@ -43,11 +44,11 @@ import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from mer_jax import batch_contract
+from mer_jax import cli
 from mer_jax import config_validation
 from mer_jax import errors
 from mer_jax import stages
@@ -61,14 +62,27 @@ from mer_jax.train import stacking
 from mer_jax.train import stage as stage_lib
 from mer_jax.train import steps as steps_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Base config.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (and input batches) per stage and round.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds, each over every stage in turn.')
-_MOE = flags.DEFINE_enum('moe', 'both', ['off', 'on', 'both'], 'Fusion MoE setting(s) to time.')
-_DIALOGUES = flags.DEFINE_integer('dialogues', 120, 'Synthetic training dialogues to sample from.')
-_EQUAL_BATCH = flags.DEFINE_integer(
-    'equal_batch_utterances', 16, 'Also time every stage at the whole-dialogue batch closest to '
-    'this many utterances a step (the authors\' batch: 16); 0: only the configured batch.')
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command's flags, defined when it runs (cli.run_absl), not on import."""
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Base config (as for '
+                                  'mer_jax.main; --config.<key>=<value> overrides a key).',
+                                  flag_values=flag_values)
+  flags.DEFINE_integer('steps', 20, 'Timed steps (and input batches) per stage and round.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('rounds', 5, 'Timing rounds, each over every stage in turn.',
+                       flag_values=flag_values)
+  flags.DEFINE_enum('moe', 'both', ['off', 'on', 'both'], 'Fusion MoE setting(s) to time.',
+                    flag_values=flag_values)
+  flags.DEFINE_integer('dialogues', 120, 'Synthetic training dialogues to sample from.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer(
+      'equal_batch_utterances', 16, 'Also time every stage at the whole-dialogue batch closest to '
+      'this many utterances a step (the authors\' batch: 16); 0: only the configured batch.',
+      flag_values=flag_values)
+
 
 MELD_TRAIN_UTTERANCES = 9989
 MELD_EPOCHS = 30
@@ -403,10 +417,10 @@ class EqualBatch:
 def main(argv):
   del argv
   cpu_backend.tune_for_cpu_backend()  # as mer_jax.main does
-  base = errors.loaded_config(_CONFIG)
+  base = errors.loaded_config(FLAGS['config'])
   print(f'devices: {jax.devices()}')
-  settings = {'off': [False], 'on': [True], 'both': [False, True]}[_MOE.value]
-  steps = _STEPS.value
+  settings = {'off': [False], 'on': [True], 'both': [False, True]}[FLAGS.moe]
+  steps = FLAGS.steps
   benches = []
   equal = None  # the EqualBatch of the equal-batch rows (--equal_batch_utterances)
   with tempfile.TemporaryDirectory() as workdir:
@@ -414,15 +428,15 @@ def main(argv):
     for use_moe in settings:
       config = base.copy_and_resolve_references()
       config.unlock()
-      config.data.synthetic.num_dialogues.train = _DIALOGUES.value
+      config.data.synthetic.num_dialogues.train = FLAGS.dialogues
       config.data.synthetic.num_dialogues.dev = 4
       config.data.synthetic.num_dialogues.test = 4
       config.model.fusion.use_moe = use_moe
       config.train.progress_bar = False
       config.model.fusion.input = 'graph'
       ctx = job.prepare(config, workdir)
-      if _EQUAL_BATCH.value and equal is None:
-        equal = EqualBatch.for_context(ctx, _EQUAL_BATCH.value)
+      if FLAGS.equal_batch_utterances and equal is None:
+        equal = EqualBatch.for_context(ctx, FLAGS.equal_batch_utterances)
       if not trained:  # the encoders do not depend on the fusion's MoE setting
         benches += [prepare_stage(stage, ctx, trained, steps)
                     for stage in stages.ENCODER_STAGES]
@@ -446,7 +460,7 @@ def main(argv):
     # Rounds over every stage in turn, so that a slow spell of this shared machine falls on all
     # of them rather than on one; each number below is a median over all rounds.
     peaks = []
-    for _ in range(_ROUNDS.value):
+    for _ in range(FLAGS.rounds):
       peaks.append(measure_matmul_peak())
       for bench in benches:
         bench.time_pipeline(steps)
@@ -457,9 +471,9 @@ def main(argv):
   # The configured batch's rows first, then the equal batch's.
   rows = sorted((b.row() for b in benches), key=lambda r: r['batch'] != '')
   width = max(13, *(len(r['stage'] + r['batch']) for r in rows))
-  print(f'fp32 matmul peak (1024^3, median of {_ROUNDS.value} rounds x 20): {peak / 1e9:.1f} '
+  print(f'fp32 matmul peak (1024^3, median of {FLAGS.rounds} rounds x 20): {peak / 1e9:.1f} '
         f'GFLOP/s (rounds: {", ".join(f"{p / 1e9:.0f}" for p in peaks)})')
-  print(f'{_ROUNDS.value} rounds x {steps} steps, input batches, matmul programs and updates '
+  print(f'{FLAGS.rounds} rounds x {steps} steps, input batches, matmul programs and updates '
         'per stage; medians')
   print(f'batch: rows without a tag at the configured budget (batch.max_nodes='
         f'{config.batch.max_nodes}, batch.max_graphs={config.batch.max_graphs}: whole dialogues)'
@@ -524,5 +538,10 @@ def projected_minutes(rows: list[dict], use_moe: bool, folds: int) -> dict:
           'authors': (encoders + seconds['fusion(graph)']) / 60}
 
 
+def run(argv=None) -> None:
+  """The `mer-jax-bench` console script."""
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+
+
 if __name__ == '__main__':
-  app.run(errors.cli_main(main), flags_parser=errors.parse_flags)
+  run()

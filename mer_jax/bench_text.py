@@ -1,7 +1,8 @@
 """The text encoder against PyTorch: MiniLM feature extraction and one fine-tuning step, per token.
 
   python -m mer_jax.bench_text [--config configs/meld_text.py] [--rounds 3] [--batches 3]
-      [--threads 0] [--torch_adamw default]
+      [--threads 0] [--torch_adamw default] [--config.<key>=<value> ...]
+  (installed: mer-jax-bench-text [flags])
 
 Times our Flax encoder (mer_jax/models/text_transformer.py) and transformers' PyTorch model of the
 same checkpoint (`BertModel` for MiniLM) on the same batches, in one run, with the same threads:
@@ -41,7 +42,6 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
-from absl import app
 from absl import flags
 from flax import nnx
 import jax
@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from mer_jax import cli
 from mer_jax import errors
 from mer_jax.data import dialogue_csv
 from mer_jax.data import prompts as prompts_lib
@@ -63,8 +64,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's flags. Defined when it runs (`__main__` below), not on import: mer_jax.bench
-  has --config and --rounds too, and a test process imports both modules."""
+  """The command's flags, defined when it runs (cli.run_absl), not on import."""
   config_flags.DEFINE_config_file('config', 'configs/meld_text.py',
                                   'Config whose config.text section is benchmarked.')
   flags.DEFINE_integer('rounds', 3, 'Timing rounds, each over every batch of both tasks in both '
@@ -558,6 +558,10 @@ def main(argv):
   report(res)
 
 
+def run(argv=None) -> None:
+  """The `mer-jax-bench-text` console script."""
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+
+
 if __name__ == '__main__':
-  define_flags()
-  app.run(errors.cli_main(main), flags_parser=errors.parse_flags)
+  run()

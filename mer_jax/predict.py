@@ -1,6 +1,7 @@
 """Labels new dialogues with a trained workdir's best checkpoints.
 
   python -m mer_jax.predict --workdir W --input dialogues.jsonl [--output predictions.jsonl]
+  (installed: mer-jax-predict --workdir W --input dialogues.jsonl ...)
 
 Each input line is one dialogue:
   {"dialogue_id": "d1", "utterances": [
@@ -28,11 +29,11 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
 
+from mer_jax import cli
 from mer_jax import errors
 from mer_jax import files
 from mer_jax import stages
@@ -45,12 +46,7 @@ from mer_jax.train import inference
 from mer_jax.train import sharding
 from mer_jax.train import stacking
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir trained by mer_jax.main.')
-_INPUT = flags.DEFINE_string('input', None, 'JSONL file of dialogues.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Optional JSONL file for the predictions.')
-_CHECKPOINT_DIR = flags.DEFINE_string(
-    'checkpoint_dir', '', 'Where the run kept its checkpoints, if train.checkpoint_dir moved them '
-    '(e.g. gs://bucket/run/checkpoints); default: workdir/checkpoints.')
+FLAGS = flags.FLAGS
 
 
 _INT32 = np.iinfo(np.int32)
@@ -322,24 +318,38 @@ def write_predictions(path: str, rows: Sequence[dict]) -> None:
       f.write(json.dumps(row) + '\n')
 
 
+def define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'A workdir trained by mer_jax.main.')
+  flags.DEFINE_string('input', None, 'JSONL file of dialogues.')
+  flags.DEFINE_string('output', None, 'Optional JSONL file for the predictions.')
+  flags.DEFINE_string(
+      'checkpoint_dir', '', 'Where the run kept its checkpoints, if train.checkpoint_dir moved '
+      'them (e.g. gs://bucket/run/checkpoints); default: workdir/checkpoints.')
+  flags.mark_flags_as_required(['workdir', 'input'])
+
+
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:
+  if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # keep library INFO logs (Orbax) out of the console
-  check_paths(_INPUT.value, _OUTPUT.value)
-  predictor = Predictor(_WORKDIR.value, checkpoint_dir=_CHECKPOINT_DIR.value)
-  records = predictor.read_jsonl(_INPUT.value)
+  check_paths(FLAGS.input, FLAGS.output)
+  predictor = Predictor(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir)
+  records = predictor.read_jsonl(FLAGS.input)
   rows = format_predictions(records, predictor.probabilities(records), predictor.label_names)
   for row in rows:
     top = sorted(row['probabilities'].items(), key=lambda kv: -kv[1])[:3]
     print(f'{row["dialogue_id"]}\t{row["utterance_id"]}\t{row["speaker"]}\t{row["emotion"]}\t'
           + ' '.join(f'{k}={v:.3f}' for k, v in top))
-  if _OUTPUT.value:
-    check_output(_OUTPUT.value, _INPUT.value)  # again: the files may have changed meanwhile
-    write_predictions(_OUTPUT.value, rows)
-    print(f'wrote {len(rows)} predictions to {_OUTPUT.value}', file=sys.stderr)
+  if FLAGS.output:
+    check_output(FLAGS.output, FLAGS.input)  # again: the files may have changed meanwhile
+    write_predictions(FLAGS.output, rows)
+    print(f'wrote {len(rows)} predictions to {FLAGS.output}', file=sys.stderr)
+
+
+def run(argv=None) -> None:
+  """The `mer-jax-predict` console script."""
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir', 'input'])
-  app.run(errors.cli_main(main), flags_parser=errors.parse_flags)
+  run()

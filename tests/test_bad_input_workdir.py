@@ -82,18 +82,18 @@ def test_each_stage_records_what_determines_it(trained):
   records = fingerprints.plan(small(), os.path.join(trained, 'data', os.listdir(
       os.path.join(trained, 'data'))[0]))
   with open(os.path.join(trained, 'results.json')) as f:
-    results = json.load(f)
+    run = json.load(f)
+  assert run['mer_jax_version'] == '0.1.0' and 'git_commit' in run
+  results = run['stages']
   for stage in ('teacher', 'audio'):
     stored = fingerprints.read_record(ckpts, stage)
     assert stored['fingerprint'] == records[stage].fingerprint == results[stage]['fingerprint']
     assert results[stage]['settings'] == stored['settings']
-    assert results[stage]['mer_jax_version'] == '0.1.0'
     # Seconds of this run (0.0 for a program an earlier run in this process compiled; the
     # end-to-end test checks a fresh process's).
     compiled = results[stage]['compile_seconds']
     assert set(compiled) == {'initializer', 'train_step', 'eval_step'}
     assert all(isinstance(v, float) and v >= 0 for v in compiled.values()), compiled
-    assert 'git_commit' in results[stage]
   # The student depends on the teacher it distils from.
   assert fingerprints.read_record(ckpts, 'audio')['frozen'] == {
       'teacher': records['teacher'].fingerprint}
@@ -252,7 +252,7 @@ def test_full_disk_while_writing_results_or_a_record_keeps_the_old_files(workdir
 
   monkeypatch.setattr(json, 'dump', dump)
   with pytest.raises(OSError, match='No space left on device'):
-    trainer.save_results({'teacher': {'test_weighted_f1': 0.0}}, workdir)
+    trainer.save_results({'teacher': {'test_weighted_f1': 0.0}}, workdir, small())
   records = fingerprints.plan(small(**{'optim.teacher.lr': 0.5}), records_dir(workdir))
   with pytest.raises(OSError, match='No space left on device'):
     fingerprints.write_record(os.path.join(workdir, 'checkpoints'), records['teacher'])

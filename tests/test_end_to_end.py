@@ -30,6 +30,7 @@ from mer_jax.data import shards
 from mer_jax.data import sources
 from mer_jax.train import sharding
 from mer_jax.train import stacking
+from tests import _tensorboard_events as tb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('teacher', 'audio', 'visual', 'fusion')
@@ -81,8 +82,9 @@ def run(args, env) -> tuple[subprocess.CompletedProcess, float]:
 
 
 def results_of(workdir) -> dict:
+  """results.json's per-stage results."""
   with open(os.path.join(workdir, 'results.json')) as f:
-    return json.load(f)
+    return json.load(f)['stages']
 
 
 def latest_steps(workdir, stage) -> list[int]:
@@ -208,6 +210,69 @@ def test_teacher_lr_was_reduced_on_plateau(reference, plan):
   factor = plan['config'].optim.teacher.lr_reduce_factor
   assert meta['finished'] and meta['loop']['epoch'] == EPOCHS
   np.testing.assert_allclose(float(state['lr_scale']), factor ** 2, rtol=1e-6)
+
+
+def best_checkpoint(workdir, stage) -> tuple[int, dict]:
+  """(step, metadata) of a stage's best checkpoint."""
+  best = os.path.join(workdir, 'checkpoints', stage, 'best')
+  [step] = [int(n) for n in os.listdir(best) if n.isdigit()]
+  with open(os.path.join(best, str(step), 'meta', 'metadata')) as f:
+    return step, json.load(f)
+
+
+def test_results_record_version_commit_config_and_number_epochs_from_1(reference, plan):
+  with open(os.path.join(reference['workdir'], 'results.json')) as f:
+    run = json.load(f)
+  assert run['mer_jax_version'] == '0.1.0'
+  assert run['git_commit'] is None or re.fullmatch(r'[0-9a-f]{40}', run['git_commit'])
+  assert run['config']['train']['epochs'] == EPOCHS
+  assert run['config']['train']['checkpoint_every_steps'] == plan['every']
+  assert run['config']['optim']['teacher']['grad_accum_steps'] == 2
+  assert list(run['stages']) == list(STAGES)
+  for stage, result in run['stages'].items():
+    history = result['history']
+    assert [h['epoch'] for h in history] == list(range(1, EPOCHS + 1)), stage
+    # No epoch after the first improves by early_stopping_min_delta=1.0.
+    assert result['best_epoch'] == 1, stage
+    assert history[result['best_epoch'] - 1]['dev_weighted_f1'] == result['dev_weighted_f1']
+    _, meta = latest_checkpoint(reference['workdir'], stage)
+    assert meta['loop']['best_epoch'] == 1 and meta['loop']['history'] == history, stage
+    assert best_checkpoint(reference['workdir'], stage)[1]['epoch'] == 1, stage
+
+
+def test_tensorboard_has_learning_rates_config_hparams_and_test_metrics(reference, plan):
+  workdir, results, config = reference['workdir'], reference['results'], plan['config']
+  for stage in STAGES:
+    logdir = os.path.join(workdir, 'tensorboard', stage)
+    scalars = tb.scalars(logdir)
+    cfg = config.optim[stage]
+    groups = dict(cfg.lr_multipliers) if stage == 'fusion' else {'all': 1.0}
+    assert {t for t in scalars if t.startswith('train/lr/')} == {f'train/lr/{g}' for g in groups}
+    logged_steps = [s for s, _ in scalars['train/loss']]
+    lr_scale = dict(scalars['train/lr_scale'])
+    for group, multiplier in groups.items():
+      lrs = scalars[f'train/lr/{group}']
+      assert [s for s, _ in lrs] == logged_steps, (stage, group)
+      for step, lr in lrs:  # the schedule (at most lr, and lr itself when constant), scaled
+        bound = cfg.lr * lr_scale[step] * multiplier
+        assert 0 <= lr <= bound * (1 + 1e-6), (stage, group, step)
+        if cfg.schedule == 'constant':
+          assert lr == pytest.approx(bound, rel=1e-6), (stage, group, step)
+    if stage == 'teacher':  # cut once on plateau before the third epoch (and once after it)
+      ratios = [lr / cfg.lr for _, lr in scalars['train/lr/all']]
+      assert ratios[0] == pytest.approx(1.0, rel=1e-5)
+      assert ratios[-1] == pytest.approx(cfg.lr_reduce_factor, rel=1e-5)
+    best_step, _ = best_checkpoint(workdir, stage)
+    for key in ('weighted_f1', 'macro_f1', 'accuracy'):
+      logged = scalars[f'test/{key}']  # a rerun of the finished workdir logs them again
+      assert {s for s, _ in logged} == {best_step}, (stage, key)
+      for _, value in logged:
+        assert value == pytest.approx(results[stage][f'test_{key}'], abs=1e-6), (stage, key)
+    [text] = tb.texts(logdir)['config/text_summary']
+    assert f'    seed: {config.seed}\n' in text and f'  epochs: {EPOCHS}\n' in text
+    [hparams] = tb.hparams(logdir)
+    assert hparams['stage'] == stage
+    assert hparams[f'optim.{stage}.lr'] == pytest.approx(cfg.lr)
 
 
 def test_rerun_of_a_finished_workdir_trains_nothing(reference, plan, cache_dir):

@@ -4,10 +4,10 @@ The runs here are written by hand (results.json, reports, predictions as the tra
 them), so every summarised number is known; tests/test_sweep.py trains real runs.
 """
 
-import json
 import os
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -44,10 +44,9 @@ def fake_run(workdir, labels, preds_by_stage, order_seed=0):
     evaluate.write_report(metrics, os.path.join(workdir, 'reports'), f'{stage}_test', png=False)
     results[stage] = {'test_weighted_f1': metrics['weighted_f1'], 'dev_weighted_f1': 0.5,
                       'best_epoch': 2, 'seconds': 1.0,
-                      'history': [{'epoch': 0, 'dev_weighted_f1': 0.4},
-                                  {'epoch': 1, 'dev_weighted_f1': 0.5}]}
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f)
+                      'history': [{'epoch': 1, 'dev_weighted_f1': 0.4},
+                                  {'epoch': 2, 'dev_weighted_f1': 0.5}]}
+  trainer.save_results(results, workdir, ml_collections.ConfigDict({'seed': order_seed}))
 
 
 @pytest.fixture(name='two_systems')

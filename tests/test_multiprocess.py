@@ -2,7 +2,6 @@
 every step, train the same run as one process with two devices building both sub-batches: same
 results and test predictions. Only process 0 writes reports and results."""
 
-import json
 import os
 import socket
 import subprocess
@@ -55,8 +54,8 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   for i, (out, err) in enumerate(outputs):
     assert f'process {i} reads and builds sub-batch(es) [{i}]' in out + err
 
-  expected = json.loads((single / 'results.json').read_text())['teacher']
-  got = json.loads((multi / 'results.json').read_text())['teacher']
+  expected = runs.load_results(str(single))['teacher']
+  got = runs.load_results(str(multi))['teacher']
   for key in ('test_weighted_f1', 'test_macro_f1', 'test_accuracy', 'dev_weighted_f1'):
     assert got[key] == expected[key], key
   a = runs.load_test_predictions(str(single), 'teacher')

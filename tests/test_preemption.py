@@ -10,7 +10,6 @@ One uninterrupted reference run (teacher only, tiny models, 20 steps an epoch, a
 every 3 steps) is shared by the tests.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -72,8 +71,8 @@ def finish(workdir, cache):
 
 
 def assert_same_results(reference, workdir):
-  expected = json.loads((reference / 'results.json').read_text())['teacher']
-  got = json.loads((workdir / 'results.json').read_text())['teacher']
+  expected = runs.load_results(str(reference))['teacher']
+  got = runs.load_results(str(workdir))['teacher']
   for key in METRICS:
     assert got[key] == expected[key], key
   np.testing.assert_array_equal(runs.load_test_predictions(str(reference), 'teacher')['probs'],

@@ -1,7 +1,6 @@
 """Encoder stages shared between runs (train.shared_stages_dir): fingerprints, locks, and that a
 reused stage gives the same results as retraining it."""
 
-import json
 import os
 import threading
 import time
@@ -109,10 +108,8 @@ def test_acquire_waits_for_another_trainer_and_takes_over_a_dead_ones_lock(tmp_p
 
 
 def stage_results(workdir):
-  with open(os.path.join(workdir, 'results.json')) as f:
-    results = json.load(f)
   return {s: {k: r[k] for k in ('test_weighted_f1', 'dev_weighted_f1', 'best_epoch')}
-          for s, r in results.items()}
+          for s, r in runs.load_results(workdir).items()}
 
 
 def test_reused_stages_equal_retrained_ones(tmp_path):

@@ -2,6 +2,7 @@
 
   python -m mer_jax.experiments.compare /tmp/run_a /tmp/run_b
   python -m mer_jax.experiments.compare /tmp/abl/no_gates /tmp/abl/full --stage fusion
+  (installed: mer-jax-compare A B [--stage S])
 
 A path is a workdir of mer_jax.main or a folder of seed_<s>/ workdirs (their scores are
 averaged over seeds). Prints A - B with a paired-bootstrap confidence interval and p-value and
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 
+from mer_jax import cli
 from mer_jax import errors
 from mer_jax.experiments import runs
 from mer_jax.experiments import significance
@@ -47,14 +49,15 @@ def compare_paths(path_a: str, path_b: str, *, stage: str = '', samples: int = 1
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mer_jax.experiments.compare',
+  parser = argparse.ArgumentParser(prog=cli.prog('mer_jax.experiments.compare'),
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('a')
-  parser.add_argument('b')
+  parser.add_argument('a', help='system A: a workdir or a folder of seed_<s>/ workdirs')
+  parser.add_argument('b', help='system B, likewise')
   parser.add_argument('--stage', default='', help='stage of both (default: each run\'s last)')
-  parser.add_argument('--samples', type=int, default=1000)
-  parser.add_argument('--confidence', type=float, default=0.95)
+  parser.add_argument('--samples', type=int, default=1000, help='bootstrap and randomization '
+                      'resamples')
+  parser.add_argument('--confidence', type=float, default=0.95, help='of the bootstrap interval')
   parser.add_argument('--json', default='', help='also write the results to this file')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
@@ -76,5 +79,10 @@ def main(argv=None) -> None:
       json.dump(result, f, indent=2)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `mer-jax-compare` console script."""
   errors.cli_main(main)()
+
+
+if __name__ == '__main__':
+  run()

@@ -1,6 +1,7 @@
 """Linear probes of shard features: how much each modality says about the emotion on its own.
 
   python -m mer_jax.experiments.probe DIR [DIR ...] [--train train --test test --C 0.1]
+  (installed: mer-jax-probe DIR [DIR ...])
 
 For each shard folder and modality: standardise the train split's per-utterance features, fit a
 multinomial logistic regression (utterances whose modality is absent are left out of both
@@ -17,6 +18,7 @@ import sys
 
 import numpy as np
 
+from mer_jax import cli
 from mer_jax import errors
 from mer_jax.data import shards
 
@@ -48,10 +50,12 @@ def probe(shard_dir: str, modality: str, *, train: str = 'train', test: str = 't
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('shard_dirs', nargs='+')
-  parser.add_argument('--train', default='train')
-  parser.add_argument('--test', default='test')
+  parser = argparse.ArgumentParser(prog=cli.prog('mer_jax.experiments.probe'), description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('shard_dirs', nargs='+', metavar='DIR',
+                      help='shard folder (manifest.json and the split shards)')
+  parser.add_argument('--train', default='train', help='split the probe is fitted on')
+  parser.add_argument('--test', default='test', help='split it is scored on')
   parser.add_argument('--C', type=float, default=0.1, help='inverse L2 strength')
   args = parser.parse_args(argv)
   for shard_dir in args.shard_dirs:
@@ -65,5 +69,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `mer-jax-probe` console script."""
   sys.exit(errors.cli_main(main)())
+
+
+if __name__ == '__main__':
+  run()

@@ -46,15 +46,30 @@ def seed_runs(path: str) -> list[str]:
   return [sub for _, sub in sorted(found)]
 
 
-def load_results(workdir: str) -> dict:
+def load_run(workdir: str) -> dict:
+  """A finished run's results.json: `mer_jax_version`, `git_commit`, `config` (each None in files
+  written before they were recorded) and `stages`."""
   path = os.path.join(workdir, 'results.json')
   try:
     with open(path) as f:
-      return json.load(f)
+      run = json.load(f)
   except FileNotFoundError as e:
     raise RunError(f'{workdir} has no results.json: the run did not finish.') from e
   except json.JSONDecodeError as e:
     raise RunError(f'{path} is not valid JSON ({e}).') from e
+  if 'stages' not in run:  # written before `stages`: the stages at the top, 0-based history
+    run = {'stages': {stage: _numbered_from_1(r) for stage, r in run.items()}}
+  return {'mer_jax_version': None, 'git_commit': None, 'config': None, **run}
+
+
+def _numbered_from_1(result: dict) -> dict:
+  history = [dict(h, epoch=h['epoch'] + 1) for h in result.get('history', [])]
+  return dict(result, history=history) if 'history' in result else result
+
+
+def load_results(workdir: str) -> dict:
+  """{stage: its results} of a finished run, in training order."""
+  return load_run(workdir)['stages']
 
 
 def headline_stage(workdir: str) -> str:

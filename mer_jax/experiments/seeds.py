@@ -3,16 +3,18 @@
   python -m mer_jax.experiments.seeds --config configs/default.py --workdir /tmp/exp --seeds 5
   python -m mer_jax.experiments.seeds --config configs/meld_text.py --workdir /tmp/meld \\
       --seeds 5 --parallel 2 --config.optim.teacher.lr=1e-4
+  (installed: mer-jax-seeds [flags])
 
-Seed s trains in <workdir>/seed_<s>/ with `--config.seed=s` through `python -m mer_jax.main`
-(a finished seed is skipped, an interrupted one resumes). Model selection is on dev inside each
-run; test is scored once per stage after selection. The summary (summary.json, summary.md) gives
-per-seed and mean +- sd test weighted F1, macro F1, accuracy and per-class F1 for every stage.
+`--config` is read as mer_jax.main reads it, so a bad config or `--config.<key>=<value>` override
+fails here, once; every run gets the same file and overrides. Seed s trains in
+<workdir>/seed_<s>/ with `--config.seed=s` through `python -m mer_jax.main` (a finished seed is
+skipped, an interrupted one resumes). Model selection is on dev inside each run; test is scored
+once per stage after selection. The summary (summary.json, summary.md) gives per-seed and
+mean +- sd test weighted F1, macro F1, accuracy and per-class F1 for every stage.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,11 +22,18 @@ import subprocess
 import sys
 import time
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
+from mer_jax import cli
+from mer_jax import config_validation
 from mer_jax import errors
 from mer_jax import files
 from mer_jax.experiments import runs
+
+FLAGS = flags.FLAGS
 
 HEADLINE = ('weighted_f1', 'macro_f1', 'accuracy')
 RUN_TIMES = 'run_times.json'  # in each run's workdir: one entry per attempt the runner made
@@ -46,8 +55,8 @@ class Job:
 def check_overrides(overrides) -> tuple[str, ...]:
   bad = [o for o in overrides if not (o.startswith('--config.') and '=' in o)]
   if bad:
-    raise ValueError(f'unexpected arguments {bad}: only --config.<key>=<value> overrides are '
-                     f'passed on to the runs.')
+    raise errors.UserError(f'unexpected arguments {bad}: only --config.<key>=<value> overrides '
+                           'are passed on to the runs.')
   return tuple(overrides)
 
 
@@ -192,7 +201,8 @@ def _mean_sd(values) -> dict:
 def summarize(experiment_dir: str) -> dict:
   """Per-stage, per-seed test metrics of a multi-seed directory, and their mean and sd."""
   workdirs = runs.seed_runs(experiment_dir)
-  results = {workdir: runs.load_results(workdir) for workdir in workdirs}
+  loaded = {workdir: runs.load_run(workdir) for workdir in workdirs}
+  results = {workdir: run['stages'] for workdir, run in loaded.items()}
   stages = list(results[workdirs[0]])
   summary = {'runs': workdirs, 'headline_stage': stages[-1], 'stages': {},
              'run_time': total_run_time(workdirs)}
@@ -207,7 +217,8 @@ def summarize(experiment_dir: str) -> dict:
                        **{k: report[k] for k in HEADLINE},
                        'per_class_f1': {c: v['f1'] for c, v in report['per_class'].items()},
                        'confusion': report['confusion'],
-                       'history': result.get('history', [])})
+                       'history': result.get('history', []),
+                       'git_commit': loaded[workdir]['git_commit']})
     classes = list(per_seed[0]['per_class_f1'])
     summary['stages'][stage] = {
         'per_seed': per_seed,
@@ -256,43 +267,50 @@ def write_summary(summary: dict, out_dir: str, title: str) -> None:
     f.write(format_summary(summary, title))
 
 
-def add_scheduling_arguments(parser: argparse.ArgumentParser) -> None:
-  """Arguments shared by the seed runner and the sweep."""
-  parser.add_argument('--first_seed', type=int, default=0)
-  parser.add_argument('--parallel', type=int, default=1, help='runs at a time (processes)')
+def config_spec(spec: str) -> str:
+  """`path[:arg]` with the path made absolute: the runs start in the repository root."""
+  path, sep, arg = (spec, '', '') if os.path.isfile(spec) else spec.partition(':')
+  return os.path.abspath(path) + sep + arg if os.path.isfile(path) else spec
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      prog='python -m mer_jax.experiments.seeds', description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog='Any further --config.<key>=<value> is passed to every run.')
-  parser.add_argument('--config', required=True, help='config file[:arg], as for mer_jax.main')
-  parser.add_argument('--workdir', required=True, help='experiment folder (seed_<s>/ inside)')
-  parser.add_argument('--seeds', type=int, default=5, help='number of seeds (default 5)')
-  add_scheduling_arguments(parser)
-  args, rest = parser.parse_known_args(argv)
-  if args.seeds < 1:
-    parser.error('--seeds must be >= 1')
-  try:
-    args.overrides = check_overrides(rest)
-  except ValueError as e:
-    parser.error(str(e))
-  return args
+def config_overrides(argv) -> tuple[str, ...]:
+  """The --config.<key>=<value> arguments of `argv` as given, to pass on to every run (the config
+  flag finds its overrides in sys.argv, --flagfile included, the same way)."""
+  argv = FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+  return check_overrides([a for a in argv[1:]
+                          if a.lstrip('-').startswith(('config.', 'noconfig.'))])
 
 
-def main(argv=None) -> None:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  seeds = range(args.first_seed, args.first_seed + args.seeds)
+def define_flags() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Config file[:arg] of every run, as for '
+                                  'mer_jax.main.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Experiment folder (seed_<s>/ inside).')
+  flags.DEFINE_integer('seeds', 5, 'Number of seeds.', lower_bound=1)
+  flags.DEFINE_integer('first_seed', 0, 'The first seed; the others follow it.')
+  flags.DEFINE_integer('parallel', 1, 'Runs at a time (processes).', lower_bound=1)
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_validation.validate_config(errors.loaded_config(FLAGS['config']))
+  spec = config_flags.get_config_filename(FLAGS['config'])
+  seeds = range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds)
   t0 = time.time()
-  overrides = with_shared_cache(args.overrides, args.workdir)
-  run_jobs(seed_jobs(args.config, args.workdir, seeds, overrides), args.parallel)
-  summary = summarize(args.workdir)
+  overrides = with_shared_cache(config_overrides(sys.argv), FLAGS.workdir)
+  run_jobs(seed_jobs(config_spec(spec), FLAGS.workdir, seeds, overrides), FLAGS.parallel)
+  summary = summarize(FLAGS.workdir)
   summary['wall_seconds'] = time.time() - t0
-  write_summary(summary, args.workdir, f'{args.config} over seeds {list(seeds)}')
-  print(format_summary(summary, args.config))
-  print(f'summary: {os.path.join(args.workdir, "summary.md")}')
+  write_summary(summary, FLAGS.workdir, f'{spec} over seeds {list(seeds)}')
+  print(format_summary(summary, spec))
+  print(f'summary: {os.path.join(FLAGS.workdir, "summary.md")}')
+
+
+def run(argv=None) -> None:
+  """The `mer-jax-seeds` console script."""
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
 
 
 if __name__ == '__main__':
-  errors.cli_main(main)()
+  run()

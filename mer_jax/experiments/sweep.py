@@ -3,6 +3,7 @@
   python -m mer_jax.experiments.sweep --sweep configs/sweeps/embedded_ablations.py \\
       --workdir /tmp/ablations --seeds 5 --parallel 2
   python -m mer_jax.experiments.sweep --sweep configs/sweeps/meld_text.py --workdir /tmp/meld
+  (installed: mer-jax-sweep [arguments])
 
 A sweep definition is a Python file whose `get_sweep()` returns a dict with `title`,
 `reference` (a variant name), `seeds` (default number), `variants` ({name: config spec as for
@@ -26,6 +27,7 @@ import runpy
 import sys
 import time
 
+from mer_jax import cli
 from mer_jax import errors
 from mer_jax.experiments import compare as compare_lib
 from mer_jax.experiments import report
@@ -102,13 +104,14 @@ def summarize_sweep(sweep: dict, variants: dict[str, str], experiment_dir: str, 
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m mer_jax.experiments.sweep', description=__doc__,
+  parser = argparse.ArgumentParser(prog=cli.prog('mer_jax.experiments.sweep'), description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog='Any further --config.<key>=<value> goes to every run.')
   parser.add_argument('--sweep', required=True, help='sweep definition file (get_sweep())')
   parser.add_argument('--workdir', required=True, help='experiment folder')
   parser.add_argument('--seeds', type=int, default=0, help='seeds per variant (0: the sweep\'s)')
-  seeds_lib.add_scheduling_arguments(parser)
+  parser.add_argument('--first_seed', type=int, default=0)
+  parser.add_argument('--parallel', type=int, default=1, help='runs at a time (processes)')
   parser.add_argument('--only', default='', help='comma-separated variants (plus the reference)')
   parser.add_argument('--bootstrap_samples', type=int, default=1000)
   parser.add_argument('--report_only', action='store_true',
@@ -159,5 +162,10 @@ def main(argv=None) -> None:
   print(f'report: {paths["html"]}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `mer-jax-sweep` console script."""
   errors.cli_main(main)()
+
+
+if __name__ == '__main__':
+  run()

@@ -116,8 +116,8 @@ class TextFinetuner:
     self.plan_sizes = [len(self.epoch_plan(e)) for e in range(ft.epochs)]
     self.tx = optim.make_optimizer(ft.optim, params)
     self.rep = sharding.replicated(mesh)
-    self.schedule_steps = jax.device_put(
-        optim.schedule_steps(ft.optim, max(1, sum(self.plan_sizes))), self.rep)
+    self._host_schedule_steps = optim.schedule_steps(ft.optim, max(1, sum(self.plan_sizes)))
+    self.schedule_steps = jax.device_put(self._host_schedule_steps, self.rep)
 
     def init_state(params):
       return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=None,
@@ -259,7 +259,11 @@ class TextFinetuner:
       raise FloatingPointError(f'text fine-tuning: non-finite loss at step '
                                f'{step - len(fetched) + bad + 1}; lower text.finetune.optim.lr')
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != 'tokens'}
-    writer.scalars(step, {f'train/{k}': v for k, v in mean.items()})
+    # lr_scale stays 1 here: text fine-tuning has no reduce-on-plateau.
+    lrs = optim.learning_rates(self.ft.optim, step, self._host_schedule_steps,
+                               1.0, grouped=False)
+    writer.scalars(step, {**{f'train/{k}': v for k, v in mean.items()},
+                          **{f'train/lr/{group}': lr for group, lr in lrs.items()}})
     if bar is not None and hasattr(bar, 'set_postfix'):
       bar.set_postfix(loss=f'{mean["loss"]:.4f}', acc=f'{mean["accuracy"]:.3f}')
 

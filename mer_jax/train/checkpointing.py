@@ -140,6 +140,9 @@ class StageCheckpoints:
   def has_best(self) -> bool:
     return self._best.latest_step() is not None
 
+  def best_step(self) -> int:
+    return self._require_best()
+
   def best_meta(self) -> dict:
     step = self._require_best()
     return self._best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

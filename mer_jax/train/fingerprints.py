@@ -311,11 +311,16 @@ def provenance() -> dict[str, str | None]:
     version = importlib.metadata.version('mer_jax')
   except importlib.metadata.PackageNotFoundError:
     version = None
-  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
-    commit = subprocess.run(['git', '-C', package, 'rev-parse', 'HEAD'], capture_output=True,
-                            text=True, timeout=10, check=True).stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
+    top, commit = subprocess.run(
+        ['git', '-C', root, 'rev-parse', '--show-toplevel', 'HEAD'], capture_output=True,
+        text=True, timeout=10, check=True).stdout.splitlines()
+  except (OSError, subprocess.SubprocessError, ValueError):
+    top, commit = '', None
+  # Only a checkout whose top holds the package: an installed one may sit inside some other
+  # repository (a virtual environment in a project folder).
+  if os.path.realpath(top) != os.path.realpath(root):
     commit = None
   return {'mer_jax_version': version, 'git_commit': commit}
 

@@ -51,6 +51,28 @@ def scheduled_lr(stage_cfg, count, steps):
                    _linear(count - warmup, lr, 0.0, jnp.maximum(total - warmup, 1)))
 
 
+def learning_rates(stage_cfg, micro_steps: int, steps, lr_scale: float,
+                   grouped: bool) -> dict[str, float]:
+  """The absolute learning rate of each parameter group in the update of the last of
+  `micro_steps` train steps: the schedule at that update, times reduce-on-plateau's `lr_scale`
+  and the group's multiplier. One group, 'all', for an optimizer built without groups
+  (make_optimizer's `group_of`) or without multipliers. Computed on the host from the step
+  count, so the train step returns nothing more for it."""
+  update = max(int(micro_steps) - 1, 0) // max(int(stage_cfg.get('grad_accum_steps', 1)), 1)
+  with jax.default_device(_host_device()):
+    lr = float(scheduled_lr(stage_cfg, np.int32(update), np.asarray(steps))) * float(lr_scale)
+  multipliers = dict(stage_cfg.get('lr_multipliers', {})) if grouped else {}
+  return {group: lr * float(m) for group, m in multipliers.items()} or {'all': lr}
+
+
+def _host_device():
+  """The CPU device, where JAX has one (None: the default device)."""
+  try:
+    return jax.local_devices(backend='cpu')[0]
+  except RuntimeError:
+    return None
+
+
 def _linear(count, start: float, end: float, steps):
   """optax.linear_schedule(start, end, steps) at `count`, for a positive, maybe traced, `steps`."""
   count = jnp.clip(count, 0, steps)

@@ -81,16 +81,21 @@ class Context:
 
 @dataclasses.dataclass
 class LoopState:
-  """The epoch loop's counters, saved with every checkpoint (as the dict `asdict` gives)."""
+  """The epoch loop's counters, saved with every checkpoint (as the dict `asdict` gives). Epochs
+  are numbered from 1 (epoch 1 is the first), in `best_epoch` and `history` as in results.json."""
   epoch: int = 0  # epochs completed
   best_f1: float = -1.0
-  best_epoch: int = -1  # 0-based; -1 before the first evaluation
+  best_epoch: int = 0  # 0 before the first evaluation
   bad_epochs: int = 0  # since the best (early stopping)
   plateau_epochs: int = 0  # since the best or the last lr reduction (reduce-on-plateau)
   history: list = dataclasses.field(default_factory=list)
+  first_epoch: int = 1  # how `best_epoch` and `history` number epochs (checkpoints before: 0)
 
   @classmethod
   def from_meta(cls, loop: dict) -> 'LoopState':
+    if 'first_epoch' not in loop:  # saved when epochs were numbered from 0
+      loop = dict(loop, first_epoch=1, best_epoch=loop['best_epoch'] + 1,
+                  history=[dict(h, epoch=h['epoch'] + 1) for h in loop['history']])
     return cls(**loop)
 
 
@@ -175,10 +180,12 @@ class StageRunner:
                                   epoch=e, seed=config.seed))
         for e in range(config.train.epochs)]
     total_updates = max(1, sum(self.plan_lengths) // max(1, scfg.grad_accum_steps))
-    self.tx = optim.make_optimizer(scfg, params,
-                                   group_of=models.param_group if stage == 'fusion' else None)
+    group_of = models.param_group if stage == 'fusion' else None
+    self.tx = optim.make_optimizer(scfg, params, group_of=group_of)
+    self._grouped = group_of is not None
+    self._host_schedule_steps = optim.schedule_steps(scfg, total_updates)
     # A runtime argument of the step (not a constant in it), so folds share the stage's program.
-    self.schedule_steps = jax.device_put(optim.schedule_steps(scfg, total_updates),
+    self.schedule_steps = jax.device_put(self._host_schedule_steps,
                                          sharding.replicated(ctx.mesh))
 
     def init_state(params, batch_stats):
@@ -195,6 +202,8 @@ class StageRunner:
         stage, self.graphdef, config, frozen)
     self.predict_fn = compile_timing.TimedCompile(inference.predict_program, **static)
     self.loop = LoopState()
+    self.logdir = os.path.join(ctx.workdir, 'tensorboard', self.name)
+    self.best_step = None  # of the best checkpoint, once fit has restored it
     self._train_step = self._batch_sh = self._train_step_seconds = None
 
   @property
@@ -231,6 +240,20 @@ class StageRunner:
     return (settings, self.ctx.mesh, layout,
             shapes, tuple(jax.tree.leaves(self._batch_sh)), self.statics.distill,
             self.statics.teacher_in_batch, tuple(sorted(self.frozen_graphdefs.items())))
+
+  def learning_rates(self, micro_steps: int, lr_scale: float) -> dict[str, float]:
+    """The absolute learning rate of each parameter group after `micro_steps` train steps."""
+    return optim.learning_rates(self.scfg, micro_steps, self._host_schedule_steps, lr_scale,
+                                grouped=self._grouped)
+
+  def log_test(self, metrics: dict) -> None:
+    """The test metrics of the stage's best weights, at the best checkpoint's step."""
+    writer = MetricsWriter(self.logdir)
+    try:
+      writer.scalars(self.best_step or 0, {f'test/{k}': metrics[k]
+                                           for k in ('weighted_f1', 'macro_f1', 'accuracy')})
+    finally:
+      writer.close()
 
   def train_dataset(self, epoch: int) -> grain.MapDataset:
     """The training batches of `epoch`: only the modalities the step reads, and, with the
@@ -305,6 +328,7 @@ class StageRunner:
       else:
         self._train(ckpt, meta)
       params, batch_stats, _ = ckpt.restore_best(self.state.params, self.state.model_state)
+      self.best_step = ckpt.best_step()
     finally:
       ckpt.close()
     return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state), self.fingerprint)
@@ -318,8 +342,10 @@ class StageRunner:
       loop = LoopState.from_meta(meta['loop'])
       console.say('stage %s: resuming at epoch %d, step %d', self.stage, data_state['epoch'] + 1,
                   int(state.step))
-    writer = MetricsWriter(os.path.join(self.ctx.workdir, 'tensorboard', self.name))
+    writer = MetricsWriter(self.logdir)
     try:
+      writer.text(int(state.step), 'config', str(self.config))
+      writer.hparams(int(state.step), _flat(fingerprints.stage_settings(self.config, self.stage)))
       epoch, stop = data_state['epoch'], False
       while epoch < self.config.train.epochs and not stop:
         started = time.time()
@@ -365,7 +391,8 @@ class StageRunner:
         pending.append(metrics)
         bar.update(1)
         if len(pending) >= config.train.log_every_steps:
-          _log_train(pending, host_step, self.stage, writer, bar, epoch, epoch_first_step)
+          _log_train(pending, host_step, self.stage, writer, bar, epoch, epoch_first_step,
+                     self.learning_rates)
           pending = []
         every = config.train.checkpoint_every_steps
         preempted = preemption.should_stop(host_step)
@@ -378,7 +405,8 @@ class StageRunner:
     finally:
       bar.close()
     if pending:
-      _log_train(pending, host_step, self.stage, writer, None, epoch, epoch_first_step)
+      _log_train(pending, host_step, self.stage, writer, None, epoch, epoch_first_step,
+                 self.learning_rates)
     return state
 
   def _end_epoch(self, state, epoch: int, loop: LoopState, ckpt: checkpointing.StageCheckpoints,
@@ -395,9 +423,9 @@ class StageRunner:
                                'train/param_norm': float(_tree_norm(state.params))})
     stop = False
     if f1 > loop.best_f1 + config.train.early_stopping_min_delta:
-      loop.best_f1, loop.best_epoch, loop.bad_epochs, loop.plateau_epochs = f1, epoch, 0, 0
+      loop.best_f1, loop.best_epoch, loop.bad_epochs, loop.plateau_epochs = f1, epoch + 1, 0, 0
       ckpt.save_best(host_step, eval_params, state.model_state,
-                     jsonable({'stage': self.stage, 'epoch': epoch, 'dev': dev,
+                     jsonable({'stage': self.stage, 'epoch': epoch + 1, 'dev': dev,
                                'label_names': list(config.label_names),
                                'config': config.to_dict()}))
     else:
@@ -409,9 +437,10 @@ class StageRunner:
         console.say('stage %s: dev F1 plateaued; lr scale -> %.4g', self.stage,
                     float(state.lr_scale))
       stop = loop.bad_epochs >= scfg.early_stopping_patience
-    loop.history.append({'epoch': epoch, 'dev_weighted_f1': f1, 'seconds': time.time() - started})
+    loop.history.append({'epoch': epoch + 1, 'dev_weighted_f1': f1,
+                         'seconds': time.time() - started})
     console.say('stage %s epoch %d: dev weighted F1 %.2f (best %.2f at epoch %d)%s', self.name,
-                epoch + 1, 100 * f1, 100 * loop.best_f1, loop.best_epoch + 1,
+                epoch + 1, 100 * f1, 100 * loop.best_f1, loop.best_epoch,
                 ' - early stop' if stop else '')
     loop.epoch = epoch + 1
     ckpt.save_latest(host_step, state, {'epoch': epoch + 1, 'iterator': None},
@@ -424,9 +453,21 @@ class StageRunner:
 _tree_norm = jax.jit(optax.tree.norm)
 
 
+def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
+  """A nested dict as {'a.b.c': leaf}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
 def _log_train(pending: list[dict], step: int, stage: str, writer: MetricsWriter, bar,
-               epoch: int, epoch_first_step: int) -> None:
-  """Fetches the metrics of the last steps (one host sync) and stops on NaN/Inf.
+               epoch: int, epoch_first_step: int, learning_rates) -> None:
+  """Fetches the metrics of the last steps (one host sync) and stops on NaN/Inf; logs them with
+  the learning rate of each parameter group (`learning_rates(step, lr_scale)`).
 
   `epoch_first_step` is the global step count before the epoch began, so the message can name the
   batch within the epoch (with the epoch's seeded order, that batch can be rebuilt).
@@ -441,6 +482,8 @@ def _log_train(pending: list[dict], step: int, stage: str, writer: MetricsWriter
         f'stage {stage}: non-finite loss at step {bad_step} (epoch {epoch + 1}, batch '
         f'{bad_step - epoch_first_step} of the epoch; grad norm {fetched[first]["grad_norm"]}); '
         f'stopping. Lower the learning rate or check the input features.')
-  writer.scalars(step, {f'train/{k}': v for k, v in mean.items()})
+  lrs = learning_rates(step, mean['lr_scale'])
+  writer.scalars(step, {**{f'train/{k}': v for k, v in mean.items()},
+                        **{f'train/lr/{group}': lr for group, lr in lrs.items()}})
   if bar is not None:
     bar.set_postfix(loss=f'{mean["loss"]:.4f}', acc=f'{mean["accuracy"]:.3f}')

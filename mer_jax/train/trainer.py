@@ -60,10 +60,14 @@ def save_test_predictions(pred: dict[str, np.ndarray], workdir: str, stage: str)
   return path
 
 
-def save_results(results: dict, workdir: str) -> None:
+def save_results(results: dict, workdir: str, config) -> None:
   """results.json marks a finished run (the experiment tools skip such runs): written last and
-  atomically."""
-  files.write_json(os.path.join(workdir, 'results.json'), jsonable(results), indent=2)
+  atomically. It holds the mer_jax version, the git commit of its source (None outside a
+  checkout), the config, and per stage (`stages`) the test metrics, the best epoch and the dev
+  history (epochs numbered from 1), seconds, compile seconds and what determined the stage.
+  experiments.runs.load_results reads it (and the files before `stages`, per stage at the top)."""
+  run = {**fingerprints.provenance(), 'config': config.to_dict(), 'stages': results}
+  files.write_json(os.path.join(workdir, 'results.json'), jsonable(run), indent=2)
 
 
 def train_stages(ctx: Context) -> dict[str, Any]:
@@ -75,7 +79,6 @@ def train_stages(ctx: Context) -> dict[str, Any]:
                 'builds sub-batch(es) %s', budget.groups, budget.max_nodes, budget.max_graphs,
                 jax.process_index(), list(budget.local_groups))
   check_workdir(ctx)
-  provenance = fingerprints.provenance()
   trained: dict[str, inference.FrozenModel] = {}
   results = {}
   for stage in config.train.stages:
@@ -93,18 +96,19 @@ def train_stages(ctx: Context) -> dict[str, Any]:
       evaluate.write_report(test, os.path.join(workdir, 'reports'), f'{stage}_test',
                             png=config.eval.confusion_png)
       print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
+      runner.log_test(test)
     results[stage] = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
                       'test_accuracy': test['accuracy'],
                       'dev_weighted_f1': runner.loop.best_f1,
-                      'best_epoch': runner.loop.best_epoch + 1,
+                      'best_epoch': runner.loop.best_epoch,
                       'history': runner.loop.history, 'seconds': time.time() - started,
                       'compile_seconds': runner.compile_seconds}
     record = ctx.records.get(stage)
     if record is not None:
       results[stage].update(fingerprint=record.fingerprint, settings=record.settings,
-                            evaluation=record.evaluation, **provenance)
+                            evaluation=record.evaluation)
   if distributed.is_main_process():
-    save_results(results, workdir)
+    save_results(results, workdir, config)
     summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
     print(f'test weighted F1 - {summary}')
   return results
