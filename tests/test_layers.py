@@ -11,11 +11,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'mer_jax'
 # Bottom to top. A module may import its own layer and the layers below it. Longest prefix wins.
 LAYERS = (
     ('base', ('mer_jax', 'mer_jax.console', 'mer_jax.errors', 'mer_jax.stages', 'mer_jax.files',
-              'mer_jax.batch_contract', 'mer_jax.locks')),
+              'mer_jax.batch_contract', 'mer_jax.locks', 'mer_jax.cli')),
     ('models, losses, evaluate', ('mer_jax.models', 'mer_jax.losses', 'mer_jax.evaluate')),
     ('data', ('mer_jax.data',)),
     ('train', ('mer_jax.train',)),
-    ('front ends', ('mer_jax.preprocess',)),
+    ('front ends', ('mer_jax.preprocess', 'mer_jax.ingest')),
     ('orchestration', ('mer_jax.run', 'mer_jax.config_rules', 'mer_jax.config_validation')),
     ('entry points', ('mer_jax.main', 'mer_jax.predict', 'mer_jax.bench', 'mer_jax.bench_text', 'mer_jax.experiments',
                       'mer_jax.preprocess.__main__')),
