@@ -1,4 +1,4 @@
-"""The whole job through its command lines: train, rerun, predict, kill and resume.
+"""The whole job through its command lines: train, rerun, predict.
 
 One tiny workdir is trained once for the module (3 epochs, periodic checkpoints, a teacher lr that
 plateaus so reduce-on-plateau acts) and shared by the tests. Subprocesses share a persistent XLA
@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,6 @@ from mer_jax import batch_contract
 from mer_jax.run import corpus
 from mer_jax.train import inference
 from mer_jax import predict
-from mer_jax.data import pipeline
 from mer_jax.data import shards
 from mer_jax.data import sources
 from mer_jax.train import sharding
@@ -39,8 +37,8 @@ EPOCHS = 3
 TIMEOUT = 600
 # The run every test shares: the tiny config for 3 epochs, where no epoch after the first counts
 # as an improvement, so the teacher's lr is cut on plateau after epochs 2 and 3. The teacher also
-# accumulates 2 micro-batches and keeps an EMA, so killing it mid-epoch leaves every kind of
-# optimizer state to restore. Two stacking folds (the fewest) keep the cross-fitting cheap.
+# accumulates 2 micro-batches and keeps an EMA, so every kind of optimizer state is saved and
+# restored. Two stacking folds (the fewest) keep the cross-fitting cheap.
 OVERRIDES = {'train.epochs': EPOCHS, 'train.early_stopping_min_delta': 1.0,
              'optim.teacher.lr_reduce_patience': 1, 'optim.teacher.grad_accum_steps': 2,
              'optim.teacher.ema_decay': 0.9, 'model.fusion.stacking_folds': 2}
@@ -108,47 +106,16 @@ def without_seconds(loop: dict) -> dict:
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  # One folder for the whole session (test_bad_input.py uses the same one).
-  path = tmp_path_factory.getbasetemp() / 'xla_cache'
-  path.mkdir(exist_ok=True)
-  return path
+def cache_dir(shared_compilation_cache):
+  return shared_compilation_cache  # the session's (conftest.py)
 
 
 @pytest.fixture(scope='module')
 def plan(tmp_path_factory):
-  """Epoch ends (in steps) and a checkpoint period that never lands on one.
-
-  Orbax refuses to save a step twice; a period dividing an epoch end would save that step
-  mid-loop and again at the end of the epoch (see test_checkpoint_period_dividing_an_epoch).
-  Stacked fusion also trains the encoders on the training folds, whose epochs are shorter.
-  """
-  workdir = tmp_path_factory.mktemp('reference')
-  config = tiny_config(every=0)
-  data = corpus.open_splits(config, str(workdir))  # main reuses this synthetic corpus
-  budget = batch_contract.budget_from_config(config)
-  train_sets = [data.train]
-  if config.model.fusion.input == 'stacked':
-    for held_out in sources.fold_indices(len(data.train), config.model.fusion.stacking_folds,
-                                         config.seed):
-      keep = np.setdiff1d(np.arange(len(data.train)), held_out)
-      train_sets.append(sources.SubsetSource(data.train, keep))
-
-  def epoch_ends(source):
-    return np.cumsum([len(pipeline.make_dataset(source, config=config, budget=budget,
-                                                train=True, epoch=e, seed=config.seed))
-                      for e in range(EPOCHS)]).tolist()
-
-  all_ends = {end for source in train_sets for end in epoch_ends(source)}
-  ends = epoch_ends(data.train)  # the first stage, the teacher, trains on all of train
-
-  def kill_step(every):
-    """The first periodic checkpoint inside the last epoch, half-way through an accumulation
-    (odd step): where the resume test kills the run."""
-    return next((s for s in range(every, ends[-1], every) if s > ends[-2] and s % 2), None)
-
-  every = next(k for k in range(2, 50) if all(end % k for end in all_ends) and kill_step(k))
-  return {'workdir': workdir, 'ends': ends, 'every': every, 'kill_step': kill_step(every),
+  """The reference run's workdir, config and checkpoint period (in steps; interrupted runs and
+  periods that land on an epoch's end are test_preemption's)."""
+  every = 5
+  return {'workdir': tmp_path_factory.mktemp('reference'), 'every': every,
           'config': tiny_config(every)}
 
 
@@ -391,100 +358,6 @@ def test_restored_models_reproduce_the_training_run_predictions(reference, plan,
     got = fusion['probs'][rows][np.argsort(fusion['utterances'][rows])]
     ids = dialogues['source'][index].utterance_ids
     np.testing.assert_allclose(got, want[np.argsort(ids)], atol=1e-5)
-
-
-# --- kill and resume ----------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def killed_and_resumed(reference, plan, cache_dir, tmp_path_factory):
-  """The reference command in a new workdir, SIGKILLed as soon as the teacher's periodic
-  checkpoint `kill_step` (mid-way through its last epoch) is complete, then rerun to completion."""
-  workdir = tmp_path_factory.mktemp('killed')
-  env = subprocess_env(cache_dir)
-  # Orbax writes this file last, once every item of the step is saved.
-  target = os.path.join(workdir, 'checkpoints', 'teacher', 'latest', str(plan['kill_step']),
-                        'commit_success.txt')
-  with open(workdir / 'killed.log', 'w') as log:
-    proc = subprocess.Popen(run_args(workdir, plan['every'], cache_dir), cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + TIMEOUT
-    while proc.poll() is None and not os.path.exists(target) and time.time() < deadline:
-      time.sleep(0.01)
-    if proc.poll() is None:
-      os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-  killed_log = (workdir / 'killed.log').read_text()
-  assert proc.returncode == -signal.SIGKILL, killed_log[-6000:]
-  assert not os.path.exists(os.path.join(workdir, 'results.json'))
-  resumed, _ = run(run_args(workdir, plan['every'], cache_dir), env)
-  assert resumed.returncode == 0, resumed.stderr[-6000:]
-  return {'workdir': str(workdir), 'output': resumed.stdout + resumed.stderr}
-
-
-def test_kill_and_resume_equals_an_uninterrupted_run(reference, plan, killed_and_resumed):
-  output = killed_and_resumed['output']
-  resumed_at = re.search(r'stage teacher: resuming at epoch (\d+), step (\d+)', output)
-  assert resumed_at, output[-6000:]
-  # Killed inside the last epoch, after the lr had been cut, between two micro-batches of an
-  # accumulated update: the resume restores the data position, Adam moments, accumulated
-  # gradients, EMA, lr scale and the loop's bookkeeping.
-  assert int(resumed_at.group(1)) == EPOCHS
-  assert plan['ends'][-2] < int(resumed_at.group(2)) < plan['ends'][-1]
-
-  resumed = results_of(killed_and_resumed['workdir'])
-  for stage in STAGES:
-    for key in METRICS:
-      assert resumed[stage][key] == pytest.approx(reference['results'][stage][key], abs=1e-6), (
-          stage, key)
-  for stage in STAGES:
-    want_state, want_meta = latest_checkpoint(reference['workdir'], stage)
-    got_state, got_meta = latest_checkpoint(killed_and_resumed['workdir'], stage)
-    assert without_seconds(got_meta['loop']) == without_seconds(want_meta['loop']), stage
-    want_leaves = jax.tree_util.tree_leaves_with_path(want_state)
-    got_leaves = jax.tree_util.tree_leaves_with_path(got_state)
-    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves], stage
-    for (path, want), (_, got) in zip(want_leaves, got_leaves):
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6,
-                                 err_msg=f'{stage} {jax.tree_util.keystr(path)}')
-
-
-# --- checkpoint steps that are saved twice ------------------------------------------------
-
-def teacher_only_args(workdir, cache_dir, every: int = 0) -> list[str]:
-  return [sys.executable, '-m', 'mer_jax.main', '--config', 'configs/default.py:tiny',
-          '--workdir', str(workdir), "--config.train.stages=('teacher',)",
-          '--config.train.epochs=1', f'--config.train.checkpoint_every_steps={every}'
-          ] + cache_args(cache_dir)
-
-
-def test_checkpoint_period_dividing_an_epoch(tmp_path, cache_dir):
-  """A periodic checkpoint on an epoch's last step is followed by the end-of-epoch checkpoint of
-  the same step; that must overwrite it, not stop the run."""
-  config = default.get_config('tiny')
-  data = corpus.open_splits(config, str(tmp_path))
-  steps = len(pipeline.make_dataset(data.train, config=config,
-                                    budget=batch_contract.budget_from_config(config), train=True,
-                                    epoch=0, seed=config.seed))
-  assert steps % 2 == 0
-  proc, _ = run(teacher_only_args(tmp_path, cache_dir, every=2), subprocess_env(cache_dir))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert latest_steps(tmp_path, 'teacher')[-1] == steps
-
-
-def test_resume_after_a_crash_between_the_best_and_the_latest_save(tmp_path, cache_dir):
-  """A crash after the epoch's best checkpoint is written but before its latest checkpoint
-  (simulated by deleting that latest checkpoint): the resumed run redoes the epoch and must be
-  able to save best at the same step again."""
-  env = subprocess_env(cache_dir)
-  proc, _ = run(teacher_only_args(tmp_path, cache_dir), env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  first = results_of(tmp_path)
-  last = latest_steps(tmp_path, 'teacher')[-1]
-  shutil.rmtree(os.path.join(tmp_path, 'checkpoints', 'teacher', 'latest', str(last)))
-  proc, _ = run(teacher_only_args(tmp_path, cache_dir), env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert results_of(tmp_path)['teacher']['test_weighted_f1'] == pytest.approx(
-      first['teacher']['test_weighted_f1'], abs=1e-6)
 
 
 def test_predictor_reads_checkpoints_kept_outside_the_workdir(reference, dialogues, predictor,
