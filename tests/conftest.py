@@ -1,20 +1,37 @@
-"""One persistent XLA compilation cache per test worker, for every run that does not name its own
-(`train.compilation_cache_dir` unset reads JAX_COMPILATION_CACHE_DIR): the tiny configs' programs
-then compile once per worker instead of once per test, in process and in subprocesses alike."""
+"""One persistent XLA compilation cache for the whole test session, for every run that does not
+name its own (`train.compilation_cache_dir` unset reads JAX_COMPILATION_CACHE_DIR): the tiny
+configs' programs then compile once per session instead of once per test, in process and in
+subprocesses alike, whichever xdist worker runs them.
+
+The workers share the folder above their own temporary folders. JAX writes cache entries without
+locking unless the cache has a size limit, and a reader in another process could see a
+half-written entry; a limit (larger than the suite ever fills) makes every read and write take
+the cache's file lock.
+"""
 
 import os
 
+import jax
 import pytest
+
+CACHE_LIMIT_BYTES = 8 << 30
 
 
 @pytest.fixture(scope='session', autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / 'xla_cache'
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'xla_cache'
   path.mkdir(exist_ok=True)
-  previous = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  saved = {k: os.environ.get(k) for k in ('JAX_COMPILATION_CACHE_DIR',
+                                          'JAX_COMPILATION_CACHE_MAX_SIZE')}
   os.environ['JAX_COMPILATION_CACHE_DIR'] = str(path)
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(CACHE_LIMIT_BYTES)  # subprocesses
+  limit = jax.config.jax_compilation_cache_max_size
+  jax.config.update('jax_compilation_cache_max_size', CACHE_LIMIT_BYTES)  # this process
   yield path
-  if previous is None:
-    os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
-  else:
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = previous
+  jax.config.update('jax_compilation_cache_max_size', limit)
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
