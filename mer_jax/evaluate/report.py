@@ -5,8 +5,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from matplotlib.backends import backend_agg
-from matplotlib import figure
 import numpy as np
 
 
@@ -71,6 +69,9 @@ def save_confusion_matrix_png(confusion: np.ndarray, names, path: str, title: st
   normalized = np.divide(confusion, row_totals, out=np.zeros(confusion.shape, np.float64),
                          where=row_totals > 0)
   size = 1.0 + 0.75 * len(names)
+  # Imported here: a command that draws no confusion matrix does not pay for matplotlib.
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
   # An explicit Agg canvas: no pyplot, so no global backend state and no display needed.
   fig = figure.Figure(figsize=(size + 1.5, size))
   backend_agg.FigureCanvasAgg(fig)

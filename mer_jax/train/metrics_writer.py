@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any, Mapping
 
-from tensorboardX import SummaryWriter
-from tensorboardX import summary
+
+def _tensorboardx():
+  """tensorboardX, imported without torch.
+
+  Its writer module imports torch when it can, only to accept torch tensors; where torch is
+  installed (our test environment, many users') that costs every command 2-4 s of start-up.
+  Unless torch is already loaded, its import is refused for the moment tensorboardX loads.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    return importlib.import_module('tensorboardX')
+  sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    return importlib.import_module('tensorboardX')
+  finally:
+    del sys.modules['torch']
 
 
 class MetricsWriter:
@@ -13,7 +28,7 @@ class MetricsWriter:
 
   def __init__(self, logdir: str):
     import jax  # Local: the writer must not initialise a backend at import time.
-    self._writer = SummaryWriter(logdir) if jax.process_index() == 0 else None
+    self._writer = _tensorboardx().SummaryWriter(logdir) if jax.process_index() == 0 else None
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is None:
@@ -35,7 +50,7 @@ class MetricsWriter:
     runs have different settings) and its metrics from their scalars (test/...)."""
     if self._writer is None:
       return
-    _, session_start, _ = summary.hparams(
+    _, session_start, _ = _tensorboardx().summary.hparams(
         {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()},
         {})
     self._writer.file_writer.add_summary(session_start, step)
