@@ -204,6 +204,7 @@ class StageRunner:
     self.loop = LoopState()
     self.logdir = os.path.join(ctx.workdir, 'tensorboard', self.name)
     self.best_step = None  # of the best checkpoint, once fit has restored it
+    self.was_finished = False  # fit found the stage finished by an earlier run
     self._train_step = self._batch_sh = self._train_step_seconds = None
 
   @property
@@ -325,6 +326,7 @@ class StageRunner:
         console.say('stage %s: already finished in %s; restoring its best weights', self.name,
                     ckpt.root)
         self.loop = LoopState.from_meta(meta['loop'])
+        self.was_finished = True
       else:
         self._train(ckpt, meta)
       params, batch_stats, _ = ckpt.restore_best(self.state.params, self.state.model_state)

@@ -96,7 +96,8 @@ def train_stages(ctx: Context) -> dict[str, Any]:
       evaluate.write_report(test, os.path.join(workdir, 'reports'), f'{stage}_test',
                             png=config.eval.confusion_png)
       print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
-      runner.log_test(test)
+      if not runner.was_finished:  # a rerun of a finished workdir writes no event files
+        runner.log_test(test)
     results[stage] = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
                       'test_accuracy': test['accuracy'],
                       'dev_weighted_f1': runner.loop.best_f1,
