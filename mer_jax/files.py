@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from typing import Any, Iterator
 
@@ -43,3 +44,20 @@ def write_json(path: str, obj: Any, **dump_kwargs) -> str:
   with open_atomically(path, encoding='utf-8') as f:
     json.dump(obj, f, **dump_kwargs)
   return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+  """Yields a temporary folder to fill; on success it is renamed to `path`, which must not exist
+  or be an empty folder. A failure removes it and leaves `path` as it was."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}-'
+                     f'{uuid.uuid4().hex[:8]}')
+  os.mkdir(tmp)
+  try:
+    yield tmp
+    os.rename(tmp, path)  # POSIX replaces an empty folder; a non-empty one raises OSError
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)

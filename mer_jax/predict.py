@@ -9,11 +9,14 @@ Each input line is one dialogue:
 "dialogue_id" (a string or an integer; default: the input's path and line) must be unique in the
 file; "utterance_id" (an integer in the int32 range; default: the utterance's position) must be
 unique within its dialogue. A modality that is null or absent is treated as missing for that
-utterance. For a workdir trained from transcripts or raw clips (data.source 'text_csv' or 'raw'),
+utterance; an utterance with none of the inputs the model reads is refused, naming it. An
+utterance naming a clip ("video" or "audio") is refused: prediction reads features and text only.
+For a workdir trained from transcripts or raw clips (data.source 'text_csv' or 'raw'),
 text features may be left out: they are computed from each utterance's "text" (and the
 dialogue's earlier utterances, for context prompts) with the run's text encoder, fine-tuned
 weights included. The config and label names are read from the checkpoints, so only the workdir
-is needed.
+(or a bundle written by mer_jax.export) is needed. In Python, `mer_jax.load(path).predict(...)`
+does the same with in-memory dialogues (docs/predict_api.md).
 
 predict never writes over its input: --input and --output are checked before any model loads
 (the output is not the input, not a folder, and its folder exists and is writable), and the
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -33,6 +36,7 @@ from absl import flags
 from absl import logging
 from etils import epath
 
+from mer_jax import bundle
 from mer_jax import cli
 from mer_jax import errors
 from mer_jax import files
@@ -50,6 +54,8 @@ FLAGS = flags.FLAGS
 
 
 _INT32 = np.iinfo(np.int32)
+CLIP_KEYS = ('video', 'audio')  # an utterance's media files
+MODALITY_NAMES = {'t': 'text', 'a': 'audio', 'v': 'visual'}
 
 
 class PredictInputError(errors.UserError):
@@ -108,6 +114,10 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
     for name in ('speaker', 'text'):  # null is as if absent
       if u.get(name) is not None and not isinstance(u[name], str):
         raise PredictInputError(f'{key}.{name}: expected a string, got {_shown(u[name])}')
+    clips = [name for name in CLIP_KEYS if u.get(name) is not None]
+    if clips:
+      raise PredictInputError(f'{key}.{clips[0]}: this model cannot read clips; give the '
+                              'utterance\'s "features" or "text" instead')
     speakers.append('unknown' if u.get('speaker') is None else u['speaker'])
     texts.append(u.get('text') or '')
     if text_from_transcripts and not texts[-1].strip():
@@ -154,14 +164,19 @@ def parse_dialogue(obj: Any, where: str, modalities: Sequence[str], dims: dict[s
 
 
 class Predictor:
-  """The final stage of a trained workdir (and the frozen stages it reads), restored."""
+  """The final stage of a trained workdir or bundle (and the frozen stages it reads), restored:
+  what `mer_jax.load` returns. `predict` labels dicts; the command reads JSONL into the same
+  records (`read_jsonl`) and writes the same rows (`predict_records`)."""
 
-  def __init__(self, workdir: str, stage: str | None = None, checkpoint_dir: str = ''):
+  def __init__(self, workdir: str, stage: str | None = None, checkpoint_dir: str = '',
+               text_encoder: str = ''):
     """`checkpoint_dir`: where the run's train.checkpoint_dir put them (default
-    workdir/checkpoints; gs:// paths are read by Orbax directly)."""
+    workdir/checkpoints; gs:// paths are read by Orbax directly). `text_encoder`: a checkpoint
+    folder (weights and tokenizer) to use in place of the config's text.encoder, e.g. a bundle's
+    copy of it."""
     self.workdir = workdir
     directory = checkpoint_dir or os.path.join(workdir, 'checkpoints')
-    trained = _trained_stages(directory)
+    trained = trained_stages(directory)
     if not trained:
       raise checkpointing.MissingCheckpoint(f'{directory}: no trained stage checkpoints')
     self.stage = stage or trained[-1]
@@ -169,10 +184,11 @@ class Predictor:
                                           directory=directory).best_meta()
     self.config = ml_collections.ConfigDict(meta['config'])
     self.label_names = tuple(meta['label_names'])
+    self.modalities = stages.modalities_read(self.stage, self.config.data.modalities)
     self.mesh = sharding.make_mesh(self.config)
     self.stacked = self.stage == 'fusion' and self.config.model.fusion.input == 'stacked'
     self.models = {}
-    for name in _needed_for(self.stage, self.config):
+    for name in needed_for(self.stage, self.config):
       ckpt = checkpointing.StageCheckpoints(workdir, name, read_only=True, directory=directory)
       graphdef, params, batch_stats, rng_state = inference.build_sharded_model(
           name, self.config, self.mesh, seed=0)
@@ -181,8 +197,9 @@ class Predictor:
     self._predict_fn = inference.stage_predict_fn(self.stage, self.models[self.stage],
                                                   self.config, self.models)
     self.text = None
-    if self.config.data.source in ('text_csv', 'raw') and 't' in self.config.data.modalities:
-      self.text = text_features.TextFeaturizer(self.config, workdir)
+    if reads_transcripts(self.stage, self.config):
+      self.text = text_features.TextFeaturizer(
+          _located_text_config(self.config, directory, text_encoder), workdir)
 
   def fill_text_features(self, records: list) -> None:
     """Computes the text features an input left out, from the transcripts."""
@@ -198,8 +215,25 @@ class Predictor:
       record.features['t'][missing] = vectors[missing]
       record.present['t'][missing] = True
 
+  def check_inputs(self, records: list) -> None:
+    """Refuses an utterance with none of the inputs the model reads: it would be labelled from
+    padding alone (e.g. a text model's utterance whose text features were never computed)."""
+    for record in records:
+      usable = np.any([record.present[m] for m in self.modalities], axis=0)
+      if usable.all():
+        continue
+      i = int(np.flatnonzero(~usable)[0])
+      wanted = ', '.join(f'{MODALITY_NAMES[m]} features (features.{m})' for m in self.modalities)
+      how = (', or its "text" (Predictor.fill_text_features computes text features from it)'
+             if self.text is not None else '')
+      raise PredictInputError(
+          f'dialogue {_shown(record.dialogue_id)}, utterance_id {int(record.utterance_ids[i])} '
+          f'(utterances[{i}]): has no input this model reads; give '
+          f'{"" if len(self.modalities) == 1 else "one of "}{wanted}{how}')
+
   def probabilities(self, records: list) -> list[np.ndarray]:
     """Per dialogue, [n_utterances, C] class probabilities."""
+    self.check_inputs(records)
     source = sources.InMemorySource(records)
     if self.stacked:
       source = sources.InMemorySource(stacking.stacked_records(
@@ -209,50 +243,124 @@ class Predictor:
                                    dims=inference.batch_dims(self.stage, self.config))
     return inference.per_record_outputs(pred, source, 'probs')
 
+  def predict(self, dialogues: Any) -> list[dict]:
+    """Labels in-memory dialogues: a list of dicts as in the JSONL input (or one such dict).
+
+    Returns one row per utterance, in input order: dialogue_id, utterance_id, speaker, emotion
+    (the most probable label), probabilities ({label: p}) and modalities (those the model read
+    for it: 't' text, 'a' audio, 'v' visual). Refuses (PredictInputError naming the dialogue and
+    utterance) input the model cannot label, before predicting anything.
+    """
+    if isinstance(dialogues, dict):
+      dialogues = [dialogues]
+    return self.predict_records(self.read_dialogues(dialogues))
+
+  def predict_records(self, records: list) -> list[dict]:
+    """One row per utterance: ids, speaker, emotion, probabilities and the modalities read."""
+    return format_predictions(records, self.probabilities(records), self.label_names,
+                              modalities=self.modalities)
+
+  def read_dialogues(self, dialogues: Iterable[Any], source: str = 'dialogues') -> list:
+    """In-memory dialogues (dicts as in the JSONL input) -> records, text features filled in.
+    Messages name each one as `source`[i]."""
+    records = parse_dialogues(((f'{source}[{i}]', f'{source}[{i}]', obj)
+                               for i, obj in enumerate(dialogues)),
+                              self.config, self.text is not None, source)
+    if self.text is not None:
+      self.fill_text_features(records)
+    return records
+
   def read_jsonl(self, path: str) -> list:
-    records = []
-    first_line: dict[str, int] = {}  # dialogue id -> line
-    dims = {m: int(self.config.data.dims[m]) for m in self.config.data.modalities}
-    try:
-      with open(path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          where = f'{path}:{line_no}'
-          try:
-            obj = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise PredictInputError(f'{where}: invalid JSON ({e.msg})') from None
-          except RecursionError:
-            raise PredictInputError(f'{where}: invalid JSON (nested too deeply)') from None
-          except ValueError as e:  # an integer of more than 4300 digits
-            raise PredictInputError(f'{where}: invalid JSON ({str(e).split(";")[0]})') from None
-          record = parse_dialogue(obj, where, tuple(self.config.data.modalities), dims,
-                                  text_from_transcripts=self.text is not None)
-          first = first_line.setdefault(record.dialogue_id, line_no)
-          if first != line_no:
-            raise PredictInputError(f'{where}: dialogue_id: {_shown(record.dialogue_id)} repeats '
-                                    f'the dialogue on line {first}')
-          records.append(record)
-    except UnicodeDecodeError as e:
-      raise PredictInputError(f'{path}: not UTF-8 text ({e})') from None
-    if not records:
-      raise PredictInputError(f'{path}: no dialogues')
-    longest = max(len(r.labels) for r in records)
-    if longest > self.config.batch.max_nodes - 1:
-      raise PredictInputError(f'{path}: a dialogue has {longest} utterances; this model was '
-                              f'configured for at most {self.config.batch.max_nodes - 1}')
+    records = parse_dialogues(_jsonl_objects(path), self.config, self.text is not None, path)
     if self.text is not None:
       self.fill_text_features(records)
     return records
 
 
-def _trained_stages(directory: str) -> list[str]:
+def _jsonl_objects(path: str) -> Iterator[tuple[str, str, Any]]:
+  """(where, how a repeat names it, object) per non-blank line."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        where = f'{path}:{line_no}'
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise PredictInputError(f'{where}: invalid JSON ({e.msg})') from None
+        except RecursionError:
+          raise PredictInputError(f'{where}: invalid JSON (nested too deeply)') from None
+        except ValueError as e:  # an integer of more than 4300 digits
+          raise PredictInputError(f'{where}: invalid JSON ({str(e).split(";")[0]})') from None
+        yield where, f'the dialogue on line {line_no}', obj
+  except UnicodeDecodeError as e:
+    raise PredictInputError(f'{path}: not UTF-8 text ({e})') from None
+
+
+def parse_dialogues(objects: Iterable[tuple[str, str, Any]], config, text_from_transcripts: bool,
+                    source: str) -> list:
+  """(where, name, JSON dialogue) -> DialogueRecords with unique dialogue ids, each within the
+  config's node budget; `source` (a path, or 'dialogues') names the whole input."""
+  records = []
+  first_name: dict[str, str] = {}  # dialogue id -> name of the first dialogue with it
+  dims = {m: int(config.data.dims[m]) for m in config.data.modalities}
+  for where, name, obj in objects:
+    record = parse_dialogue(obj, where, tuple(config.data.modalities), dims,
+                            text_from_transcripts=text_from_transcripts)
+    first = first_name.setdefault(record.dialogue_id, name)
+    if first != name:
+      raise PredictInputError(f'{where}: dialogue_id: {_shown(record.dialogue_id)} repeats '
+                              f'{first}')
+    records.append(record)
+  if not records:
+    raise PredictInputError(f'{source}: no dialogues')
+  longest = max(len(r.labels) for r in records)
+  if longest > config.batch.max_nodes - 1:
+    raise PredictInputError(f'{source}: a dialogue has {longest} utterances; this model was '
+                            f'configured for at most {config.batch.max_nodes - 1}')
+  return records
+
+
+def _located_text_config(config, checkpoint_dir: str, text_encoder: str):
+  """The config the text front end reads, pointed at where this copy of the run keeps its
+  fine-tuned encoder (`checkpoint_dir`) and, when given, its text encoder folder."""
+  located = ml_collections.ConfigDict(config.to_dict())
+  located.train.checkpoint_dir = checkpoint_dir
+  if text_encoder:
+    located.text.encoder = text_encoder
+  return located
+
+
+def load(path: str, checkpoint_dir: str = '') -> Predictor:
+  """The model of a trained workdir or of a bundle written by mer_jax.export (`mer_jax.load`).
+
+  `checkpoint_dir`: for a workdir whose run moved its checkpoints (train.checkpoint_dir).
+  """
+  if not bundle.is_bundle(path):
+    if not checkpoint_dir and not os.path.exists(path) and '://' not in path:
+      raise PredictInputError(f'{path}: no such folder (expected a workdir or a model bundle)')
+    return Predictor(path, checkpoint_dir=checkpoint_dir)
+  if checkpoint_dir:
+    raise PredictInputError(f'{path}: is a model bundle; it keeps its own checkpoints '
+                            '(no checkpoint_dir)')
+  manifest = bundle.read_manifest(path)
+  return Predictor(path, stage=manifest['stage'], text_encoder=bundle.text_encoder_dir(path))
+
+
+def reads_transcripts(stage: str, config) -> bool:
+  """Whether predicting with `stage` computes text features from transcripts with the run's text
+  encoder (runs trained from dialogue CSVs or raw clips, whose stage reads text)."""
+  return (config.data.source in ('text_csv', 'raw')
+          and 't' in stages.modalities_read(stage, config.data.modalities))
+
+
+def trained_stages(directory: str) -> list[str]:
   """The stages with a best checkpoint under `directory` (local, or gs:// through epath)."""
   return [s for s in stages.STAGES if (epath.Path(directory) / s / 'best').is_dir()]
 
 
-def _needed_for(stage: str, config) -> list[str]:
+def needed_for(stage: str, config) -> list[str]:
   """The stage and the frozen encoders whose outputs it reads at prediction time."""
   needed = stages.prerequisites(stage, distill=False, fusion_input=config.model.fusion.input,
                                 modalities=config.data.modalities)
@@ -260,14 +368,19 @@ def _needed_for(stage: str, config) -> list[str]:
 
 
 def format_predictions(records: Iterable, probs: Iterable[np.ndarray],
-                       label_names: Sequence[str]) -> list[dict]:
+                       label_names: Sequence[str],
+                       modalities: Sequence[str] | None = None) -> list[dict]:
+  """One row per utterance; with `modalities` (those the model reads), the ones it had."""
   rows = []
   for record, p in zip(records, probs):
     for i in range(len(record.labels)):
-      rows.append({
+      row = {
           'dialogue_id': record.dialogue_id, 'utterance_id': int(record.utterance_ids[i]),
           'speaker': record.speakers[i], 'emotion': label_names[int(np.argmax(p[i]))],
-          'probabilities': {name: float(v) for name, v in zip(label_names, p[i])}})
+          'probabilities': {name: float(v) for name, v in zip(label_names, p[i])}}
+      if modalities is not None:
+        row['modalities'] = [m for m in modalities if record.present[m][i]]
+      rows.append(row)
   return rows
 
 
@@ -319,7 +432,8 @@ def write_predictions(path: str, rows: Sequence[dict]) -> None:
 
 
 def define_flags() -> None:
-  flags.DEFINE_string('workdir', None, 'A workdir trained by mer_jax.main.')
+  flags.DEFINE_string('workdir', None, 'A workdir trained by mer_jax.main, or a bundle written '
+                      'by mer_jax.export.')
   flags.DEFINE_string('input', None, 'JSONL file of dialogues.')
   flags.DEFINE_string('output', None, 'Optional JSONL file for the predictions.')
   flags.DEFINE_string(
@@ -333,9 +447,8 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # keep library INFO logs (Orbax) out of the console
   check_paths(FLAGS.input, FLAGS.output)
-  predictor = Predictor(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir)
-  records = predictor.read_jsonl(FLAGS.input)
-  rows = format_predictions(records, predictor.probabilities(records), predictor.label_names)
+  predictor = load(FLAGS.workdir, checkpoint_dir=FLAGS.checkpoint_dir)
+  rows = predictor.predict_records(predictor.read_jsonl(FLAGS.input))
   for row in rows:
     top = sorted(row['probabilities'].items(), key=lambda kv: -kv[1])[:3]
     print(f'{row["dialogue_id"]}\t{row["utterance_id"]}\t{row["speaker"]}\t{row["emotion"]}\t'

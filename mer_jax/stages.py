@@ -24,6 +24,12 @@ def is_encoder(stage: str) -> bool:
   return stage in MODALITY_OF_STAGE
 
 
+def modalities_read(stage: str, modalities: Sequence[str]) -> tuple[str, ...]:
+  """The modalities of `modalities` (the run's) whose inputs `stage` reads to predict: an
+  encoder its own, fusion every one (through the frozen encoders or directly)."""
+  return (MODALITY_OF_STAGE[stage],) if is_encoder(stage) else tuple(modalities)
+
+
 def encoders_of(modalities: Sequence[str]) -> tuple[str, ...]:
   """The encoder stages of `modalities`, in their order."""
   return tuple(ENCODER_OF_MODALITY[m] for m in modalities)

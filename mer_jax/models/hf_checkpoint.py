@@ -86,6 +86,11 @@ def norm_names(hf: str, path: tuple[Any, ...]) -> NameTable:
   return {f'{hf}.weight': ((*path, 'scale'), COPY), f'{hf}.bias': ((*path, 'bias'), COPY)}
 
 
+# The files of a checkpoint folder that loading reads: config, weights, tokenizer (vocab, merges,
+# sentencepiece model). Downloads and model bundles keep these and nothing else.
+FILE_PATTERNS = ('*.json', '*.safetensors', '*.txt', '*.model')
+
+
 def resolve_checkpoint_folder(name_or_folder: str) -> str:
   """A local folder as is; otherwise a Hugging Face hub name, downloaded (needs a network)."""
   if os.path.isdir(name_or_folder):
@@ -96,8 +101,7 @@ def resolve_checkpoint_folder(name_or_folder: str) -> str:
     raise CheckpointError(f'{name_or_folder!r} is not a folder and huggingface_hub is not '
                           'installed to download it') from None
   try:
-    return snapshot_download(name_or_folder, allow_patterns=['*.json', '*.safetensors', '*.txt',
-                                                             '*.model', 'merges.txt'])
+    return snapshot_download(name_or_folder, allow_patterns=list(FILE_PATTERNS))
   except Exception as e:  # network errors come in many types
     raise CheckpointError(f'{name_or_folder!r} is not a local folder and could not be '
                           f'downloaded from the Hugging Face hub (a network is needed): {e}') from e

@@ -65,15 +65,25 @@ def _splits(config) -> tuple[str, ...]:
 # --- stage 0: the corpus ---------------------------------------------------------------------
 
 
+def raw_root(config, workdir: str) -> str:
+  """Where the MELD-layout folder is: raw.dir, or where the synthetic talking heads are generated
+  (nothing is built here; see ensure_raw_root)."""
+  r = config.raw
+  if not r.generate:
+    return r.dir
+  spec = talking_heads.TalkingHeadsSpec.from_config(r.synthetic)
+  return os.path.join(cache.data_root(config, workdir), 'talking-heads-' + _key(spec.__dict__))
+
+
 def ensure_raw_root(config, workdir: str) -> str:
   """The MELD-layout folder to read: raw.dir, or the generated synthetic talking heads."""
   r = config.raw
+  out = raw_root(config, workdir)
   if not r.generate:
-    if not os.path.isdir(r.dir):
+    if not os.path.isdir(out):
       raise FileNotFoundError(f'raw.dir {r.dir!r} is not a folder')
-    return r.dir
+    return out
   spec = talking_heads.TalkingHeadsSpec.from_config(r.synthetic)
-  out = os.path.join(cache.data_root(config, workdir), 'talking-heads-' + _key(spec.__dict__))
 
   def build(folder):
     console.say('generating the synthetic talking-heads corpus into %s', out)
@@ -148,9 +158,20 @@ def load_training_clips(config, cache: str, split: str, dialogues) -> tuple[list
   return out, multi
 
 
+def lipsync_dir(config, cache: str) -> str:
+  """The folder of the config's LipSyncNet under a clips cache: its checkpoints and LIPSYNC_DONE."""
+  return os.path.join(cache, 'lipsync-' + _key(config.lipsync.to_dict()))
+
+
+def trained_lipsync_dir(config, workdir: str) -> str | None:
+  """The folder of a raw run's trained LipSyncNet, or None when it is not (or no longer) there."""
+  folder = lipsync_dir(config, clips_dir(config, workdir, raw_root(config, workdir)))
+  return folder if os.path.exists(os.path.join(folder, LIPSYNC_DONE)) else None
+
+
 def ensure_lipsync(config, cache: str, dialogues) -> tuple[Any, str, dict]:
   """(trained LipSyncNet, its folder, training summary); trains unless already done."""
-  folder = os.path.join(cache, 'lipsync-' + _key(config.lipsync.to_dict()))
+  folder = lipsync_dir(config, cache)
   done = os.path.join(folder, LIPSYNC_DONE)
   if os.path.exists(done):
     with open(done) as f:
