@@ -14,9 +14,7 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
@@ -29,6 +27,8 @@ from mer_jax.data import sources
 from mer_jax.train import sharding
 from mer_jax.train import stacking
 from tests import _tensorboard_events as tb
+from tests._checkpoints import latest_checkpoint
+from tests._checkpoints import latest_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('teacher', 'audio', 'visual', 'fusion')
@@ -83,26 +83,6 @@ def results_of(workdir) -> dict:
   """results.json's per-stage results."""
   with open(os.path.join(workdir, 'results.json')) as f:
     return json.load(f)['stages']
-
-
-def latest_steps(workdir, stage) -> list[int]:
-  folder = os.path.join(workdir, 'checkpoints', stage, 'latest')
-  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
-
-
-def latest_checkpoint(workdir, stage) -> tuple[dict, dict]:
-  """(train state as arrays, loop metadata) of a stage's newest latest checkpoint."""
-  step_dir = os.path.join(workdir, 'checkpoints', stage, 'latest',
-                          str(latest_steps(workdir, stage)[-1]))
-  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
-  return jax.device_get(state), meta
-
-
-def without_seconds(loop: dict) -> dict:
-  return dict(loop, history=[{k: v for k, v in h.items() if k != 'seconds'}
-                             for h in loop['history']])
 
 
 @pytest.fixture(scope='module')

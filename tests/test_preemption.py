@@ -14,7 +14,6 @@ restore: 2 micro-batches accumulated per update, an EMA, and a learning rate cut
 after epochs 2 and 3 (no epoch after the first improves by early_stopping_min_delta=1.0).
 """
 
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
@@ -35,6 +33,9 @@ from mer_jax.experiments import runs
 from mer_jax.run import corpus
 from mer_jax.train import checkpointing
 from mer_jax.train import preemption
+from tests._checkpoints import latest_checkpoint
+from tests._checkpoints import latest_steps
+from tests._checkpoints import without_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
@@ -58,13 +59,6 @@ def env():
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', OMP_NUM_THREADS='1')
 
 
-def saved_steps(workdir):
-  latest = os.path.join(workdir, 'checkpoints', 'teacher', 'latest')
-  if not os.path.isdir(latest):
-    return []
-  return sorted(int(d) for d in os.listdir(latest) if d.isdigit())
-
-
 def start(workdir, *extra):
   return subprocess.Popen(command(workdir, *extra), cwd=ROOT, env=env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -73,7 +67,7 @@ def start(workdir, *extra):
 def wait_for_checkpoint(proc, workdir, at_least: int):
   deadline = time.time() + 300
   while proc.poll() is None and time.time() < deadline:
-    steps = saved_steps(str(workdir))
+    steps = latest_steps(workdir, 'teacher')
     if steps and steps[-1] >= at_least:
       return steps[-1]
     time.sleep(0.02)
@@ -87,21 +81,6 @@ def finish(workdir, *extra):
   return proc
 
 
-def latest_checkpoint(workdir) -> tuple[dict, dict]:
-  """(train state as arrays, loop metadata) of the teacher's newest latest checkpoint."""
-  step_dir = os.path.join(workdir, 'checkpoints', 'teacher', 'latest',
-                          str(saved_steps(workdir)[-1]))
-  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
-  return jax.device_get(state), meta
-
-
-def without_seconds(loop: dict) -> dict:
-  return dict(loop, history=[{k: v for k, v in h.items() if k != 'seconds'}
-                             for h in loop['history']])
-
-
 def assert_same_results(reference, workdir):
   """Same metrics, test probabilities, loop bookkeeping and final train state (parameters, Adam
   moments, accumulated gradients, EMA, lr scale), leaf for leaf."""
@@ -111,8 +90,8 @@ def assert_same_results(reference, workdir):
     assert got[key] == expected[key], key
   np.testing.assert_array_equal(runs.load_test_predictions(str(reference), 'teacher')['probs'],
                                 runs.load_test_predictions(str(workdir), 'teacher')['probs'])
-  want_state, want_meta = latest_checkpoint(str(reference))
-  got_state, got_meta = latest_checkpoint(str(workdir))
+  want_state, want_meta = latest_checkpoint(str(reference), 'teacher')
+  got_state, got_meta = latest_checkpoint(str(workdir), 'teacher')
   assert without_seconds(got_meta['loop']) == without_seconds(want_meta['loop'])
   want_leaves = jax.tree_util.tree_leaves_with_path(want_state)
   got_leaves = jax.tree_util.tree_leaves_with_path(got_state)
@@ -148,13 +127,13 @@ def fixture_reference(tmp_path_factory, plan):
 
 def test_reference_cut_the_lr_twice_and_saved_a_step_twice(reference, plan):
   workdir = str(reference / 'reference')
-  state, meta = latest_checkpoint(workdir)
+  state, meta = latest_checkpoint(workdir, 'teacher')
   assert meta['finished'] and meta['loop']['epoch'] == EPOCHS
   np.testing.assert_allclose(float(state['lr_scale']), LR_REDUCE_FACTOR ** 2, rtol=1e-6)
   # The period landed on an epoch's last step, which the end of the epoch saved again
   # (overwriting the periodic save, where Orbax would refuse a second save of the step).
   assert any(end % plan['every'] == 0 for end in plan['ends'])
-  assert saved_steps(workdir)[-1] == plan['ends'][-1]
+  assert latest_steps(workdir, 'teacher')[-1] == plan['ends'][-1]
 
 
 def test_sigterm_checkpoints_and_the_rerun_matches_an_uninterrupted_run(reference, plan):
@@ -166,7 +145,8 @@ def test_sigterm_checkpoints_and_the_rerun_matches_an_uninterrupted_run(referenc
   assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, stderr[-3000:]
   stopped_at = int(stderr.split('terminated at step ')[1].split()[0])
   assert first_saved <= stopped_at < plan['ends'][-1]
-  assert saved_steps(str(workdir))[-1] == stopped_at  # saved where it stopped, not at a period
+  # Saved where it stopped, not at a period.
+  assert latest_steps(workdir, 'teacher')[-1] == stopped_at
   assert not runs.is_finished(str(workdir))
   resumed = finish(workdir, plan['flag'])
   assert 'resuming at epoch' in resumed.stdout + resumed.stderr
@@ -217,7 +197,7 @@ def test_resume_after_a_crash_between_the_best_and_the_latest_save(reference, pl
   end = plan['ends'][0]
   assert (workdir / 'checkpoints' / 'teacher' / 'best' / str(end)).is_dir()
   shutil.rmtree(workdir / 'checkpoints' / 'teacher' / 'latest' / str(end))
-  before = saved_steps(str(workdir))[-1]
+  before = latest_steps(workdir, 'teacher')[-1]
   assert 0 < before < end
   proc = finish(workdir, *one_epoch)
   assert f'resuming at epoch 1, step {before}' in proc.stdout + proc.stderr
