@@ -103,9 +103,9 @@ def test_round_trip_keeps_order_and_zeroes_absent_features(tmp_path):
 def test_manifest_fields(tmp_path):
   manifest = write(tmp_path)
   shard_dir = tmp_path / 'shards'
-  assert sorted(os.listdir(shard_dir)) == [
-      'dev-00000-of-00001.array_record', 'manifest.json',
-      'train-00000-of-00003.array_record', 'train-00001-of-00003.array_record',
+  assert sorted(os.listdir(shard_dir)) == [  # TFDS's metadata too: tests/test_tfds_builder.py
+      'dataset_info.json', 'dev-00000-of-00001.array_record', 'features.json', 'manifest.json',
+      'metadata.json', 'train-00000-of-00003.array_record', 'train-00001-of-00003.array_record',
       'train-00002-of-00003.array_record']
   assert manifest.format == 'mer_jax.dialogue_shards/v1'
   assert manifest.modalities == ('t', 'a', 'v')

@@ -4,7 +4,10 @@ A shard folder holds `manifest.json` and, per split, files named
 `{split}-{i:05d}-of-{n:05d}.array_record`. The writer deals records round-robin
 over a split's files, so record `i` of a split (in the order it was written)
 lives in file `i % n` at position `i // n`; `DialogueShardSource` keeps that
-order, whatever the number of files.
+order, whatever the number of files. The writer also puts TFDS's metadata
+beside the files (mer_jax/data/tfds_metadata.py), so that
+`tfds.builder_from_directory(shard_dir)` reads them in place; the manifest
+lists only the data files, and readers ignore other files in the folder.
 
 A record is a msgpack map whose arrays are stored as {dtype, shape, bytes} and
 decoded with `np.frombuffer`: arrays of a decoded record are read-only views.
@@ -31,6 +34,7 @@ import msgpack
 import numpy as np
 
 from mer_jax import errors
+from mer_jax.data import tfds_metadata
 
 FORMAT = 'mer_jax.dialogue_shards/v1'
 MANIFEST_NAME = 'manifest.json'
@@ -464,7 +468,8 @@ def write_shards(out_dir: epath.PathLike,
   """Writes a shard folder atomically and returns its manifest.
 
   Records are validated while written; features of absent modalities are set
-  to zero. Everything goes to a hidden temporary folder next to `out_dir`,
+  to zero. TFDS metadata is written beside the shards (tfds_metadata.py).
+  Everything goes to a hidden temporary folder next to `out_dir`,
   which is renamed into place once the manifest is written, so a crash never
   leaves a folder at `out_dir` that looks complete.
 
@@ -511,7 +516,10 @@ def write_shards(out_dir: epath.PathLike,
                         label_names=tuple(label_names), splits=infos)
     content = manifest.to_json()
     content[CHECKSUM_KEY] = content_checksum(content)
-    (tmp / MANIFEST_NAME).write_text(json.dumps(content, indent=1))
+    manifest_text = json.dumps(content, indent=1)
+    (tmp / MANIFEST_NAME).write_text(manifest_text)
+    tfds_metadata.write_metadata(tmp, manifest_text,
+                                 name=tfds_metadata.config_name(out_dir.name))
     manifest = dataclasses.replace(manifest, checksum_ok=True)
     if out_dir.exists():
       old = out_dir.parent / f'.{out_dir.name}.old-{uuid.uuid4().hex[:8]}'

@@ -1,38 +1,45 @@
-"""A shard folder as the TensorFlow Datasets dataset `mer_dialogues`.
+"""Adds TFDS's metadata to a shard folder, so TensorFlow Datasets reads its files in place.
 
-TFDS 4.9.10 prepares and reads `array_record` datasets without TensorFlow:
-`download_and_prepare()` serializes examples with its own protobuf code and
-`as_data_source()` / `tfds.data_source()` give random access through
-ArrayRecord. So the builder is an ordinary `GeneratorBasedBuilder` whose
-`_generate_examples` reads `DialogueShardSource`; each shard folder becomes a
-builder config (named after the folder unless told otherwise). Shuffling is
-disabled, so example `i` of a split is record `i` of the shard source.
+  python -m mer_jax.data.tfds_builder --shard_dir DIR [--name NAME]
+  (installed: mer-jax-tfds-metadata --shard_dir DIR)
 
-Once prepared, the dataset is readable without this module and without the
-shard folder:
+Folders written by `shards.write_shards` have the metadata already (dataset_info.json,
+features.json, metadata.json; mer_jax/data/tfds_metadata.py); this command adds it to a folder
+written before. Either way, with no copy and without TensorFlow:
 
-  tfds.data_source('mer_dialogues/NAME', data_dir=DATA_DIR)['train'][i]
-  tfds.builder_from_directory(DATA_DIR/mer_dialogues/NAME/1.0.0)
+  builder = tfds.builder_from_directory(DIR)   # the dataset `mer_dialogues`
+  builder.as_data_source()['train'][i]
 
-Examples hold bytes for text fields; `record_from_example` turns one back
-into a `DialogueRecord`. Label names, modalities and dims are in
-`info.metadata`, along with the sha256 of the source manifest.
+Examples are dicts of numpy arrays, bytes for text (`record_from_example` makes a DialogueRecord
+of one); `DialogueFeatures` decodes the folder's msgpack records and validates each as
+`DialogueShardSource` does. TFDS reads a split file by file, while DialogueShardSource deals the
+records round-robin over the files: with one file per split the orders agree, otherwise
+`tfds_order` maps one to the other. Label names, modalities and dims are in `info.metadata`.
+
+`prepare(shard_dir, data_dir)` instead writes a TFDS copy in its own format (`tf.train.Example`
+records, shuffling disabled so that example `i` is record `i` of the shard source): a dataset
+that reads without mer_jax and also with `as_dataset` (tf.data, which needs TensorFlow).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
-from typing import Any, Iterator, Mapping
+import sys
+from typing import Any, Iterator, Mapping, Sequence
 
+from absl import flags
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mer_jax import cli
 from mer_jax.data import shards
+from mer_jax.data import tfds_metadata
 
-_VERSION = '1.0.0'
+_VERSION = tfds_metadata.VERSION
+FLAGS = flags.FLAGS
 
 
 @dataclasses.dataclass
@@ -50,8 +57,12 @@ def _manifest_sha256(shard_dir: epath.PathLike) -> str:
 
 def dialogue_features(dims: Mapping[str, int]) -> tfds.features.FeaturesDict:
   """The TFDS feature spec of one dialogue with these modality dims."""
+  return tfds.features.FeaturesDict(_feature_spec(dims))
+
+
+def _feature_spec(dims: Mapping[str, int]) -> dict[str, Any]:
   tensor = tfds.features.Tensor
-  return tfds.features.FeaturesDict({
+  return {
       'dialogue_id': tfds.features.Text(),
       'utterance_ids': tensor(shape=(None,), dtype=np.int32),
       'speakers': tfds.features.Sequence(tfds.features.Text()),
@@ -62,7 +73,7 @@ def dialogue_features(dims: Mapping[str, int]) -> tfds.features.FeaturesDict:
                              encoding=tfds.features.Encoding.BYTES)
                    for m, d in dims.items()},
       'present': {m: tensor(shape=(None,), dtype=np.bool_) for m in dims},
-  })
+  }
 
 
 def example_from_record(record: shards.DialogueRecord) -> dict[str, Any]:
@@ -76,6 +87,73 @@ def example_from_record(record: shards.DialogueRecord) -> dict[str, Any]:
       'features': dict(record.features),
       'present': dict(record.present),
   }
+
+
+def numpy_example(record: shards.DialogueRecord) -> dict[str, Any]:
+  """A record as TFDS's numpy decoding gives it for `dialogue_features`: bytes for text, keys
+  in sorted order."""
+  example = example_from_record(record)
+  example['dialogue_id'] = record.dialogue_id.encode()
+  for key in ('speakers', 'transcripts'):
+    example[key] = [text.encode() for text in example[key]]
+
+  def sort_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: sort_keys(v) if isinstance(v, dict) else v for k, v in sorted(tree.items())}
+
+  return sort_keys(example)
+
+
+class DialogueFeatures(tfds.features.FeaturesDict):
+  """`dialogue_features(dims)` stored as a shard folder's own msgpack records.
+
+  The features of a shard folder read in place (tfds_metadata.py names this class in
+  features.json; TFDS imports it from there). `as_data_source` decodes each record and validates
+  it as DialogueShardSource does; tf.data's `as_dataset` would need the records to be
+  `tf.train.Example` protos, which `prepare` writes.
+  """
+
+  def __init__(self, dims: Mapping[str, int], label_names: Sequence[str]):
+    self.dims = dict(dims)
+    self.label_names = tuple(label_names)
+    super().__init__(_feature_spec(self.dims))
+
+  @classmethod
+  def from_json_content(cls, value: Mapping[str, Any]) -> DialogueFeatures:
+    return cls(value['dims'], value['label_names'])
+
+  def to_json_content(self) -> dict[str, Any]:
+    return {'dims': dict(self.dims), 'label_names': list(self.label_names)}
+
+  def deserialize_example_np(self, serialized_example, *, decoders=None) -> dict[str, Any]:
+    if decoders:
+      raise ValueError('mer_dialogues read in place takes no decoders')
+    record = None
+    try:
+      record = shards.decode_record(bytes(serialized_example))
+      shards.validate_record(record, self.dims, len(self.label_names))
+    except ValueError as e:
+      where = f' (dialogue_id={record.dialogue_id!r})' if record else ''
+      raise shards.BadRecordError(f'bad mer_dialogues record{where}: {e}') from e
+    return numpy_example(record)
+
+  def deserialize_example(self, serialized_example, *, decoders=None):
+    raise NotImplementedError(
+        'a shard folder read in place gives numpy examples only (as_data_source, or '
+        'tfds.data_source); for tf.data, prepare a copy with mer_jax.data.tfds_builder.prepare')
+
+  def serialize_example(self, example_data) -> bytes:
+    raise NotImplementedError('shard folders are written by mer_jax.data.shards.write_shards')
+
+
+def tfds_order(manifest: shards.Manifest, split: str) -> np.ndarray:
+  """DialogueShardSource's index of each example of `split` read in place through TFDS.
+
+  TFDS reads file 0's records, then file 1's, ...; the writer dealt record `i` to file `i % n`.
+  """
+  info = manifest.splits[split]
+  num_files = len(info.files)
+  return np.concatenate([np.arange(k, info.num_dialogues, num_files)
+                         for k in range(num_files)])
 
 
 def record_from_example(example: Mapping[str, Any]) -> shards.DialogueRecord:
@@ -98,7 +176,10 @@ def record_from_example(example: Mapping[str, Any]) -> shards.DialogueRecord:
   )
 
 
-class MerDialogues(tfds.core.GeneratorBasedBuilder):
+# Run as `python -m`, this file is imported a second time as mer_jax.data.tfds_builder (TFDS
+# imports DialogueFeatures by that name), and that copy registers the dataset name.
+class MerDialogues(tfds.core.GeneratorBasedBuilder,
+                   skip_registration=__name__ == '__main__'):
   """Dialogues with per-utterance labels and text/audio/visual features."""
 
   VERSION = tfds.core.Version(_VERSION)
@@ -153,7 +234,28 @@ class MerDialogues(tfds.core.GeneratorBasedBuilder):
 
 def config_name(shard_dir: epath.PathLike) -> str:
   """Default config name: the folder's name in lower case, [a-z0-9_]."""
-  return re.sub(r'[^a-z0-9_]', '_', epath.Path(shard_dir).name.lower())
+  return tfds_metadata.config_name(epath.Path(shard_dir).name)
+
+
+def add_metadata(shard_dir: epath.PathLike, *,
+                 name: str | None = None) -> tfds.core.DatasetBuilder:
+  """Writes TFDS's metadata into a shard folder and returns `tfds.builder_from_directory` of it.
+
+  For folders written before `write_shards` wrote the metadata itself; rewriting it is harmless.
+  The folder is checked first as DialogueShardSource opens it (its files present, with the sizes
+  and record counts of the manifest), but not hashed. The manifest and the data files are left
+  as they are.
+  """
+  shard_dir = epath.Path(shard_dir)
+  manifest = shards.load_manifest(shard_dir)
+  for split in manifest.splits:
+    shards.DialogueShardSource(shard_dir, split, verify_checksums=False)
+  try:
+    tfds_metadata.write_metadata(shard_dir, (shard_dir / shards.MANIFEST_NAME).read_text(),
+                                 name=name or config_name(shard_dir))
+  except ValueError as e:
+    raise shards.ShardError(f'{shard_dir}: {e}') from e
+  return tfds.builder_from_directory(shard_dir)
 
 
 def prepare(shard_dir: epath.PathLike, data_dir: epath.PathLike, *,
@@ -187,3 +289,29 @@ def prepare(shard_dir: epath.PathLike, data_dir: epath.PathLike, *,
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(download_mode=mode))
   return builder
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('shard_dir', None, 'A shard folder: manifest.json and its ArrayRecord files.')
+  flags.DEFINE_string('name', None, "The dataset's TFDS config name; default: the folder's name, "
+                      'lower case, [a-z0-9_].')
+  flags.mark_flag_as_required('shard_dir')
+
+
+def main(argv):
+  del argv
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # keep TFDS's INFO logs out of the console
+  builder = add_metadata(FLAGS.shard_dir, name=FLAGS.name)
+  counts = ', '.join(f'{split} {info.num_examples}' for split, info in builder.info.splits.items())
+  print(f'{FLAGS.shard_dir}: TFDS metadata written ({counts} dialogues); read it in place with '
+        f'tfds.builder_from_directory({FLAGS.shard_dir!r})', file=sys.stderr)
+
+
+def run(argv=None) -> None:
+  """The `mer-jax-tfds-metadata` console script."""
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+
+
+if __name__ == '__main__':
+  run()
