@@ -11,8 +11,10 @@ of an epoch is a pure function of the seed and the epoch, so the iterator state 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Sequence
@@ -41,6 +43,24 @@ from mer_jax.train.metrics_writer import MetricsWriter
 
 CHECKPOINT_NAME = 'text_finetune'
 BATCH_KEYS = ('input_ids', 'attention_mask', 'last_index', 'target_mask', 'labels')
+
+# The jitted (train step, predict) of recent fine-tuners, by what determines their programs:
+# fine-tuners built in one process with the same model and optimizer (a resumed run, folds, a
+# sweep's variants that differ after fine-tuning) reuse the compiled programs of each batch shape
+# instead of tracing and compiling them again (as stage._TRAIN_STEPS does for the stages).
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+_STEPS_KEPT = 4
+
+
+def _shared_steps(key, build):
+  """The (train step, predict) jitted for `key`, made by `build` if no recent fine-tuner has it."""
+  jitted = _STEPS.pop(key, None)
+  if jitted is None:
+    jitted = build()
+  _STEPS[key] = jitted
+  while len(_STEPS) > _STEPS_KEPT:
+    _STEPS.popitem(last=False)
+  return jitted
 
 
 @dataclasses.dataclass
@@ -91,7 +111,7 @@ def train_step(state: steps.TrainState, batch, class_weights, schedule_steps, *,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def predict_step(params, batch, *, graphdef, rng_state):
+def predict_step(params, rng_state, batch, *, graphdef):
   model = nnx.merge(graphdef, params, rng_state)
   logits, _, pooled = model(batch['input_ids'], batch['attention_mask'], batch['last_index'],
                             batch['target_mask'], train=False)
@@ -131,13 +151,27 @@ class TextFinetuner:
     counts = np.bincount(train.labels[train.labels >= 0], minlength=len(config.label_names))
     weights = losses.class_weights_for(ft.class_weights, counts)
     self.class_weights = jax.device_put(jnp.asarray(weights, jnp.float32), self.rep)
-    self._train_step = jax.jit(
+    self._predict_rng_state = jax.device_put(self.rng_state, self.rep)
+    self._train_step, self._predict = _shared_steps(self._program_key(), self._jit_steps)
+
+  def _jit_steps(self):
+    train = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, rng_state=self.rng_state,
                           tx=self.tx),
         in_shardings=(self.state_shardings, self.batch_sharding, self.rep, self.rep),
         out_shardings=(self.state_shardings, self.rep), donate_argnums=(0,))
-    self._predict = jax.jit(functools.partial(predict_step, graphdef=self.graphdef,
-                                              rng_state=self.rng_state))
+    predict = jax.jit(functools.partial(predict_step, graphdef=self.graphdef))
+    return train, predict
+
+  def _program_key(self) -> tuple:
+    """What the steps' programs depend on besides their arguments: the classifier (its graphdef
+    holds the encoder's and head's structure, pooling and dropout rate), the optimizer settings
+    (`tx` is built from them alone) and the mesh and shardings. The rng streams' values are not
+    part of it: the train step reseeds them from the state and predict takes them as an argument."""
+    shardings, layout = jax.tree.flatten(self.state_shardings)
+    optimizer = json.dumps(self.ft.optim.to_dict(), sort_keys=True, default=str)
+    return (self.graphdef, jax.tree.structure(self.rng_state), optimizer, self.mesh, layout,
+            tuple(shardings), self.batch_sharding, self.rep)
 
   def epoch_plan(self, epoch: int) -> text_batching.BatchPlan:
     rng = np.random.default_rng([self.config.seed, epoch])
@@ -154,7 +188,7 @@ class TextFinetuner:
                                       row_multiple=self.rows)
     probs = np.zeros((len(split.sequences), len(self.config.label_names)), np.float32)
     for batch in text_batching.iterate_batches(split.sequences, plan, self.pad_id, split.labels):
-      p, _ = self._predict(params, self.put(batch))
+      p, _ = self._predict(params, self._predict_rng_state, self.put(batch))
       keep = batch.index >= 0
       probs[batch.index[keep]] = distributed.global_to_host(p)[keep]
     return probs
