@@ -14,6 +14,9 @@ Variants (`:arg`):
              the six vectors concatenated; the teacher with its linear skip (default);
   last_layer each utterance alone, mean-pooled in the last layer (the authors' features); the
              teacher set up for such unit-length embeddings (teacher_for_sentence_embeddings);
+  layers_gru the default plus last_layer's dialogue GRU (bidirectional, over each dialogue's
+             turns in order, from a 128-d projection of the features); nothing else changes,
+             so it measures what dialogue-level context adds to the default;
   context    the speaker-tagged context prompt, pooled over the target utterance's tokens;
   finetune   fine-tune the encoder on context prompts first, then extract features with it:
              prompts cut to 64 tokens (the target and the turns just before it), the target
@@ -88,6 +91,12 @@ def read_layers_1_to_6_with_skip(c: ml_collections.ConfigDict) -> None:
   c.model.teacher.linear_skip = True
 
 
+def add_dialogue_gru(c: ml_collections.ConfigDict) -> None:
+  # Graph attention sees a dialogue's turns unordered; a GRU reads them in order.
+  c.model.teacher.context_gru = 128
+  c.model.teacher.context_projection = 128
+
+
 def teacher_for_sentence_embeddings(c: ml_collections.ConfigDict) -> None:
   """The teacher set up for unit-length sentence embeddings (MiniLM's last layer, mean-pooled).
 
@@ -97,9 +106,7 @@ def teacher_for_sentence_embeddings(c: ml_collections.ConfigDict) -> None:
   # Noise and batch norm would swamp the small per-dimension spread of unit vectors.
   c.augment.enabled = False
   c.model.teacher.input_batchnorm = False
-  # Graph attention sees a dialogue's turns unordered; a GRU reads them in order.
-  c.model.teacher.context_gru = 128
-  c.model.teacher.context_projection = 128
+  add_dialogue_gru(c)
   # Square-rooted balanced weights: better on dev together with the projection.
   c.loss.class_weight_power = 0.5
   # Smaller, more regularised heads: without noise the authors' 4 x 256 heads overfit.
@@ -126,6 +133,9 @@ def get_config(arg=None):
     read_layers_1_to_6_with_skip(c)
   elif arg == 'last_layer':
     teacher_for_sentence_embeddings(c)
+  elif arg == 'layers_gru':
+    read_layers_1_to_6_with_skip(c)
+    add_dialogue_gru(c)
   elif arg == 'context':
     c.text.input = 'context'
     c.text.pooling = 'target_mean'
@@ -155,6 +165,6 @@ def get_config(arg=None):
     c.text.max_length = 512
     c.data.dims.t = 1024
   else:
-    raise ValueError(f'unknown variant {arg!r}; use utterance, last_layer, context, finetune, '
-                     'finetune_last, finetune_utterance or roberta')
+    raise ValueError(f'unknown variant {arg!r}; use utterance, last_layer, layers_gru, context, '
+                     'finetune, finetune_last, finetune_utterance or roberta')
   return c

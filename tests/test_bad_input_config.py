@@ -25,7 +25,7 @@ from mer_jax.config_validation import validate_config
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MELD_CSV = ROOT.parent / 'shared' / 'data' / 'meld'  # configs/meld_text.py: ../shared/data/meld
 MELD_TEXT_ARGS = (None, 'last_layer', 'context', 'finetune', 'finetune_last',
-                  'finetune_utterance', 'roberta')
+                  'finetune_utterance', 'roberta', 'layers_gru')
 # Every config file and the arguments its get_config supports (see each file's docstring).
 VARIANTS = {
     'default': (None, 'runlocal', 'tiny'),
@@ -45,6 +45,9 @@ NEEDS_MELD_CSV = ('meld_text', 'meld_text_ablations')
 # Variants whose settings contradict each other: they fail validation, with this message.
 CONFLICTS = {
     ('meld_text_ablations', 'scope_batch,last_layer'):
+        "model.teacher.context_gru: reads each dialogue's turns in order, so it needs "
+        "graph.scope='dialogue'",
+    ('meld_text_ablations', 'scope_batch,layers_gru'):
         "model.teacher.context_gru: reads each dialogue's turns in order, so it needs "
         "graph.scope='dialogue'",
 }

@@ -191,7 +191,7 @@ def seed_jobs(config: str, experiment_dir: str, seeds, overrides=()) -> list[Job
           for s in seeds]
 
 
-def _mean_sd(values) -> dict:
+def mean_sd(values) -> dict:
   """Mean and sample sd (None for one value: a single seed says nothing of the spread)."""
   values = np.asarray(values, np.float64)
   sd = float(values.std(ddof=1)) if values.size > 1 else None
@@ -222,8 +222,8 @@ def summarize(experiment_dir: str) -> dict:
     classes = list(per_seed[0]['per_class_f1'])
     summary['stages'][stage] = {
         'per_seed': per_seed,
-        **{k: _mean_sd([r[k] for r in per_seed]) for k in HEADLINE},
-        'per_class_f1': {c: _mean_sd([r['per_class_f1'][c] for r in per_seed]) for c in classes},
+        **{k: mean_sd([r[k] for r in per_seed]) for k in HEADLINE},
+        'per_class_f1': {c: mean_sd([r['per_class_f1'][c] for r in per_seed]) for c in classes},
         'confusion_sum': np.sum([r['confusion'] for r in per_seed], axis=0).tolist(),
         'label_names': classes,
     }
