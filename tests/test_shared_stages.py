@@ -2,9 +2,11 @@
 reused stage gives the same results as retraining it."""
 
 import os
+import sys
 import threading
 import time
 
+from jax.interpreters import mlir
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from configs import ablations
 from configs import default
 from mer_jax.run import job
 from mer_jax.experiments import runs
+from mer_jax.train import cpu_backend
 from mer_jax.train import shared_stages
 
 
@@ -112,11 +115,39 @@ def stage_results(workdir):
           for s, r in runs.load_results(workdir).items()}
 
 
+# Fusion-only settings (not in any encoder's fingerprint) that shrink the tiny fusion model to the
+# blocks the gates ablation touches, for both runs: its train step then compiles in about a third
+# of the time. Fusion is never shared; here it only has to consume the stacked folds' outputs.
+SMALL_FUSION = {'model.fusion.layers': 0, 'model.fusion.alignment': False,
+                'model.fusion.cross_attention': False, 'model.fusion.linear_skip': False,
+                'model.fusion.classifier_heads': 1, 'model.fusion.pool_queries': 1,
+                'optim.fusion.grad_accum_steps': 1, 'optim.fusion.ema_decay': 0.0,
+                'loss.use_uncertainty': False, 'loss.main_focal_share': 1.0,
+                'loss.label_smoothing': 0.0}
+
+
+@pytest.fixture(name='threefry_as_in_runs')
+def fixture_threefry_as_in_runs():
+  """Random draws lowered as `python -m mer_jax.main` lowers them on CPU (cpu_backend: the same
+  bits; the model initializers compile several times faster, and the worker's compilation cache
+  then serves these programs to the tests' subprocess runs); JAX's own rule is put back after."""
+  if not cpu_backend.unroll_threefry_on_cpu():
+    yield  # this JAX lacks the rules: the draws keep JAX's loop
+    return
+  module = next(sys.modules[name] for name in cpu_backend._THREEFRY_MODULES
+                if hasattr(sys.modules.get(name), '_threefry2x32_cpu_lowering_rule'))
+  yield
+  mlir.register_lowering(module.threefry2x32_p, module._threefry2x32_cpu_lowering_rule,
+                         platform='cpu')
+
+
+@pytest.mark.usefixtures('threefry_as_in_runs')
 def test_reused_stages_equal_retrained_ones(tmp_path):
   """full, then no_gates reusing full's encoders (and folds), equals no_gates trained alone."""
   common = {'data.modalities': ('t', 'a'), 'train.stages': ('teacher', 'audio', 'fusion'),
             'train.epochs': 1, 'model.fusion.stacking_folds': 2,
-            'data.cache_dir': str(tmp_path / 'data')}
+            'model.audio.layers': 1, 'eval.confusion_png': False,  # shorter compile, no plots
+            'data.cache_dir': str(tmp_path / 'data'), **SMALL_FUSION}
   shared = {'train.shared_stages_dir': str(tmp_path / 'shared')}
   job.train_and_evaluate(variant('full', **common, **shared), str(tmp_path / 'full'))
   job.train_and_evaluate(variant('no_gates', **common, **shared), str(tmp_path / 'reused'))

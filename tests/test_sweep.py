@@ -1,8 +1,10 @@
 """A real sweep through its command line: two variants x two seeds in parallel processes, the
 comparison and results page it writes, resumption, and determinism of a rerun seed.
 
-Runs are the tiny config, one epoch, teacher only, so the module stays near a minute; they share
-one persistent compilation cache.
+Runs are the tiny config, one epoch, teacher only, without confusion-matrix images (the runs'
+reports still hold the matrices the page sums), so the module stays under a minute; they
+share the test worker's persistent compilation cache (tests/conftest.py), so runs of the same
+programs in other tests of the worker save them compiles, and the reruns here compile nothing.
 """
 
 import json
@@ -18,7 +20,7 @@ from mer_jax.experiments import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ('--config.train.epochs=1', "--config.train.stages=('teacher',)",
-             '--config.train.progress_bar=False')
+             '--config.train.progress_bar=False', '--config.eval.confusion_png=False')
 SWEEP = '''
 def get_sweep():
   return {{'title': 'tiny sweep', 'reference': 'full', 'seeds': 2,
@@ -34,9 +36,9 @@ def env(cache):
 
 
 @pytest.fixture(scope='module', name='sweep_dir')
-def fixture_sweep_dir(tmp_path_factory):
+def fixture_sweep_dir(tmp_path_factory, shared_compilation_cache):
   base = tmp_path_factory.mktemp('sweep')
-  cache = base / 'cache'
+  cache = shared_compilation_cache
   overrides = OVERRIDES + (f'--config.train.compilation_cache_dir={cache}',)
   (base / 'tiny_sweep.py').write_text(SWEEP.format(overrides=overrides))
   args = [sys.executable, '-m', 'mer_jax.experiments.sweep', '--sweep',
@@ -45,11 +47,11 @@ def fixture_sweep_dir(tmp_path_factory):
   proc = subprocess.run(args, cwd=ROOT, env=env(cache), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return base, args, proc.stdout
+  return base, args, proc.stdout, cache
 
 
 def test_sweep_runs_every_variant_and_seed(sweep_dir):
-  base, _, stdout = sweep_dir
+  base, _, stdout, _ = sweep_dir
   exp = base / 'exp'
   for variant in ('full', 'loss_ce'):
     assert [os.path.basename(r) for r in runs.seed_runs(str(exp / variant))] == ['seed_0',
@@ -69,7 +71,7 @@ def test_sweep_runs_every_variant_and_seed(sweep_dir):
 
 
 def test_sweep_comparison_and_page(sweep_dir):
-  base, _, stdout = sweep_dir
+  base, _, stdout, _ = sweep_dir
   exp = base / 'exp'
   result = json.loads((exp / 'sweep.json').read_text())
   summary = result['summaries']['loss_ce']
@@ -93,21 +95,21 @@ def test_sweep_comparison_and_page(sweep_dir):
 
 
 def test_rerunning_a_sweep_skips_finished_runs(sweep_dir):
-  base, args, _ = sweep_dir
-  proc = subprocess.run(args, cwd=ROOT, env=env(base / 'cache'), capture_output=True, text=True,
+  _, args, _, cache = sweep_dir
+  proc = subprocess.run(args, cwd=ROOT, env=env(cache), capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'start ' not in proc.stdout
 
 
 def test_same_seed_reproduces_the_run_exactly(sweep_dir):
-  base, _, _ = sweep_dir
+  base, _, _, cache = sweep_dir
   first = base / 'exp' / 'full' / 'seed_1'
   again = base / 'again'
   args = [sys.executable, '-m', 'mer_jax.main', '--config', 'configs/ablations.py:full,tiny',
           '--workdir', str(again), '--config.seed=1', *OVERRIDES,
-          f'--config.train.compilation_cache_dir={base / "cache"}']
-  proc = subprocess.run(args, cwd=ROOT, env=env(base / 'cache'), capture_output=True, text=True,
+          f'--config.train.compilation_cache_dir={cache}']
+  proc = subprocess.run(args, cwd=ROOT, env=env(cache), capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for stage in ('teacher',):
