@@ -14,8 +14,10 @@ TimeSformer are small and randomly initialised (frozen random features); point
 raw.audio_encoder.checkpoint / raw.visual_encoder.checkpoint at Hugging Face folders to use
 real ones (README, "Raw clips front end", has the command for a real MELD folder).
 
-Variants (`:arg`): `runlocal` (a seconds-to-minutes smoke run), and `true_face`, `random_face`,
-`largest_face` (which face the visual encoder sees: the speaker-ambiguity ablation).
+Variants (`:arg`): `runlocal` (a seconds-to-minutes smoke run), `tiny` (a few dialogues, tiny
+random encoders, 10 LipSyncNet steps and one epoch of raw-input fusion alone: the cheapest run
+that reads clips, for tests), and `true_face`, `random_face`, `largest_face` (which face the
+visual encoder sees: the speaker-ambiguity ablation).
 """
 
 import ml_collections
@@ -131,6 +133,48 @@ def raw_frontend(root: str, generate: bool) -> ml_collections.ConfigDict:
   return r
 
 
+def tiny_front_end(c: ml_collections.ConfigDict) -> None:
+  """The `tiny` size, in place: the smallest corpus, encoders and training that still run every
+  front-end stage (clips, faces, LipSyncNet, audio/visual/text features) and a model reading them.
+  """
+  c.raw.synthetic.num_dialogues = ml_collections.ConfigDict({'train': 6, 'dev': 2, 'test': 2})
+  c.raw.synthetic.utterances = (2, 4)
+  c.raw.synthetic.corrupt = ('train/dia3_utt1',)
+  c.raw.synthetic.missing = ('dev/dia1_utt0',)
+  c.raw.workers = 1  # in process: spawning workers costs more than these few clips
+  c.lipsync.steps = 10
+  c.lipsync.eval_every = 10
+  c.lipsync.batch_size = 8
+  c.lipsync.score_hop_frames = 16  # fewer windows per clip: fewer scoring shapes to compile
+  c.raw.audio_encoder.bucket_seconds = 2.0  # the clips' 1.2-2 s in one length: one compile
+  c.raw.audio_encoder.random = ml_collections.ConfigDict(dict(
+      hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+      conv_dim=(16, 16, 16, 16), conv_kernel=(10, 4, 4, 4), conv_stride=(5, 4, 4, 4),
+      num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, feat_extract_norm='layer',
+      do_stable_layer_norm=True))
+  c.raw.visual_encoder.random = ml_collections.ConfigDict(dict(
+      image_size=16, patch_size=8, num_frames=4, hidden_size=16, num_hidden_layers=1,
+      num_attention_heads=2, intermediate_size=32))
+  c.data.dims = ml_collections.ConfigDict({'t': 384, 'a': 16, 'v': 16})
+  # Fusion on the features themselves: one stage, no encoder stages to train first.
+  c.train.stages = ('fusion',)
+  c.model.fusion.input = 'raw'
+  c.model.fusion.dim = 16
+  c.model.fusion.heads = 2
+  c.model.fusion.layers = 1
+  # The plainest fusion: its train step compiles in about half the time of the demo's.
+  c.model.fusion.alignment = False
+  c.model.fusion.gates = False
+  c.model.fusion.cross_attention = False
+  c.model.fusion.pool_queries = 1
+  c.model.fusion.classifier_heads = 1
+  c.optim.fusion.grad_accum_steps = 1
+  c.loss.contrastive_dim = 8
+  c.train.epochs = 1
+  c.train.progress_bar = False
+  c.eval.confusion_png = False
+
+
 def get_config(arg=None):
   c = default.get_config()
   c.data.source = 'raw'
@@ -145,13 +189,13 @@ def get_config(arg=None):
   c.batch.utterances_per_batch = 16
   c.graph.k = ml_collections.ConfigDict({'t': 6, 'a': 4, 'v': 4})
   variant, _, size = (arg or '').partition(',')
-  if variant in ('runlocal',):
-    variant, size = '', 'runlocal'
+  if variant in ('runlocal', 'tiny'):
+    variant, size = '', variant
   faces = {'': 'selected', 'selected_face': 'selected', 'true_face': 'true',
            'random_face': 'random', 'largest_face': 'largest'}
   if variant not in faces:
-    raise ValueError(f'unknown variant {variant!r}; use runlocal, true_face, random_face, '
-                     'largest_face (optionally followed by ,runlocal)')
+    raise ValueError(f'unknown variant {variant!r}; use runlocal, tiny, true_face, random_face, '
+                     'largest_face (optionally followed by ,runlocal or ,tiny)')
   c.raw.visual_face = faces[variant]
   if size == 'runlocal':
     c.raw.synthetic.num_dialogues = ml_collections.ConfigDict({'train': 24, 'dev': 6, 'test': 8})
@@ -159,6 +203,8 @@ def get_config(arg=None):
     c.lipsync.eval_every = 50
     c.train.epochs = 2
     c.train.progress_bar = False
+  elif size == 'tiny':
+    tiny_front_end(c)
   elif size:
-    raise ValueError(f'unknown size {size!r}; use runlocal')
+    raise ValueError(f'unknown size {size!r}; use runlocal or tiny')
   return c

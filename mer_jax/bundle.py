@@ -61,3 +61,17 @@ def text_encoder_dir(path: str) -> str:
   """The bundle's text encoder folder, or '' when the model reads no text through one."""
   folder = os.path.join(path, TEXT_ENCODER)
   return folder if os.path.isdir(folder) else ''
+
+
+def av_front_end_dirs(path: str, manifest: dict) -> dict | None:
+  """Where the bundle keeps the AV front end of a model trained from clips: {'lipsync',
+  'audio_encoder', 'visual_encoder'} folders (None: not shipped; for an encoder, the config's own
+  checkpoint or random initialisation), or None for a model not trained from clips."""
+  shipped = manifest.get('av_front_end')
+  if not shipped:
+    return None
+  out = {'lipsync': os.path.join(path, shipped['lipsync']) if shipped.get('lipsync') else None}
+  for name in AV_ENCODERS:
+    entry = shipped.get(name) or {}
+    out[name] = os.path.join(path, entry['path']) if entry.get('path') else None
+  return out

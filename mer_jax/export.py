@@ -176,6 +176,9 @@ def model_card(manifest: dict, config, run: dict, reports: dict[str, str]) -> st
   if manifest['reads_transcripts']:
     inputs.append(f'"text" (encoded with {manifest["text_encoder"]["name"]}'
                   + (', fine-tuned' if manifest['text_encoder']['finetuned'] else '') + ')')
+  if predict.reads_clips(stage, config):
+    inputs.append('"video" and/or "audio" (clips, read through the run\'s front end: faces, '
+                  'LipSyncNet, the audio and visual encoders; docs/predict_api.md)')
   lines = [
       f'# mer_jax model: {stage} ({", ".join(names)})', '',
       f'Emotion recognition in conversation: labels every utterance of a dialogue with one of '

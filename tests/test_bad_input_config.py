@@ -33,7 +33,7 @@ VARIANTS = {
     'iemocap': (None,),
     'meld_text': MELD_TEXT_ARGS,
     'iemocap_text': MELD_TEXT_ARGS,
-    'raw_demo': (None, 'runlocal') + tuple(
+    'raw_demo': (None, 'runlocal', 'tiny') + tuple(
         f'{face}{size}' for face in ('selected_face', 'true_face', 'random_face', 'largest_face')
         for size in ('', ',runlocal')),
     'ablations': tuple(f'{v},{base}' for v in ablations.VARIANTS

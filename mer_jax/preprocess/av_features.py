@@ -142,3 +142,30 @@ class VisualFeaturizer:
       features = np.asarray(self.run(jnp.asarray(x)))
       out[start:start + len(chunk)] = features[:len(chunk)]
     return out
+
+
+def _with_checkpoint(enc_cfg, checkpoint: str | None):
+  if checkpoint is None:
+    return enc_cfg
+  located = enc_cfg.copy_and_resolve_references()
+  located.checkpoint = checkpoint
+  return located
+
+
+def audio_featurizer(raw_cfg, checkpoint: str | None = None) -> AudioFeaturizer:
+  """The config's audio featurizer (config.raw); `checkpoint` reads the encoder from another
+  folder than raw.audio_encoder.checkpoint (e.g. a model bundle's copy of it)."""
+  enc = raw_cfg.audio_encoder
+  return AudioFeaturizer(
+      load_audio_encoder(_with_checkpoint(enc, checkpoint), int(raw_cfg.encoder_seed)),
+      sample_rate=int(raw_cfg.sample_rate), seconds_per_batch=float(enc.seconds_per_batch),
+      bucket_seconds=float(enc.bucket_seconds), normalize=bool(enc.normalize))
+
+
+def visual_featurizer(raw_cfg, checkpoint: str | None = None) -> VisualFeaturizer:
+  """The config's visual featurizer (config.raw); `checkpoint` as in `audio_featurizer`."""
+  enc = raw_cfg.visual_encoder
+  return VisualFeaturizer(
+      load_visual_encoder(_with_checkpoint(enc, checkpoint), int(raw_cfg.encoder_seed)),
+      clips_per_batch=int(enc.clips_per_batch), pixel_mean=float(enc.pixel_mean),
+      pixel_std=float(enc.pixel_std))

@@ -63,11 +63,24 @@ def make_detector(faces_cfg) -> faces_lib.Detector:
   return faces_lib.make_detector(faces_cfg.detector, **kwargs)
 
 
-def extract_utterance(raw_cfg, path: str, detector, times: StageTimes) -> tuple[dict, dict]:
+def decode_utterance(raw_cfg, path: str, audio_path: str | None = None) -> media.DecodedClip:
+  """One utterance's frames and audio at the config's rates; the audio from `audio_path` when
+  given (fitted to the video's length, as a clip's own audio is). Raises media.MediaError."""
+  rates = dict(fps=float(raw_cfg.fps), sample_rate=int(raw_cfg.sample_rate),
+               max_seconds=float(raw_cfg.max_seconds))
+  if audio_path is None:
+    return media.decode_clip(path, **rates)
+  video = media.decode_clip(path, need_audio=False, **rates)
+  sound = media.decode_clip(audio_path, need_video=False, **rates).audio
+  n = int(round(len(video.frames) * video.sample_rate / video.fps))
+  return dataclasses.replace(video, audio=media.fit_audio(sound, n))
+
+
+def extract_utterance(raw_cfg, path: str, detector, times: StageTimes,
+                      audio_path: str | None = None) -> tuple[dict, dict]:
   """(arrays of one clip, notes) — raises media.MediaError for an unreadable clip."""
   start = time.perf_counter()
-  clip = media.decode_clip(path, fps=float(raw_cfg.fps), sample_rate=int(raw_cfg.sample_rate),
-                           max_seconds=float(raw_cfg.max_seconds))
+  clip = decode_utterance(raw_cfg, path, audio_path)
   times.add('decode', time.perf_counter() - start)
   notes = {}
   if len(clip.frames) >= int(raw_cfg.max_seconds * raw_cfg.fps):
@@ -212,6 +225,14 @@ class UtteranceMedia:
   logmel: np.ndarray | None
 
 
+def utterance_media(arrays) -> UtteranceMedia:
+  """The arrays `extract_utterance` gives (or their stored copies) as the later stages read them:
+  the audio as stored (float16), widened."""
+  return UtteranceMedia(tracks=arrays['tracks'], boxes=arrays['boxes'],
+                        audio=np.asarray(arrays['audio']).astype(np.float32),
+                        logmel=arrays['logmel'])
+
+
 def load_dialogue(cache: str, split: str, dialogue_id, num_utterances: int
                   ) -> list[UtteranceMedia]:
   path = dialogue_file(cache, split, dialogue_id)
@@ -221,9 +242,8 @@ def load_dialogue(cache: str, split: str, dialogue_id, num_utterances: int
       if f'u{u}_tracks' not in z:
         out.append(UtteranceMedia(None, None, None, None))
         continue
-      out.append(UtteranceMedia(tracks=z[f'u{u}_tracks'], boxes=z[f'u{u}_boxes'],
-                                audio=z[f'u{u}_audio'].astype(np.float32),
-                                logmel=z[f'u{u}_logmel']))
+      out.append(utterance_media({key: z[f'u{u}_{key}']
+                                  for key in ('tracks', 'boxes', 'audio', 'logmel')}))
   return out
 
 

@@ -81,7 +81,7 @@ def _decode_video(container, path: str, fps: float, max_frames: int | None) -> n
   return np.stack([images[order[i]] for i in pick])
 
 
-def _fit(audio: np.ndarray, n: int) -> np.ndarray:
+def fit_audio(audio: np.ndarray, n: int) -> np.ndarray:
   """Trims or zero-pads to n samples (AAC pads its last frame; some clips end audio early)."""
   if len(audio) >= n:
     return audio[:n]
@@ -117,7 +117,7 @@ def decode_clip(path: str | os.PathLike, *, fps: float = 25.0, sample_rate: int 
       if max_seconds is not None:
         audio = audio[:int(max_seconds * sample_rate)]
       if need_video and need_audio:
-        audio = _fit(audio, int(round(len(frames) * sample_rate / fps)))
+        audio = fit_audio(audio, int(round(len(frames) * sample_rate / fps)))
   except av.FFmpegError as e:
     raise MediaError(f'{path}: corrupt stream ({e})') from None
   return DecodedClip(path=path, frames=frames, audio=audio, fps=fps, sample_rate=sample_rate)

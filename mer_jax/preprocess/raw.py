@@ -281,15 +281,8 @@ def build_raw_shards(config, out_dir: str, *, workdir: str) -> dict[str, Any]:
   if r.visual_face == 'true' and not any(a.get('clips') for a in stats['active_speaker'].values()):
     raise ValueError("raw.visual_face='true' needs the synthetic corpus's truth files")
 
-  audio = av_features.AudioFeaturizer(
-      av_features.load_audio_encoder(r.audio_encoder, int(r.encoder_seed)),
-      sample_rate=int(r.sample_rate), seconds_per_batch=float(r.audio_encoder.seconds_per_batch),
-      bucket_seconds=float(r.audio_encoder.bucket_seconds),
-      normalize=bool(r.audio_encoder.normalize))
-  visual = av_features.VisualFeaturizer(
-      av_features.load_visual_encoder(r.visual_encoder, int(r.encoder_seed)),
-      clips_per_batch=int(r.visual_encoder.clips_per_batch),
-      pixel_mean=float(r.visual_encoder.pixel_mean), pixel_std=float(r.visual_encoder.pixel_std))
+  audio = av_features.audio_featurizer(r)
+  visual = av_features.visual_featurizer(r)
   text = text_features.TextFeaturizer(config, workdir=workdir)
   dims = {'t': int(config.data.dims.t), 'a': audio.hidden, 'v': visual.cfg.hidden_size}
   records = {}
