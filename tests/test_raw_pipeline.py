@@ -3,7 +3,6 @@
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -20,25 +19,11 @@ from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
 
 
 def tiny_config(workdir):
-  c = raw_demo.get_config('runlocal')
+  """configs/raw_demo.py:tiny (the smallest front end), with two worker processes: the path
+  that hands dialogues to other processes is the one under test."""
+  c = raw_demo.get_config('tiny')
   c.data.cache_dir = os.path.join(workdir, 'cache')
-  c.raw.synthetic.num_dialogues = ml_collections.ConfigDict({'train': 6, 'dev': 2, 'test': 2})
-  c.raw.synthetic.utterances = (2, 4)
-  c.raw.synthetic.corrupt = ('train/dia3_utt1',)
-  c.raw.synthetic.missing = ('dev/dia1_utt0',)
   c.raw.workers = 2
-  c.lipsync.steps = 10
-  c.lipsync.eval_every = 10
-  c.lipsync.batch_size = 8
-  c.raw.audio_encoder.random = ml_collections.ConfigDict(dict(
-      hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-      conv_dim=(16, 16, 16, 16), conv_kernel=(10, 4, 4, 4), conv_stride=(5, 4, 4, 4),
-      num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, feat_extract_norm='layer',
-      do_stable_layer_norm=True))
-  c.raw.visual_encoder.random = ml_collections.ConfigDict(dict(
-      image_size=16, patch_size=8, num_frames=4, hidden_size=16, num_hidden_layers=1,
-      num_attention_heads=2, intermediate_size=32))
-  c.data.dims = ml_collections.ConfigDict({'t': 384, 'a': 16, 'v': 16})
   return c
 
 
