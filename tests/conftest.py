@@ -1,7 +1,9 @@
-"""One persistent XLA compilation cache for the whole test session, for every run that does not
-name its own (`train.compilation_cache_dir` unset reads JAX_COMPILATION_CACHE_DIR): the tiny
-configs' programs then compile once per session instead of once per test, in process and in
-subprocesses alike, whichever xdist worker runs them.
+"""Session fixtures.
+
+One persistent XLA compilation cache for the whole test session, for every run that does not name
+its own (`train.compilation_cache_dir` unset reads JAX_COMPILATION_CACHE_DIR): the tiny configs'
+programs then compile once per session instead of once per test, in process and in subprocesses
+alike, whichever xdist worker runs them.
 
 The workers share the folder above their own temporary folders. JAX writes cache entries without
 locking unless the cache has a size limit, and a reader in another process could see a
@@ -10,7 +12,11 @@ the cache's file lock.
 """
 
 import os
+import sys
+import types
 
+from absl import app
+from absl import flags
 import jax
 import pytest
 
@@ -35,3 +41,17 @@ def shared_compilation_cache(tmp_path_factory):
       os.environ.pop(key, None)
     else:
       os.environ[key] = value
+
+
+@pytest.fixture(name='clean_flags')
+def fixture_clean_flags(monkeypatch):
+  """absl's flags as they were after the test: commands define theirs when they run. The usage
+  comes from a `__main__` without a docstring, as under a console script."""
+  app.define_help_flags()
+  before, parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
+  monkeypatch.setitem(sys.modules, '__main__', types.ModuleType('__main__'))
+  yield
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
+  if not parsed:
+    flags.FLAGS.unparse_flags()

@@ -9,9 +9,7 @@ import pathlib
 import subprocess
 import sys
 import tomllib
-import types
 
-from absl import app
 from absl import flags
 import ml_collections
 import pytest
@@ -58,20 +56,6 @@ def test_every_module_with_a_main_block_is_a_console_script():
   for module in ('mer_jax.experiments.report', 'mer_jax.experiments.runs',
                  'mer_jax.experiments.significance'):
     assert module not in modules_with_a_main_block()
-
-
-@pytest.fixture(name='clean_flags')
-def fixture_clean_flags(monkeypatch):
-  """absl's flags as they were after the test: commands define theirs when they run. The usage
-  comes from a `__main__` without a docstring, as under a console script."""
-  app.define_help_flags()
-  before, parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
-  monkeypatch.setitem(sys.modules, '__main__', types.ModuleType('__main__'))
-  yield
-  for name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, name)
-  if not parsed:
-    flags.FLAGS.unparse_flags()
 
 
 def run_command(module, argv, monkeypatch):

@@ -13,9 +13,7 @@ import os
 import re
 import subprocess
 import sys
-import types
 
-from absl import flags
 import numpy as np
 import pytest
 
@@ -87,17 +85,6 @@ def test_chosen_link_is_relative_and_replaced(tmp_path):
   assert os.readlink(link) == os.path.join('v', 'seed_0')
   select.link_chosen(str(tmp_path), str(tmp_path / 'v' / 'seed_1'))
   assert os.path.realpath(link) == str((tmp_path / 'v' / 'seed_1').resolve())
-
-
-@pytest.fixture(name='clean_flags')
-def fixture_clean_flags(monkeypatch):
-  before, parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
-  monkeypatch.setitem(sys.modules, '__main__', types.ModuleType('__main__'))
-  yield
-  for name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, name)
-  if not parsed:
-    flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize('args, message', [

@@ -285,10 +285,15 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file[:arg] of every run, as for '
                                   'mer_jax.main.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Experiment folder (seed_<s>/ inside).')
-  flags.DEFINE_integer('seeds', 5, 'Number of seeds.', lower_bound=1)
+  define_seed_flags(seeds=5, seeds_help='Number of seeds.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_seed_flags(seeds: int, seeds_help: str) -> None:
+  """--seeds, --first_seed and --parallel, as every command that runs a config over seeds has."""
+  flags.DEFINE_integer('seeds', seeds, seeds_help, lower_bound=1)
   flags.DEFINE_integer('first_seed', 0, 'The first seed; the others follow it.')
   flags.DEFINE_integer('parallel', 1, 'Runs at a time (processes).', lower_bound=1)
-  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv) -> None:

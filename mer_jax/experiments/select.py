@@ -165,9 +165,7 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Experiment folder (<variant>/seed_<s>/ inside).')
   flags.DEFINE_list('variants', list(DEFAULT_VARIANTS), 'Variants (`:arg` of --config) to '
                     'compare, in tie-breaking order.')
-  flags.DEFINE_integer('seeds', 3, 'Seeds per variant.', lower_bound=1)
-  flags.DEFINE_integer('first_seed', 0, 'The first seed; the others follow it.')
-  flags.DEFINE_integer('parallel', 1, 'Runs at a time (processes).', lower_bound=1)
+  seeds_lib.define_seed_flags(seeds=3, seeds_help='Seeds per variant.')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
