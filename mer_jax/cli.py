@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from mer_jax import errors
 
@@ -22,9 +23,11 @@ HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 
 
 def run_absl(main: Callable, *, doc: str, define_flags: Callable[[], None],
-             argv: Sequence[str] | None = None) -> None:
+             argv: Sequence[str] | None = None, quiet_libraries: bool = False) -> None:
   """Defines the command's flags, then `app.run`s `main`: a UserError is one line
-  (errors.cli_main), a bad flag too (errors.parse_flags)."""
+  (errors.cli_main), a bad flag too (errors.parse_flags). `quiet_libraries`: unless --verbosity
+  is given, only warnings of the libraries (Orbax, TFDS) reach the console, so what the command
+  prints is what a run shows."""
   before = set(flags.FLAGS)
   define_flags()
   # absl's --help lists the flags of the module named by sys.argv[0]: a console script's.
@@ -33,8 +36,16 @@ def run_absl(main: Callable, *, doc: str, define_flags: Callable[[], None],
   main_module = sys.modules['__main__']
   if not main_module.__doc__:
     main_module.__doc__ = doc
-  app.run(errors.cli_main(main), argv=None if argv is None else list(argv),
-          flags_parser=_parse_flags)
+  app.run(errors.cli_main(_quiet(main) if quiet_libraries else main),
+          argv=None if argv is None else list(argv), flags_parser=_parse_flags)
+
+
+def _quiet(main: Callable) -> Callable:
+  def wrapped(argv):
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)
+    return main(argv)
+  return wrapped
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

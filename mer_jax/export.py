@@ -23,7 +23,6 @@ import sys
 
 import ml_collections
 from absl import flags
-from absl import logging
 
 from mer_jax import bundle
 from mer_jax import cli
@@ -227,8 +226,6 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO logs out of the console
   manifest = export_bundle(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint_dir)
   print(f'wrote the {manifest["stage"]} model ({", ".join(manifest["checkpoints"])}) to '
         f'{FLAGS.out}', file=sys.stderr)
@@ -236,7 +233,8 @@ def main(argv):
 
 def run(argv=None) -> None:
   """The `mer-jax-export` console script."""
-  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv,
+               quiet_libraries=True)
 
 
 if __name__ == '__main__':

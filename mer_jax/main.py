@@ -8,7 +8,6 @@ Rerunning with the same workdir resumes from its checkpoints.
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from mer_jax import cli
@@ -34,8 +33,6 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # keep library INFO logs out of the console
   config = errors.loaded_config(FLAGS['config'])
   validate_config(config)
   # Imported after validation, so a bad config fails before JAX and the models load.
@@ -47,7 +44,8 @@ def main(argv):
 
 def run(argv=None) -> None:
   """The `mer-jax-train` console script."""
-  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv,
+               quiet_libraries=True)
 
 
 if __name__ == '__main__':

@@ -45,7 +45,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 from absl import flags
-from absl import logging
 from etils import epath
 
 from mer_jax import bundle
@@ -632,8 +631,6 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # keep library INFO logs (Orbax) out of the console
   source = FLAGS.input or FLAGS.input_dir
   if FLAGS.input_dir is not None:
     check_folder(FLAGS.input_dir, FLAGS.output)
@@ -671,7 +668,8 @@ def report_clips(rows: Sequence[dict], out=None) -> None:
 
 def run(argv=None) -> None:
   """The `mer-jax-predict` console script."""
-  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv,
+               quiet_libraries=True)
 
 
 if __name__ == '__main__':

@@ -29,7 +29,6 @@ import sys
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import flags
-from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -300,8 +299,6 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # keep TFDS's INFO logs out of the console
   builder = add_metadata(FLAGS.shard_dir, name=FLAGS.name)
   counts = ', '.join(f'{split} {info.num_examples}' for split, info in builder.info.splits.items())
   print(f'{FLAGS.shard_dir}: TFDS metadata written ({counts} dialogues); read it in place with '
@@ -310,7 +307,8 @@ def main(argv):
 
 def run(argv=None) -> None:
   """The `mer-jax-tfds-metadata` console script."""
-  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv,
+               quiet_libraries=True)
 
 
 if __name__ == '__main__':

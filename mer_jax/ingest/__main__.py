@@ -16,7 +16,6 @@ See docs/ingest.md for each format.
 from __future__ import annotations
 
 from absl import flags
-from absl import logging
 
 from mer_jax import cli
 from mer_jax import ingest
@@ -74,8 +73,6 @@ def _feature_files(specs: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # the summary below is what a run shows
   if len(argv) != 2:
     raise ingest.IngestError(f'give one FORMAT ({", ".join(ingest.FORMATS)}) before the flags; '
                              f'got {argv[1:]}')
@@ -100,7 +97,8 @@ def main(argv: list[str]) -> None:
 
 def run(argv=None) -> None:
   """What `python -m mer_jax.ingest` runs (and a console script may)."""
-  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv,
+               quiet_libraries=True)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ visual and text features), with throughput and error counts.
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from mer_jax import cli
@@ -31,8 +30,6 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
   config = errors.loaded_config(FLAGS['config'])
   validate_config(config)
   if config.data.source not in ('text_csv', 'raw'):
@@ -48,7 +45,8 @@ def main(argv):
 
 def run(argv=None) -> None:
   """The `mer-jax-preprocess` console script."""
-  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv)
+  cli.run_absl(main, doc=__doc__, define_flags=define_flags, argv=argv,
+               quiet_libraries=True)
 
 
 if __name__ == '__main__':
