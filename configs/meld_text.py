@@ -10,13 +10,14 @@ settings) and trains the stages in `train.stages` on them. `python -m mer_jax.pr
 runs only the feature step.
 
 Variants (`:arg`):
-  utterance  each utterance alone, mean-pooled in each of the encoder's layers (1-6 for MiniLM),
-             the six vectors concatenated; the teacher with its linear skip (default);
+  layers_gru (default) each utterance alone, mean-pooled in each of the encoder's layers (1-6 for
+             MiniLM), the six vectors concatenated; the teacher with its linear skip and a
+             dialogue GRU (bidirectional, over each dialogue's turns in order, from a 128-d
+             projection of the features). Chosen over `utterance` for dialogue-level context:
+             the best mean MELD dev score of the three (docs/results/meld_text.md);
+  utterance  the same features and teacher without the dialogue GRU (the default until then);
   last_layer each utterance alone, mean-pooled in the last layer (the authors' features); the
              teacher set up for such unit-length embeddings (teacher_for_sentence_embeddings);
-  layers_gru the default plus last_layer's dialogue GRU (bidirectional, over each dialogue's
-             turns in order, from a 128-d projection of the features); nothing else changes,
-             so it measures what dialogue-level context adds to the default;
   context    the speaker-tagged context prompt, pooled over the target utterance's tokens;
   finetune   fine-tune the encoder on context prompts first, then extract features with it:
              prompts cut to 64 tokens (the target and the turns just before it), the target
@@ -129,13 +130,13 @@ def get_config(arg=None):
   # The authors' teacher lr (1.7e-5) is tuned for their 1024-d fine-tuned RoBERTa features;
   # frozen 384-d MiniLM features train with a larger one.
   c.optim.teacher.lr = 2e-4
-  if arg in (None, '', 'utterance'):
+  if arg in (None, '', 'layers_gru'):
+    read_layers_1_to_6_with_skip(c)
+    add_dialogue_gru(c)
+  elif arg == 'utterance':
     read_layers_1_to_6_with_skip(c)
   elif arg == 'last_layer':
     teacher_for_sentence_embeddings(c)
-  elif arg == 'layers_gru':
-    read_layers_1_to_6_with_skip(c)
-    add_dialogue_gru(c)
   elif arg == 'context':
     c.text.input = 'context'
     c.text.pooling = 'target_mean'
@@ -165,6 +166,6 @@ def get_config(arg=None):
     c.text.max_length = 512
     c.data.dims.t = 1024
   else:
-    raise ValueError(f'unknown variant {arg!r}; use utterance, last_layer, layers_gru, context, '
+    raise ValueError(f'unknown variant {arg!r}; use layers_gru, utterance, last_layer, context, '
                      'finetune, finetune_last, finetune_utterance or roberta')
   return c

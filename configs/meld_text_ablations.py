@@ -2,7 +2,10 @@
 
   python -m mer_jax.main --config configs/meld_text_ablations.py:fusion --workdir /tmp/meld_fusion
 
-The argument is `<variant>[,<meld_text arg>]` (e.g. `fusion,context`). Variants:
+The argument is `<variant>[,<meld_text arg>]` (e.g. `fusion,context`); without a meld_text arg
+the base is `utterance` (layers 1-6 without the dialogue GRU), on which the results page measured
+them (docs/results/meld_text.md) and which scope_batch needs (the GRU reads whole dialogues).
+Variants:
 
   teacher          the graph text teacher alone (configs/meld_text.py)
   fusion           teacher, then the fusion model over the text modality (stacked input)
@@ -26,13 +29,14 @@ from configs import meld_text
 
 FUSION_VARIANTS = ('fusion', 'fusion_graph', 'fusion_raw', 'no_gates', 'moe')
 VARIANTS = ('teacher', *FUSION_VARIANTS, 'scope_batch', 'loss_ce', 'loss_poly_focal')
+BASE_ARG = 'utterance'  # configs/meld_text.py's variant under the ablations unless one is given
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   variant, base_arg = ablations.split_arg(arg or 'teacher')
   if variant not in VARIANTS:
     raise ValueError(f'unknown MELD text ablation {variant!r}; use one of {VARIANTS}')
-  c = meld_text.get_config(base_arg)
+  c = meld_text.get_config(base_arg or BASE_ARG)
   if variant in FUSION_VARIANTS:
     c.train.stages = ('teacher', 'fusion')
     c.optim.fusion.lr = 5e-4  # the authors' 1.5e-5 is tuned for 1024-d inputs

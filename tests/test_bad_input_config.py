@@ -24,8 +24,8 @@ from mer_jax.config_validation import validate_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MELD_CSV = ROOT.parent / 'shared' / 'data' / 'meld'  # configs/meld_text.py: ../shared/data/meld
-MELD_TEXT_ARGS = (None, 'last_layer', 'context', 'finetune', 'finetune_last',
-                  'finetune_utterance', 'roberta', 'layers_gru')
+MELD_TEXT_ARGS = (None, 'layers_gru', 'utterance', 'last_layer', 'context', 'finetune',
+                  'finetune_last', 'finetune_utterance', 'roberta')
 # Every config file and the arguments its get_config supports (see each file's docstring).
 VARIANTS = {
     'default': (None, 'runlocal', 'tiny'),

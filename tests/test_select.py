@@ -1,7 +1,7 @@
 """Choosing a text variant: the selection rule on hand-written scores, the table read back from
 results.json, and the command end to end on a tiny local BERT and a few keyword dialogues.
 
-The command's runs are two variants (the default `utterance` and `layers_gru`, which share their
+The command's runs are two variants (`utterance` and the default `layers_gru`, which share their
 features) x one seed, one epoch, a tiny teacher, one after the other (the second reuses the
 first's features; in parallel both would encode them), about 30 s of CPU each, mostly compiling;
 the spread over several seeds is checked on written results.json files instead.

@@ -4,10 +4,10 @@
       --config.text.csv.dir=/data/my_corpus --workdir /tmp/select [--seeds 3]
   (installed: mer-jax-select [flags])
 
-Which text variant suits a corpus is found on that corpus: the default chosen on MELD dev lost to
+Which text variant suits a corpus is found on that corpus: a default chosen on MELD dev lost to
 `:last_layer` on a held-out one (docs/experiments.md). Each name in --variants (default
-DEFAULT_VARIANTS: `utterance`, the default features; `last_layer`; `layers_gru`, the default's
-features with the dialogue GRU) trains as `<config>:<name>` with the same --config.<key>=<value>
+DEFAULT_VARIANTS: `layers_gru`, the default: layers 1-6 with the dialogue GRU; `utterance`, the
+same without the GRU; `last_layer`) trains as `<config>:<name>` with the same --config.<key>=<value>
 overrides, so --config is a file whose get_config takes those names (configs/meld_text.py,
 configs/iemocap_text.py or one built on them), given without `:arg`. Seed s of variant v trains
 in <workdir>/<v>/seed_<s>/ through the sweep runner: the runs share the text features, the data
@@ -43,7 +43,7 @@ from mer_jax.experiments import sweep as sweep_lib
 FLAGS = flags.FLAGS
 
 # The text-path variants documented in configs/meld_text.py, the default first (it wins ties).
-DEFAULT_VARIANTS = ('utterance', 'last_layer', 'layers_gru')
+DEFAULT_VARIANTS = ('layers_gru', 'utterance', 'last_layer')
 # Means this close are equal: float sums of the same scores in another order differ by ~1e-16.
 TIE_TOLERANCE = 1e-9
 CHOSEN_LINK = 'chosen'
