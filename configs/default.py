@@ -212,6 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
   # workdir/jax_cache; 'off' = none): the cross-fitting folds and resumed runs then compile each
   # step once.
   c.train.compilation_cache_dir = ''
+  # On the CPU backend, compile the stages' programs at LLVM optimisation level 0: shorter
+  # compiles, slower elementwise code (docs/performance.md). For smoke runs; no effect elsewhere.
+  c.train.cpu_fast_compile = False
   c.train.early_stopping_min_delta = 0.001
 
   # The authors multiply the text weight decay by 5.
@@ -260,6 +263,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.data.synthetic.num_shards = ml_collections.ConfigDict({'train': 2, 'dev': 1, 'test': 1})
     c.train.epochs = 2
     c.train.progress_bar = False
+    c.train.cpu_fast_compile = True
   if arg == 'tiny':
     c.data.dims = ml_collections.ConfigDict({'t': 32, 'a': 24, 'v': 16})
     c.batch.max_nodes = 40

@@ -354,6 +354,7 @@ def _build_rules() -> dict[str, Rule]:
       'train.shared_stages_dir': text(note="'': off"),
       'train.compilation_cache_dir': text(
           note="'': $JAX_COMPILATION_CACHE_DIR if set, else workdir/jax_cache; 'off': none"),
+      'train.cpu_fast_compile': flag(),
       'train.early_stopping_min_delta': number(0),
       **{f'optim.*.{k}': r for k, r in _optim_rules().items()},
       # devices and evaluation

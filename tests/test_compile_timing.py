@@ -8,6 +8,7 @@ import numpy as np
 from configs import default
 from mer_jax.run import job
 from mer_jax.train import compile_timing
+from mer_jax.train import cpu_backend
 
 
 def test_compiles_once_and_matches_the_jitted_function():
@@ -26,6 +27,25 @@ def test_compiles_once_and_matches_the_jitted_function():
   assert timed.seconds == timed.lower_seconds + timed.compile_seconds
   np.testing.assert_allclose(out[0], np.tanh(np.asarray(x) @ np.asarray(y)) * 2.0, rtol=1e-6)
   np.testing.assert_array_equal(out[1], jax.jit(f)(x + 1, y))
+
+
+def test_fast_compile_asks_xla_for_llvm_level_zero_on_cpu_and_keeps_the_results(monkeypatch):
+  assert jax.default_backend() == 'cpu'
+  assert cpu_backend.compiler_options(False) is None
+  assert cpu_backend.compiler_options(True) == {'xla_backend_optimization_level': 0}
+  asked = []
+  options_of = cpu_backend.compiler_options
+  monkeypatch.setattr(cpu_backend, 'compiler_options',
+                      lambda fast: asked.append(fast) or options_of(fast))
+
+  def f(x):
+    return jnp.sum(jnp.exp(jnp.sin(x) * 3.0) / (1.0 + x * x), axis=-1)
+
+  x = jnp.linspace(-3.0, 3.0, 4096).reshape(16, 256)
+  fast = compile_timing.TimedCompile(jax.jit(f), fast_compile=True)(x)
+  default = compile_timing.TimedCompile(jax.jit(f))(x)
+  assert asked == [True, False]
+  np.testing.assert_allclose(fast, default, rtol=1e-6)
 
 
 def test_donated_state_stays_donated():

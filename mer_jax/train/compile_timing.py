@@ -20,12 +20,15 @@ class TimedCompile:
   takes as static; they are given once, here.
 
   Programs lowered here are steps unless `is_step=False` (initializers): on CPU a step's small
-  random draws keep JAX's loop (`cpu_backend.step_draws`).
+  random draws keep JAX's loop (`cpu_backend.step_draws`). `fast_compile`: on CPU, compile with
+  `cpu_backend.compiler_options` (the stage's train.cpu_fast_compile).
   """
 
-  def __init__(self, jitted: Callable, *, is_step: bool = True, **static):
+  def __init__(self, jitted: Callable, *, is_step: bool = True, fast_compile: bool = False,
+               **static):
     self._jitted = jitted
     self._is_step = is_step
+    self._fast_compile = fast_compile
     self._static = static
     self._compiled = None
     self.lower_seconds: float | None = None
@@ -37,7 +40,7 @@ class TimedCompile:
       with cpu_backend.step_draws() if self._is_step else contextlib.nullcontext():
         lowered = self._jitted.lower(*args, **self._static)
       lowered_at = time.perf_counter()
-      self._compiled = lowered.compile()
+      self._compiled = lowered.compile(cpu_backend.compiler_options(self._fast_compile))
       self.lower_seconds = lowered_at - started
       self.compile_seconds = time.perf_counter() - lowered_at
     return self._compiled(*args)

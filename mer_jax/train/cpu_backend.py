@@ -12,6 +12,8 @@
   the small ones of train steps (lowered inside `step_draws`): there the loop compiles faster and
   costs little per step. The rules are JAX-internal: where they are not found, nothing changes
   and a warning says so.
+* Fast compiles (`compiler_options`, `train.cpu_fast_compile`): a stage's programs compiled at
+  LLVM optimisation level 0, for smoke runs whose wall time is mostly compiling.
 
 docs/performance.md has the measurements behind both.
 """
@@ -99,6 +101,19 @@ def unroll_threefry_on_cpu() -> bool:
   logging.warning('this JAX has no unrolled threefry lowering under %s; random draws on CPU keep '
                   'their while loop (slower steps, same numbers)', ' or '.join(_THREEFRY_MODULES))
   return False
+
+
+# XLA's options for a program compiled fast: LLVM's code generation at optimisation level 0.
+FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0}
+
+
+def compiler_options(fast_compile: bool) -> dict | None:
+  """The XLA compiler options of a program: FAST_COMPILE_OPTIONS where `fast_compile` is set and
+  the program compiles for the CPU backend, else None (XLA's defaults). Level 0 skips LLVM's
+  optimisations (vectorising elementwise loops among them) but not IEEE arithmetic."""
+  if fast_compile and jax.default_backend() == 'cpu':
+    return dict(FAST_COMPILE_OPTIONS)
+  return None
 
 
 @contextlib.contextmanager

@@ -35,13 +35,14 @@ from mer_jax.data import staging
 
 RECORD_NAME = 'fingerprint.json'
 
-# Keys that never change how any stage trains: logging, paths, caching, what happens on a rerun,
-# and evaluation-only settings (recorded apart). Where the data come from and how they are read
+# Keys that never change how any stage trains: logging, paths, caching, how programs compile (at
+# most float rounding, as another XLA build would), what happens on a rerun, and evaluation-only
+# settings (recorded apart). Where the data come from and how they are read
 # are not what they are: that is the manifest's identity.
 NEVER = (
     'train.stages', 'train.progress_bar', 'train.log_every_steps', 'train.checkpoint_keep',
     'train.checkpoint_every_steps', 'train.on_change', 'train.checkpoint_dir',
-    'train.compilation_cache_dir', 'train.shared_stages_dir', 'eval',
+    'train.compilation_cache_dir', 'train.cpu_fast_compile', 'train.shared_stages_dir', 'eval',
     'data.source', 'data.shard_dir', 'data.synthetic', 'data.cache_dir', 'data.read_threads',
     'data.prefetch', 'data.cache_mib', 'data.verify_checksums', 'data.test_split', 'text', 'raw',
     'lipsync',

@@ -87,8 +87,9 @@ def _initializer(stage: str, config: ml_collections.FrozenConfigDict, mesh, seed
   def init():
     return tuple(nnx.to_pure_dict(s) for s in create()[1:])
 
-  return graphdef, compile_timing.TimedCompile(jax.jit(init, out_shardings=tuple(shardings)),
-                                               is_step=False)
+  return graphdef, compile_timing.TimedCompile(
+      jax.jit(init, out_shardings=tuple(shardings)), is_step=False,
+      fast_compile=config.train.get('cpu_fast_compile', False))
 
 
 def predict_split(source, config, budget, predict_fn, mesh, *,

@@ -200,7 +200,8 @@ class StageRunner:
     # The eval step is the program that predicts with the trained stage later (shared with it).
     static, self.eval_frozen_states = inference.predict_program_args(
         stage, self.graphdef, config, frozen)
-    self.predict_fn = compile_timing.TimedCompile(inference.predict_program, **static)
+    self.predict_fn = compile_timing.TimedCompile(
+        inference.predict_program, fast_compile=config.train.cpu_fast_compile, **static)
     self.loop = LoopState()
     self.logdir = os.path.join(ctx.workdir, 'tensorboard', self.name)
     self.best_step = None  # of the best checkpoint, once fit has restored it
@@ -238,7 +239,7 @@ class StageRunner:
     shapes = tuple((np.shape(x), np.asarray(x).dtype.str) for x in leaves)
     settings = json.dumps(fingerprints.stage_settings(self.config, self.stage), sort_keys=True,
                           default=str)
-    return (settings, self.ctx.mesh, layout,
+    return (settings, self.config.train.cpu_fast_compile, self.ctx.mesh, layout,
             shapes, tuple(jax.tree.leaves(self._batch_sh)), self.statics.distill,
             self.statics.teacher_in_batch, tuple(sorted(self.frozen_graphdefs.items())))
 
@@ -382,7 +383,9 @@ class StageRunner:
           self._batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
           self._train_step, built = _shared_train_step(
               self._program_key(batch),
-              lambda: compile_timing.TimedCompile(self.jitted_train_step(self._batch_sh)))
+              lambda: compile_timing.TimedCompile(
+                  self.jitted_train_step(self._batch_sh),
+                  fast_compile=self.config.train.cpu_fast_compile))
         state, metrics = self._train_step(
             state, sharding.put_batch(batch, self._batch_sh, self.budget), *self.step_inputs)
         if first:
