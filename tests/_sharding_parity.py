@@ -4,9 +4,7 @@ on a 4x2 (data x model) mesh of 8 fake CPU devices; prints both results as JSON.
 import os
 import sys
 
-# Added to the test session's flags (conftest.py), which the subprocess inherits.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
 import json  # pylint: disable=g-import-not-at-top
 

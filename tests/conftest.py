@@ -9,12 +9,6 @@ The workers share the folder above their own temporary folders. JAX writes cache
 locking unless the cache has a size limit, and a reader in another process could see a
 half-written entry; a limit (larger than the suite ever fills) makes every read and write take
 the cache's file lock.
-
-XLA's CPU code generation runs at LLVM optimisation level 0 for the whole session (subprocesses
-inherit XLA_FLAGS): the suite's programs are compiled many times and run a few tiny steps, so
-compiling is most of its time. Level 0 cut a run of three compile-heavy test modules from 150 s to
-111 s (docs/performance.md). It keeps IEEE arithmetic (no fast-math); every comparison in the suite
-is between runs of the same session or against references with tolerances.
 """
 
 import os
@@ -27,12 +21,6 @@ import jax
 import pytest
 
 CACHE_LIMIT_BYTES = 8 << 30
-FAST_COMPILE_FLAG = '--xla_backend_optimization_level=0'
-
-# Before any test initialises JAX's backends, which read XLA_FLAGS once. Subprocesses that add
-# flags of their own append them to these.
-if FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE_FLAG}'.strip()
 
 
 @pytest.fixture(scope='session', autouse=True)
