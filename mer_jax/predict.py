@@ -394,7 +394,7 @@ def _read_records(predictor, objects: Iterable[tuple[str, str, Any]], source: st
 
 def read_meld_csv(config, folder: str, split: str) -> tuple[str, list]:
   """(path, dialogues) of the run's raw.csv_pattern CSV for `split` in `folder`, read as the raw
-  front end reads it (raw.read_dialogues), with empty labels allowed."""
+  front end reads it (raw.read_split_csv), with empty labels allowed."""
   if not config.get('raw'):
     raise PredictInputError(f'{folder}: a MELD-layout folder needs a model trained from raw clips '
                             "(data.source 'raw')")
@@ -402,10 +402,8 @@ def read_meld_csv(config, folder: str, split: str) -> tuple[str, list]:
   if not os.path.isfile(path):
     raise PredictInputError(f'{path}: no such file (a MELD-layout folder has '
                             f'{config.raw.csv_pattern.format(split=split)} for split {split!r})')
-  schema = dialogue_csv.schema_from_config(config.text.csv, config.label_names)
   try:
-    dialogues, report = dialogue_csv.read_dialogue_csv(
-        path, schema, on_bad_row=config.text.csv.on_bad_row, allow_unlabeled=True)
+    dialogues, report = raw.read_split_csv(config, folder, split, allow_unlabeled=True)
   except (dialogue_csv.CsvFormatError, ValueError) as e:
     raise PredictInputError(str(e)) from None
   if report.skipped:

@@ -93,13 +93,19 @@ def ensure_raw_root(config, workdir: str) -> str:
   return cache.build_once(out, build, marker=CORPUS_MARKER)
 
 
-def read_dialogues(config, root: str) -> dict[str, list[dialogue_csv.Dialogue]]:
+def read_split_csv(config, root: str, split: str, *, allow_unlabeled: bool = False):
+  """(dialogues, report) of `split`'s CSV (raw.csv_pattern) under `root`, read with the run's
+  text.csv schema and labels."""
   schema = dialogue_csv.schema_from_config(config.text.csv, config.label_names)
+  return dialogue_csv.read_dialogue_csv(
+      os.path.join(root, config.raw.csv_pattern.format(split=split)), schema,
+      on_bad_row=config.text.csv.on_bad_row, allow_unlabeled=allow_unlabeled)
+
+
+def read_dialogues(config, root: str) -> dict[str, list[dialogue_csv.Dialogue]]:
   out = {}
   for split in _splits(config):
-    path = os.path.join(root, config.raw.csv_pattern.format(split=split))
-    out[split], report = dialogue_csv.read_dialogue_csv(path, schema,
-                                                        on_bad_row=config.text.csv.on_bad_row)
+    out[split], report = read_split_csv(config, root, split)
     if report.skipped or report.listed_speakers:
       console.say('%s', report.summary())
   return out
