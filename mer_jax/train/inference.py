@@ -161,13 +161,23 @@ def predict_program_args(stage: str, graphdef, config, frozen: dict[str, FrozenM
   return static, {n: frozen[n].states for n in needed}
 
 
+def timed_predict_program(static: dict, config) -> compile_timing.TimedCompile:
+  """predict_program for one batch layout, compiled on its first call with the run's compiler
+  options. Every prediction of a run goes through this, so the stage's evaluation during training
+  and its later predictions (test split, stacking, the cached teacher) lower to the same program
+  with the same options, and JAX's in-process cache compiles it once."""
+  return compile_timing.TimedCompile(
+      predict_program, fast_compile=config.train.get('cpu_fast_compile', False), **static)
+
+
 def stage_predict_fn(stage: str, model: FrozenModel, config, frozen: dict[str, FrozenModel],
                      log_probs: bool = False):
-  """`batch -> class probabilities` (or log-probabilities) of a trained stage, in eval mode."""
+  """`batch -> class probabilities` (or log-probabilities) of a trained stage, in eval mode.
+  Its batches must share one layout (one batch budget)."""
   static, frozen_states = predict_program_args(stage, model.graphdef, config, frozen, log_probs)
+  program = timed_predict_program(static, config)
   params, model_state, rng_state = model.states
-  return lambda batch: predict_program(params, model_state, rng_state, batch, frozen_states,
-                                       **static)
+  return lambda batch: program(params, model_state, rng_state, batch, frozen_states)
 
 
 def predict_stage(source, stage: str, model: FrozenModel, config, mesh,

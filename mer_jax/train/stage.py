@@ -200,8 +200,7 @@ class StageRunner:
     # The eval step is the program that predicts with the trained stage later (shared with it).
     static, self.eval_frozen_states = inference.predict_program_args(
         stage, self.graphdef, config, frozen)
-    self.predict_fn = compile_timing.TimedCompile(
-        inference.predict_program, fast_compile=config.train.cpu_fast_compile, **static)
+    self.predict_fn = inference.timed_predict_program(static, config)
     self.loop = LoopState()
     self.logdir = os.path.join(ctx.workdir, 'tensorboard', self.name)
     self.best_step = None  # of the best checkpoint, once fit has restored it
