@@ -79,3 +79,34 @@ def test_latest_and_best_restore_onto_plain_dicts(tmp_path, states, saved_as):
   assert_same(params, as_dicts.ema_params)
   assert_same(batch_stats, as_dicts.model_state)
   ckpt.close()
+
+
+def test_async_saves_write_what_was_saved(tmp_path, states):
+  """The stage trainer's saves return before the files are written. The arrays saved may be
+  donated (deleted) right after; reads through the same object wait for the writes; a save of
+  a step in flight replaces it; after close another process's view has every file."""
+  _, as_dicts = states
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher', async_saves=True)
+  saved = jax.tree.map(jnp.copy, as_dicts)
+  ckpt.save_best(12, saved.ema_params, saved.model_state, {'epoch': 1})
+  ckpt.save_latest(12, saved, {'epoch': 1}, {'finished': False})
+  for x in jax.tree.leaves(saved):  # what the next train step's donation does
+    x.delete()
+  assert ckpt.latest_meta() == {'finished': False}
+  state, data, _ = ckpt.restore_latest(zeros_like(as_dicts))
+  assert data == {'epoch': 1}
+  assert_same(state, as_dicts)
+  newer = as_dicts.replace(lr_scale=jnp.asarray(0.5, jnp.float32))
+  ckpt.save_latest(12, newer, {'epoch': 2}, {'finished': True})
+  ckpt.close()
+
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher', read_only=True)
+  assert ckpt.latest_step() == 12 and ckpt.latest_meta() == {'finished': True}
+  state, data, _ = ckpt.restore_latest(zeros_like(as_dicts))
+  assert data == {'epoch': 2} and float(state.lr_scale) == 0.5
+  params, batch_stats, meta = ckpt.restore_best(zeros_like(as_dicts.ema_params),
+                                                zeros_like(as_dicts.model_state))
+  assert meta == {'epoch': 1}
+  assert_same(params, as_dicts.ema_params)
+  assert_same(batch_stats, as_dicts.model_state)
+  ckpt.close()

@@ -6,7 +6,9 @@ Per stage, two CheckpointManagers under `workdir/checkpoints/<stage>/`:
   best/    the evaluation weights (EMA where the stage has it) of the best dev weighted F1, with
            the config and label names (for prediction).
 Orbax writes each step into a temporary folder and renames it when complete, so a crash during a
-save leaves the previous checkpoint usable. `train.checkpoint_dir` moves `checkpoints/` elsewhere,
+save leaves the previous checkpoint usable. With `async_saves` (the stage trainer's), a save
+returns once the arrays are on the host and Orbax writes them in a background thread while
+training goes on; every read, deletion and `close` first waits for writes in flight. `train.checkpoint_dir` moves `checkpoints/` elsewhere,
 e.g. to gs://bucket/run/checkpoints, which Orbax writes directly (tensorstore).
 """
 
@@ -36,12 +38,13 @@ def _absolute(directory: str) -> str:
   return directory if staging.is_remote(directory) else os.path.abspath(directory)
 
 
-def _manager(directory: str, keep: int, items: dict[str, type],
-             read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory: str, keep: int, items: dict[str, type], read_only: bool = False,
+             async_saves: bool = False) -> ocp.CheckpointManager:
   """`items`: name -> Orbax handler class. Handlers are given up front (not only at save and
   restore) so that item_metadata can read the stored trees."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         enable_async_checkpointing=False, read_only=read_only)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_saves and not read_only)
   return ocp.CheckpointManager(_absolute(directory), options=options,
                                item_handlers={name: h() for name, h in items.items()})
 
@@ -52,6 +55,7 @@ def _replace_step(manager: ocp.CheckpointManager, step: int) -> None:
   Happens when a periodic save lands on an epoch's last step (the end-of-epoch save adds the loop
   bookkeeping), or when a run is resumed after a crash between the best and the latest save.
   """
+  manager.wait_until_finished()
   if step in manager.all_steps():
     manager.delete(step)
 
@@ -93,34 +97,40 @@ class StageCheckpoints:
   BEST_ITEMS = {'weights': ocp.StandardCheckpointHandler, 'meta': ocp.JsonCheckpointHandler}
 
   def __init__(self, workdir: str, stage: str, keep: int = 2, read_only: bool = False,
-               directory: str = ''):
-    """Under `directory`/<stage>/ (default: workdir/checkpoints; see `checkpoint_dir`)."""
+               directory: str = '', async_saves: bool = False):
+    """Under `directory`/<stage>/ (default: workdir/checkpoints; see `checkpoint_dir`).
+    `async_saves`: saves return before the files are written (see the module's docstring)."""
     root = os.path.join(directory or os.path.join(workdir, 'checkpoints'), stage)
     self.stage = stage
     self.root = root
-    self._latest = _manager(os.path.join(root, 'latest'), keep, self.LATEST_ITEMS, read_only)
-    self._best = _manager(os.path.join(root, 'best'), 1, self.BEST_ITEMS, read_only)
+    self._latest = _manager(os.path.join(root, 'latest'), keep, self.LATEST_ITEMS, read_only,
+                            async_saves)
+    self._best = _manager(os.path.join(root, 'best'), 1, self.BEST_ITEMS, read_only,
+                          async_saves)
 
   # --- resume -------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
+    self._latest.wait_until_finished()
     return self._latest.latest_step()
 
   def save_latest(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    # A latest checkpoint's bookkeeping (best epoch and F1, finished) describes the best
+    # checkpoint, which must therefore be on disk before the latest one can be.
+    self._best.wait_until_finished()
     _replace_step(self._latest, step)
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
-    self._latest.wait_until_finished()
 
   def latest_meta(self) -> dict | None:
-    step = self._latest.latest_step()
+    step = self.latest_step()
     if step is None:
       return None
     return self._latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore_latest(self, like_state: Any) -> tuple[Any, dict, dict] | None:
     """Restores onto the shardings of `like_state` (concrete or abstract arrays)."""
-    step = self._latest.latest_step()
+    step = self.latest_step()
     if step is None:
       return None
     state, out = _restore_tree(self._latest, step, 'state', like_state,
@@ -135,9 +145,9 @@ class StageCheckpoints:
     _replace_step(self._best, step)
     self._best.save(step, args=ocp.args.Composite(
         weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)), force=True)
-    self._best.wait_until_finished()
 
   def has_best(self) -> bool:
+    self._best.wait_until_finished()
     return self._best.latest_step() is not None
 
   def best_step(self) -> int:
@@ -155,6 +165,7 @@ class StageCheckpoints:
     return weights['params'], weights['batch_stats'], out['meta']
 
   def _require_best(self) -> int:
+    self._best.wait_until_finished()
     step = self._best.latest_step()
     if step is None:
       raise MissingCheckpoint(f'no best checkpoint for stage {self.stage!r} under '

@@ -204,6 +204,9 @@ class StageRunner:
     self.loop = LoopState()
     self.logdir = os.path.join(ctx.workdir, 'tensorboard', self.name)
     self.best_step = None  # of the best checkpoint, once fit has restored it
+    # (step, params, batch statistics) of the best checkpoint this process saved: fit returns
+    # them instead of reading them back.
+    self._best_saved = None
     self.was_finished = False  # fit found the stage finished by an earlier run
     self._train_step = self._batch_sh = self._train_step_seconds = None
 
@@ -319,7 +322,8 @@ class StageRunner:
       if fingerprints.read_record(directory, self.name) != record.to_json():
         fingerprints.write_record(directory, record)
     ckpt = checkpointing.StageCheckpoints(
-        self.ctx.workdir, self.name, keep=self.config.train.checkpoint_keep, directory=directory)
+        self.ctx.workdir, self.name, keep=self.config.train.checkpoint_keep, directory=directory,
+        async_saves=True)
     try:
       meta = ckpt.latest_meta()
       if meta is not None and meta.get('finished'):
@@ -329,8 +333,11 @@ class StageRunner:
         self.was_finished = True
       else:
         self._train(ckpt, meta)
-      params, batch_stats, _ = ckpt.restore_best(self.state.params, self.state.model_state)
-      self.best_step = ckpt.best_step()
+      if self._best_saved is not None:
+        self.best_step, params, batch_stats = self._best_saved
+      else:
+        params, batch_stats, _ = ckpt.restore_best(self.state.params, self.state.model_state)
+        self.best_step = ckpt.best_step()
     finally:
       ckpt.close()
     return FrozenModel(self.graphdef, (params, batch_stats, self.rng_state), self.fingerprint)
@@ -432,6 +439,8 @@ class StageRunner:
                      jsonable({'stage': self.stage, 'epoch': epoch + 1, 'dev': dev,
                                'label_names': list(config.label_names),
                                'config': config.to_dict()}))
+      # Copies: the next train step donates the state's buffers.
+      self._best_saved = (host_step, *jax.tree.map(jnp.copy, (eval_params, state.model_state)))
     else:
       loop.bad_epochs += 1
       loop.plateau_epochs += 1
