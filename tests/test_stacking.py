@@ -1,10 +1,18 @@
-"""Cross-fitting helpers: folds partition the training dialogues; stacked records keep labels."""
+"""Cross-fitting helpers: folds partition the training dialogues; stacked records keep labels;
+fusion's programs compiled ahead (while the folds train) are the ones its runner runs."""
+
+import dataclasses
 
 import numpy as np
 
-from mer_jax.train import inference
+from configs import default
+from mer_jax import stages
 from mer_jax.data import sources
+from mer_jax.run import job
+from mer_jax.train import inference
 from mer_jax.train import stacking
+from mer_jax.train import stage as stage_lib
+from tests._compiles import CompileRequests
 from tests.test_pipeline import make_record
 
 
@@ -47,3 +55,37 @@ def test_per_record_outputs_restores_dialogue_order():
   out = inference.per_record_outputs(pred, base, 'probs')
   np.testing.assert_array_equal(out[0][:, 0], [2, 4, 1])
   np.testing.assert_array_equal(out[1][:, 0], [3, 0])
+
+
+def test_fusion_compiled_ahead_is_what_its_runner_runs(tmp_path):
+  """stacking.compile_fusion_ahead compiles fusion's train step and eval program for the dev
+  split's features; fusion's runner, on other training features of the same shapes, trains and
+  evaluates without compiling either again, and counts the seconds they took."""
+  config = default.get_config('tiny')
+  config.train.epochs = 1
+  ctx = job.prepare(config, str(tmp_path))
+  full = {}  # untrained encoders: only the features' shapes matter here
+  for stage in stages.ENCODER_STAGES:
+    graphdef, *states = inference.build_sharded_model(stage, config, ctx.mesh, seed=0)
+    full[stage] = inference.FrozenModel(graphdef, tuple(states))
+
+  def stacked(source):
+    return sources.InMemorySource(stacking.stacked_records(
+        source, stacking.encoder_log_probs(source, full, config, ctx.mesh)))
+
+  dev, train = stacked(ctx.data.dev), stacked(ctx.data.train)
+  ahead = stacking.compile_fusion_ahead(ctx, dev).result()
+  assert set(ahead) == {'initializer', 'train_step', 'eval_step'}
+  assert all(seconds > 0 for seconds in ahead.values()), ahead
+  fusion_ctx = dataclasses.replace(
+      ctx, data=dataclasses.replace(ctx.data, train=train, dev=dev, test=dev),
+      compiled_ahead=ahead)
+  runner = stage_lib.StageRunner('fusion', fusion_ctx, full)
+  with CompileRequests() as compiles:
+    runner.fit()
+  assert not {name for name in compiles.by_name if 'train_step' in name
+              or 'predict_program' in name}, compiles.by_name
+  seconds = runner.compile_seconds
+  assert seconds['train_step'] == ahead['train_step'], (seconds, ahead)
+  assert seconds['initializer'] == ahead['initializer'], (seconds, ahead)
+  assert seconds['eval_step'] >= ahead['eval_step'], (seconds, ahead)

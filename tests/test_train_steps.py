@@ -22,6 +22,7 @@ from mer_jax.data import pipeline
 from mer_jax.train import optim
 from mer_jax.train import sharding
 from mer_jax.train import steps
+from tests._compiles import CompileRequests
 
 STAGES = ('teacher', 'audio', 'visual')  # fusion's loop is counted in test_end_to_end.py
 EMA_DECAY = 0.9
@@ -101,40 +102,6 @@ def run_steps(runner, state, batches):
   return state, states, metrics
 
 
-class CompileRequests:
-  """Counts the XLA compilations JAX asks for while active (jax.monitoring events): with the
-  persistent cache on, each request records a cache-use event (and a miss also a backend
-  compile); with it off, each records a backend compile. JAX's in-process cache answers without
-  either."""
-
-  EVENTS = ('/jax/compilation_cache/compile_requests_use_cache',)
-  DURATION_EVENTS = ('/jax/core/compile/backend_compile_duration',)
-
-  def __init__(self):
-    self.events = collections.Counter()
-
-  def _event(self, name, **kwargs):
-    if name in self.EVENTS:
-      self.events['requests'] += 1
-
-  def _duration(self, name, seconds, **kwargs):
-    if name in self.DURATION_EVENTS:
-      self.events['backend'] += 1
-
-  @property
-  def count(self) -> int:
-    return max(self.events['requests'], self.events['backend'])
-
-  def __enter__(self):
-    jax.monitoring.register_event_listener(self._event)
-    jax.monitoring.register_event_duration_secs_listener(self._duration)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_listener(self._event)
-    jax.monitoring.unregister_event_duration_listener(self._duration)
-
-
 def test_train_and_predict_steps_trace_once_per_stage(runners):
   ctx, traces = runners['ctx'], runners['traces']
   host_batches = runners['host_batches']
@@ -161,7 +128,7 @@ def test_train_and_predict_steps_trace_once_per_stage(runners):
         report = runner.evaluate(source, eval_params, state.model_state)
         assert 0.0 <= report['accuracy'] <= 1.0
       pred = inference.predict_stage(ctx.data.test, stage, trained, ctx.config, ctx.mesh, frozen)
-    assert compiles.count == 0, (stage, compiles.events)
+    assert not compiles.by_name, (stage, compiles.by_name)
     assert pred['probs'].shape[-1] == len(ctx.config.label_names)
     frozen[stage] = runners['frozen'][stage]
 

@@ -1,13 +1,15 @@
 """Flax NNX models: graph teacher/students per modality and the hierarchical fusion.
 
 Parameters carry logical axis names ('embed', 'mlp', 'expert') as metadata only: eager
-sharding is switched off here so models build without a mesh; `logical_sharding` (or
+sharding is switched off here, for every thread of the process (Flax's config, not its
+thread-local context), so models build without a mesh; `logical_sharding` (or
 `nnx.logical_axis_rules` + `nnx.get_named_sharding`) maps the names onto a mesh later.
 """
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 from flax import nnx
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -19,7 +21,7 @@ from mer_jax.models import fusion
 from mer_jax.models import graph
 from mer_jax.models import moe
 
-nnx.use_eager_sharding(False)
+flax.config.update('flax_always_shard_variable', False)
 
 
 param_group = fusion.param_group

@@ -34,7 +34,8 @@ class TimedCompile:
     self.lower_seconds: float | None = None
     self.compile_seconds: float | None = None
 
-  def __call__(self, *args) -> Any:
+  def compile(self, *args) -> None:
+    """Lowers and compiles for these arguments (shapes and shardings only) without running."""
     if self._compiled is None:
       started = time.perf_counter()
       with cpu_backend.step_draws() if self._is_step else contextlib.nullcontext():
@@ -43,6 +44,9 @@ class TimedCompile:
       self._compiled = lowered.compile(cpu_backend.compiler_options(self._fast_compile))
       self.lower_seconds = lowered_at - started
       self.compile_seconds = time.perf_counter() - lowered_at
+
+  def __call__(self, *args) -> Any:
+    self.compile(*args)
     return self._compiled(*args)
 
   @property

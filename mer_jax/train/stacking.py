@@ -11,9 +11,11 @@ whatever its initialisation.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 
+import jax
 import numpy as np
 
 from mer_jax import console
@@ -60,9 +62,9 @@ def train_fold_encoders(ctx: stage_lib.Context, fold: int, indices: np.ndarray) 
   return trained
 
 
-def stacked_splits(ctx: stage_lib.Context, full_models: dict
-                   ) -> tuple[sources.InMemorySource, ...]:
-  """(train out-of-fold, dev, test) sources of log-probability features for fusion."""
+def out_of_fold_train(ctx: stage_lib.Context) -> sources.InMemorySource:
+  """The training split with each dialogue's features replaced by the log-probabilities of the
+  encoders trained on the folds that do not hold it."""
   config = ctx.config
   folds = sources.fold_indices(len(ctx.data.train), config.model.fusion.stacking_folds,
                                config.seed)
@@ -74,15 +76,47 @@ def stacked_splits(ctx: stage_lib.Context, full_models: dict
     for i, record in zip(idx, stacked_records(
         held_out, encoder_log_probs(held_out, fold_models, config, ctx.mesh))):
       train_records[int(i)] = record
-  dev = stacked_records(ctx.data.dev, encoder_log_probs(ctx.data.dev, full_models, config, ctx.mesh))
-  test = stacked_records(ctx.data.test,
-                         encoder_log_probs(ctx.data.test, full_models, config, ctx.mesh))
-  return (sources.InMemorySource(train_records), sources.InMemorySource(dev),
-          sources.InMemorySource(test))
+  return sources.InMemorySource(train_records)
+
+
+def compile_fusion_ahead(ctx: stage_lib.Context, dev) -> concurrent.futures.Future:
+  """Starts compiling the fusion stage's programs in a background thread; the future gives
+  their seconds (StageRunner.compile_programs). Their shapes do not depend on the out-of-fold
+  training features, so a runner on the stacked dev split (as its training data too) compiles
+  the programs fusion's runner will use. XLA compiles outside Python's lock, on a core that the
+  folds' small steps leave mostly idle."""
+  data = dataclasses.replace(ctx.data, train=dev, dev=dev, test=dev)
+  ahead = dataclasses.replace(ctx, data=data, records={})
+  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile-ahead')
+  try:
+    return executor.submit(lambda: stage_lib.StageRunner('fusion', ahead, {}).compile_programs())
+  finally:
+    executor.shutdown(wait=False)
 
 
 def stacked_context(ctx: stage_lib.Context, full_models: dict) -> stage_lib.Context:
-  """The fusion stage's context: its splits hold cross-fitted log-probabilities."""
-  train, dev, test = stacked_splits(ctx, full_models)
+  """The fusion stage's context: training features are out-of-fold log-probabilities, dev and
+  test ones those of the encoders trained on all of the training data. Unless fusion has
+  finished in this workdir (or the run has several processes), its programs compile while the
+  folds train."""
+  def stacked(source):
+    return sources.InMemorySource(stacked_records(
+        source, encoder_log_probs(source, full_models, ctx.config, ctx.mesh)))
+
+  dev, test = stacked(ctx.data.dev), stacked(ctx.data.test)
+  # Not with several processes: every process must launch its computations on the global mesh
+  # in the same order, which a second thread's launches would not keep.
+  ahead = None
+  if jax.process_count() == 1 and not stage_lib.finished(ctx, 'fusion'):
+    ahead = compile_fusion_ahead(ctx, dev)
+  train = out_of_fold_train(ctx)
+  compiled_ahead = {}
+  if ahead is not None:
+    try:
+      compiled_ahead = ahead.result()
+    except Exception as e:  # pylint: disable=broad-except
+      console.say('stacking: compiling fusion ahead failed (%s: %s); it compiles when it trains',
+                  type(e).__name__, e)
   return dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, train=train, dev=dev,
-                                                           test=test))
+                                                           test=test),
+                             compiled_ahead=compiled_ahead)

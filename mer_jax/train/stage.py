@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -48,17 +49,19 @@ from mer_jax.train.metrics_writer import MetricsWriter
 # schedule length are runtime arguments), so they run the stage's compiled step.
 _TRAIN_STEPS: collections.OrderedDict = collections.OrderedDict()
 _TRAIN_STEPS_KEPT = 8
+_TRAIN_STEPS_LOCK = threading.Lock()  # StageRunner.compile_programs may run in another thread
 
 
 def _shared_train_step(key, build) -> tuple[compile_timing.TimedCompile, bool]:
-  """(the compiled step for `key`, whether `build` made it now)."""
-  step = _TRAIN_STEPS.pop(key, None)
-  built = step is None
-  if built:
-    step = build()
-  _TRAIN_STEPS[key] = step
-  while len(_TRAIN_STEPS) > _TRAIN_STEPS_KEPT:
-    _TRAIN_STEPS.popitem(last=False)
+  """(the step for `key`, whether `build` made it now); `build` makes an uncompiled one."""
+  with _TRAIN_STEPS_LOCK:
+    step = _TRAIN_STEPS.pop(key, None)
+    built = step is None
+    if built:
+      step = build()
+    _TRAIN_STEPS[key] = step
+    while len(_TRAIN_STEPS) > _TRAIN_STEPS_KEPT:
+      _TRAIN_STEPS.popitem(last=False)
   return step, built
 
 
@@ -77,6 +80,9 @@ class Context:
   # What determines each stage (fingerprints.plan), recorded beside its checkpoints; empty in
   # the benchmark, which trains throwaway stages.
   records: dict[str, fingerprints.StageRecord] = dataclasses.field(default_factory=dict)
+  # Lower + compile seconds of the programs of the stage this context is for, where they were
+  # compiled ahead of its runner (StageRunner.compile_programs; stacking does it for fusion).
+  compiled_ahead: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -128,6 +134,18 @@ def batch_modalities(stage: str, statics: steps.StageStatics, config) -> tuple[s
   if statics.distill and not statics.teacher_in_batch:
     read.add('t')
   return tuple(m for m in config.data.modalities if m in read)
+
+
+def finished(ctx: Context, name: str, directory: str = '') -> bool:
+  """Whether stage `name` (its checkpoint folder) has finished training in this run's
+  checkpoints (`directory`, default checkpointing.checkpoint_dir)."""
+  directory = directory or checkpointing.checkpoint_dir(ctx.config, ctx.workdir)
+  ckpt = checkpointing.StageCheckpoints(ctx.workdir, name, read_only=True, directory=directory)
+  try:
+    meta = ckpt.latest_meta() if os.path.isdir(os.path.join(ckpt.root, 'latest')) else None
+  finally:
+    ckpt.close()
+  return bool(meta and meta.get('finished'))
 
 
 class StageRunner:
@@ -214,9 +232,40 @@ class StageRunner:
   def compile_seconds(self) -> dict[str, float | None]:
     """Lowering + compilation seconds of the model initializer and the train and eval steps
     (0.0: this process had compiled them for a model of the same structure, e.g. a stacking
-    fold's; None: not run here, e.g. the steps of a finished stage restored)."""
-    return {'initializer': self._init_seconds, 'train_step': self._train_step_seconds,
+    fold's; None: not run here, e.g. the steps of a finished stage restored). Programs compiled
+    ahead for this stage (`Context.compiled_ahead`) add the seconds they took there."""
+    own = {'initializer': self._init_seconds, 'train_step': self._train_step_seconds,
+           'eval_step': self.predict_fn.seconds}
+    return {k: v if v is None else v + self.ctx.compiled_ahead.get(k, 0.0)
+            for k, v in own.items()}
+
+  def compile_programs(self) -> dict[str, float]:
+    """Compiles this stage's train step and eval program (the initializer compiled when the
+    runner was built) for its first training and dev batches, without running them, and returns
+    their lower + compile seconds. A runner of the same structure built later in this process
+    (same config, mesh and batch layout; its data may differ) then finds them compiled."""
+    batch = self.train_dataset(0)[0]
+    self._use_train_step(batch)
+    self._train_step.compile(self.state, sharding.put_batch(batch, self._batch_sh, self.budget),
+                             *self.step_inputs)
+    dev = pipeline.make_dataset(self.ctx.data.dev, config=self.config, budget=self.budget,
+                                train=False, epoch=0, seed=self.config.seed, dims=self.dims)[0]
+    self.predict_fn.compile(
+        self.state.params, self.state.model_state, self.rng_state,
+        sharding.put_batch(dev, sharding.batch_shardings(dev, self.ctx.mesh, self.budget),
+                           self.budget), self.eval_frozen_states)
+    return {'initializer': self._init_seconds, 'train_step': self._train_step.seconds,
             'eval_step': self.predict_fn.seconds}
+
+  def _use_train_step(self, batch) -> bool:
+    """Takes the process's train step for batches laid out as `batch` (`_shared_train_step`);
+    returns whether it was made now."""
+    self._batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
+    self._train_step, built = _shared_train_step(
+        self._program_key(batch),
+        lambda: compile_timing.TimedCompile(self.jitted_train_step(self._batch_sh),
+                                            fast_compile=self.config.train.cpu_fast_compile))
+    return built
 
   @property
   def step_inputs(self) -> tuple:
@@ -282,7 +331,7 @@ class StageRunner:
         dims=self.dims)
     if first:
       console.say('stage %s: eval step lowered and compiled in %.1f s', self.name,
-                  self.predict_fn.seconds)
+                  self.compile_seconds['eval_step'])
     return inference.split_metrics(pred, self.config.label_names)
 
   def fit(self) -> FrozenModel:
@@ -292,7 +341,7 @@ class StageRunner:
     is linked in instead of trained, and a stage trained here is shared when finished.
     """
     directory = checkpointing.checkpoint_dir(self.config, self.ctx.workdir)
-    if self.fingerprint is None or self._finished(directory):
+    if self.fingerprint is None or finished(self.ctx, self.name, directory):
       return self._fit(directory)
     store = shared_stages.SharedStages(self.config.train.shared_stages_dir)
     stage_dir = os.path.join(directory, self.name)
@@ -306,15 +355,6 @@ class StageRunner:
     finally:
       store.release(self.fingerprint)
     return model
-
-  def _finished(self, directory: str) -> bool:
-    ckpt = checkpointing.StageCheckpoints(self.ctx.workdir, self.name, read_only=True,
-                                          directory=directory)
-    try:
-      meta = ckpt.latest_meta() if os.path.isdir(os.path.join(ckpt.root, 'latest')) else None
-    finally:
-      ckpt.close()
-    return bool(meta and meta.get('finished'))
 
   def _fit(self, directory: str) -> FrozenModel:
     record = self.ctx.records.get(self.name)
@@ -386,18 +426,15 @@ class StageRunner:
       for batch in it:
         first = self._train_step is None
         if first:  # one compiled step for every epoch (and for the stage's folds)
-          self._batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
-          self._train_step, built = _shared_train_step(
-              self._program_key(batch),
-              lambda: compile_timing.TimedCompile(
-                  self.jitted_train_step(self._batch_sh),
-                  fast_compile=self.config.train.cpu_fast_compile))
+          built = self._use_train_step(batch)
         state, metrics = self._train_step(
             state, sharding.put_batch(batch, self._batch_sh, self.budget), *self.step_inputs)
         if first:
           self._train_step_seconds = self._train_step.seconds if built else 0.0
+          seconds = self.compile_seconds
           console.say('stage %s: train step lowered and compiled in %.1f s (model initializer: '
-                      '%.1f s)', self.name, self._train_step_seconds, self._init_seconds)
+                      '%.1f s)%s', self.name, seconds['train_step'], seconds['initializer'],
+                      ', ahead of the stage' if self.ctx.compiled_ahead else '')
         host_step += 1
         pending.append(metrics)
         bar.update(1)
@@ -440,7 +477,7 @@ class StageRunner:
                                'label_names': list(config.label_names),
                                'config': config.to_dict()}))
       # Copies: the next train step donates the state's buffers.
-      self._best_saved = (host_step, *jax.tree.map(jnp.copy, (eval_params, state.model_state)))
+      self._best_saved = (host_step, *_copy_tree((eval_params, state.model_state)))
     else:
       loop.bad_epochs += 1
       loop.plateau_epochs += 1
@@ -464,6 +501,8 @@ class StageRunner:
 
 
 _tree_norm = jax.jit(optax.tree.norm)
+# One program per tree structure (eager copies would compile one per array shape).
+_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
