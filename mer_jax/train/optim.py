@@ -11,6 +11,8 @@ steps on the same shapes, and with the length a runtime value they share one com
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any, Callable
 
 import jax
@@ -59,10 +61,21 @@ def learning_rates(stage_cfg, micro_steps: int, steps, lr_scale: float,
   (make_optimizer's `group_of`) or without multipliers. Computed on the host from the step
   count, so the train step returns nothing more for it."""
   update = max(int(micro_steps) - 1, 0) // max(int(stage_cfg.get('grad_accum_steps', 1)), 1)
+  _check_schedule(stage_cfg)
   with jax.default_device(_host_device()):
-    lr = float(scheduled_lr(stage_cfg, np.int32(update), np.asarray(steps))) * float(lr_scale)
+    lr = _host_scheduled_lr(stage_cfg.schedule, float(stage_cfg.lr))(
+        np.int32(update), np.asarray(steps, np.int32))
+  lr = float(lr) * float(lr_scale)
   multipliers = dict(stage_cfg.get('lr_multipliers', {})) if grouped else {}
   return {group: lr * float(m) for group, m in multipliers.items()} or {'all': lr}
+
+
+@functools.lru_cache(maxsize=64)
+def _host_scheduled_lr(schedule: str, lr: float):
+  """scheduled_lr of one schedule and peak lr as one jitted program: run op by op, its first
+  call compiled each operation on its own (about 0.6 s a process)."""
+  settings = types.SimpleNamespace(schedule=schedule, lr=lr)
+  return jax.jit(lambda count, steps: scheduled_lr(settings, count, steps))
 
 
 def _host_device():
