@@ -8,8 +8,9 @@ Per stage, two CheckpointManagers under `workdir/checkpoints/<stage>/`:
 Orbax writes each step into a temporary folder and renames it when complete, so a crash during a
 save leaves the previous checkpoint usable. With `async_saves` (the stage trainer's), a save
 returns once the arrays are on the host and Orbax writes them in a background thread while
-training goes on; every read, deletion and `close` first waits for writes in flight. `train.checkpoint_dir` moves `checkpoints/` elsewhere,
-e.g. to gs://bucket/run/checkpoints, which Orbax writes directly (tensorstore).
+training goes on; every read, deletion and `close` first waits for writes in flight.
+`train.checkpoint_dir` moves `checkpoints/` elsewhere, e.g. to gs://bucket/run/checkpoints,
+which Orbax writes directly (tensorstore).
 """
 
 from __future__ import annotations
