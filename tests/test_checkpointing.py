@@ -59,6 +59,16 @@ def zeros_like(tree):
   return jax.tree.map(jnp.zeros_like, tree)
 
 
+def best_restores_to(ckpt, state) -> dict:
+  """Restores the best weights onto zeros, checks they are `state`'s EMA parameters and batch
+  statistics, and returns the best checkpoint's metadata."""
+  params, batch_stats, meta = ckpt.restore_best(zeros_like(state.ema_params),
+                                                zeros_like(state.model_state))
+  assert_same(params, state.ema_params)
+  assert_same(batch_stats, state.model_state)
+  return meta
+
+
 @pytest.mark.parametrize('saved_as', ['dicts', 'nnx_state'])
 def test_latest_and_best_restore_onto_plain_dicts(tmp_path, states, saved_as):
   as_state, as_dicts = states
@@ -73,11 +83,7 @@ def test_latest_and_best_restore_onto_plain_dicts(tmp_path, states, saved_as):
   state, data, meta = ckpt.restore_latest(zeros_like(as_dicts))
   assert data == {'epoch': 1} and meta == {'finished': False}
   assert_same(state, as_dicts)
-  params, batch_stats, best_meta = ckpt.restore_best(zeros_like(as_dicts.ema_params),
-                                                     zeros_like(as_dicts.model_state))
-  assert best_meta == {'dev_weighted_f1': 0.5}
-  assert_same(params, as_dicts.ema_params)
-  assert_same(batch_stats, as_dicts.model_state)
+  assert best_restores_to(ckpt, as_dicts) == {'dev_weighted_f1': 0.5}
   ckpt.close()
 
 
@@ -104,9 +110,5 @@ def test_async_saves_write_what_was_saved(tmp_path, states):
   assert ckpt.latest_step() == 12 and ckpt.latest_meta() == {'finished': True}
   state, data, _ = ckpt.restore_latest(zeros_like(as_dicts))
   assert data == {'epoch': 2} and float(state.lr_scale) == 0.5
-  params, batch_stats, meta = ckpt.restore_best(zeros_like(as_dicts.ema_params),
-                                                zeros_like(as_dicts.model_state))
-  assert meta == {'epoch': 1}
-  assert_same(params, as_dicts.ema_params)
-  assert_same(batch_stats, as_dicts.model_state)
+  assert best_restores_to(ckpt, as_dicts) == {'epoch': 1}
   ckpt.close()
