@@ -11,14 +11,21 @@ import pathlib
 import re
 from typing import Any, Mapping
 
+import jax
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import pytest
+from flax import nnx
 
 from configs import ablations
 from configs import default
 from configs import meld_text
 from configs import meld_text_ablations
 from mer_jax import config_rules
+from mer_jax import errors
+from mer_jax import models
+from mer_jax.train import inference
+from mer_jax.train import sharding
 from mer_jax.config_validation import ConfigError
 from mer_jax.config_validation import validate_config
 
@@ -391,3 +398,39 @@ def test_every_rule_documents_itself():
       'an int >= 0 (0: one sub-batch per JAX process)')
   assert config_rules.RULES['mesh.shape.*'].doc == (
       'an int -1 or >= 1 (-1: all remaining devices)')
+
+
+def test_a_parameter_the_mesh_cannot_split_is_named_before_training():
+  """A mesh whose model axis does not divide a parameter's dimension stops the run with one line
+  naming the parameter, its shape and the axis (checked on an abstract 4 x 2 mesh)."""
+  config = default.get_config('tiny')
+  config.model.fusion.use_moe = True
+  mesh = jax.sharding.AbstractMesh((4, 2), ('data', 'model'),
+                                   axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def params(modalities_dims):
+    model = models.build_model('fusion', config, in_dims=modalities_dims, num_classes=7,
+                               rngs=nnx.Rngs(0))
+    return nnx.split(model, nnx.Param, ...)[1]
+
+  abstract = nnx.eval_shape(lambda: params(inference.stage_in_dims('fusion', config)))
+  with pytest.raises(errors.UserError) as raised:
+    sharding.state_shardings(abstract, mesh, config.mesh.rules)
+  message = str(raised.value)
+  assert '\n' not in message
+  assert re.search(r'parameter projections/\w/router_hidden/bias of shape \(3,\) cannot be split '
+                   r"over the device mesh \{'data': 4, 'model': 2\}: its dimension 0 \(3\) is "
+                   r'split over mesh axis model of 2 devices', message), message
+  # Without the mixture of experts every parameter divides: the shardings come back.
+  config.model.fusion.use_moe = False
+  abstract = nnx.eval_shape(lambda: params(inference.stage_in_dims('fusion', config)))
+  assert jax.tree.leaves(sharding.state_shardings(abstract, mesh, config.mesh.rules))
+
+
+def test_indivisible_axis_names_the_dimension_and_axes():
+  mesh = {'data': 4, 'model': 2}
+  assert sharding.indivisible_axis((6, 8), P(None, 'model'), mesh) == ''
+  assert sharding.indivisible_axis((6, 8), P(('data', 'model'), None), mesh) == (
+      'its dimension 0 (6) is split over mesh axis dataxmodel of 8 devices')
+  assert sharding.indivisible_axis((3,), P('model'), mesh) == (
+      'its dimension 0 (3) is split over mesh axis model of 2 devices')

@@ -66,6 +66,15 @@ def build_sharded_model_timed(stage: str, config, mesh, seed: int):
   return graphdef, params, batch_stats, rng_state, init.seconds if compiles else 0.0
 
 
+def check_model_shardings(config, mesh) -> None:
+  """Builds the abstract model and parameter shardings of every stage of the run (kept for the
+  stages' runners), so that a parameter the mesh cannot split stops the run before any stage
+  trains (sharding.state_shardings raises errors.UserError)."""
+  frozen = ml_collections.FrozenConfigDict(config)
+  for stage in config.train.stages:
+    _initializer(stage, frozen, mesh, config.seed + stages.SEED_OFFSET[stage])
+
+
 @functools.lru_cache(maxsize=32)
 def _initializer(stage: str, config: ml_collections.FrozenConfigDict, mesh, seed: int):
   """The graphdef and the jitted initializer of a stage's model. Cached, so that models of the

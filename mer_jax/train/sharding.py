@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import nnx
 import jax
 import jraph
 import numpy as np
 
 from mer_jax import batch_contract
+from mer_jax import errors
 from mer_jax import models
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -49,8 +51,35 @@ def data_axis_size(mesh: Mesh) -> int:
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for an nnx.State from its logical annotations and the config's rules."""
-  return models.logical_sharding(abstract_state, mesh, [tuple(r) for r in rules])
+  """NamedShardings for an nnx.State from its logical annotations and the config's rules.
+  Raises errors.UserError naming the first parameter whose shape the mesh cannot split."""
+  shardings = models.logical_sharding(abstract_state, mesh, [tuple(r) for r in rules])
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  for (path, variable), sharding in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=is_variable)[0],
+      jax.tree.leaves(shardings, is_leaf=is_variable)):
+    spec = sharding.get_value().spec if is_variable(sharding) else sharding.spec
+    problem = indivisible_axis(variable.shape, spec, dict(mesh.shape))
+    if problem:
+      raise errors.UserError(
+          f'parameter {"/".join(models.path_names(path))} of shape {tuple(variable.shape)} '
+          f'cannot be split over the device mesh {dict(mesh.shape)}: {problem}; change '
+          'config.mesh.shape or config.mesh.rules')
+  return shardings
+
+
+def indivisible_axis(shape, spec: P, mesh_shape: dict[str, int]) -> str:
+  """'' when every dimension of `shape` divides evenly over the mesh axes `spec` gives it, else
+  what does not."""
+  for dim, (size, axes) in enumerate(zip(shape, tuple(spec))):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    parts = int(np.prod([mesh_shape[a] for a in names]))
+    if size % parts:
+      return (f'its dimension {dim} ({size}) is split over mesh axis {"x".join(names)} of '
+              f'{parts} devices')
+  return ''
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

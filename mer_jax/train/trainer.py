@@ -78,6 +78,7 @@ def train_stages(ctx: Context) -> dict[str, Any]:
     console.say('batch: %d sub-batches of %d nodes / %d graphs per step; process %d reads and '
                 'builds sub-batch(es) %s', budget.groups, budget.max_nodes, budget.max_graphs,
                 jax.process_index(), list(budget.local_groups))
+  inference.check_model_shardings(config, ctx.mesh)
   check_workdir(ctx)
   trained: dict[str, inference.FrozenModel] = {}
   results = {}
