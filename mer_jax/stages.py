@@ -20,6 +20,11 @@ FUSION_INPUTS = ('stacked', 'graph', 'raw')
 STUDENT_STAGES = ('audio', 'visual')
 
 
+def seed_of(stage: str, seed: int) -> int:
+  """The seed a stage of a run with config.seed `seed` initialises and trains with."""
+  return int(seed) + SEED_OFFSET[stage]
+
+
 def is_encoder(stage: str) -> bool:
   return stage in MODALITY_OF_STAGE
 

@@ -72,7 +72,7 @@ def check_model_shardings(config, mesh) -> None:
   trains (sharding.state_shardings raises errors.UserError)."""
   frozen = ml_collections.FrozenConfigDict(config)
   for stage in config.train.stages:
-    _initializer(stage, frozen, mesh, config.seed + stages.SEED_OFFSET[stage])
+    _initializer(stage, frozen, mesh, stages.seed_of(stage, config.seed))
 
 
 @functools.lru_cache(maxsize=32)

@@ -160,7 +160,7 @@ class StageRunner:
     self.name = name or stage
     self.scfg = scfg = config.optim[stage]
     self.budget = sharding.batch_budget(config, ctx.mesh)
-    self.seed = config.seed + stages.SEED_OFFSET[stage]
+    self.seed = stages.seed_of(stage, config.seed)
     self.graphdef, params, batch_stats, self.rng_state, self._init_seconds = (
         inference.build_sharded_model_timed(stage, config, ctx.mesh, self.seed))
     distill = stages.distills(stage, config.loss.distill) and 'teacher' in frozen
