@@ -1,5 +1,5 @@
 """Cross-fitting helpers: folds partition the training dialogues; stacked records keep labels;
-fusion's programs compiled ahead (while the folds train) are the ones its runner runs."""
+fusion's programs compiled ahead (from the start of a run) are the ones its runner runs."""
 
 import dataclasses
 
@@ -57,13 +57,31 @@ def test_per_record_outputs_restores_dialogue_order():
   np.testing.assert_array_equal(out[1][:, 0], [3, 0])
 
 
+def test_placeholder_stacked_records_have_the_stacked_shapes():
+  rng = np.random.default_rng(3)
+  base = sources.InMemorySource([make_record(i, n, rng) for i, n in enumerate([4, 2])])
+  config = default.get_config('tiny')
+  log_probs = {m: [rng.normal(size=(len(r.labels), len(config.label_names))).astype(np.float32)
+                   for r in base.records] for m in config.data.modalities}
+  real = stacking.stacked_records(base, log_probs)
+  placeholder = stacking.placeholder_stacked(base, config)
+  assert len(placeholder) == len(real)
+  for r, p in zip(real, placeholder.records):
+    np.testing.assert_array_equal(p.labels, r.labels)
+    assert {m: (x.shape, x.dtype) for m, x in p.features.items()} == {
+        m: (x.shape, x.dtype) for m, x in r.features.items()}
+    assert not any(x.any() for x in p.features.values())
+
+
 def test_fusion_compiled_ahead_is_what_its_runner_runs(tmp_path):
-  """stacking.compile_fusion_ahead compiles fusion's train step and eval program for the dev
-  split's features; fusion's runner, on other training features of the same shapes, trains and
-  evaluates without compiling either again, and counts the seconds they took."""
+  """stacking.start_fusion_compile compiles fusion's train step and eval program at the start
+  of a run, for the dev split with placeholder features; fusion's runner, on the real stacked
+  features, trains and evaluates without compiling either again, and counts the seconds they
+  took."""
   config = default.get_config('tiny')
   config.train.epochs = 1
   ctx = job.prepare(config, str(tmp_path))
+  ahead = stacking.start_fusion_compile(ctx)
   full = {}  # untrained encoders: only the features' shapes matter here
   for stage in stages.ENCODER_STAGES:
     graphdef, *states = inference.build_sharded_model(stage, config, ctx.mesh, seed=0)
@@ -74,7 +92,7 @@ def test_fusion_compiled_ahead_is_what_its_runner_runs(tmp_path):
         source, stacking.encoder_log_probs(source, full, config, ctx.mesh)))
 
   dev, train = stacked(ctx.data.dev), stacked(ctx.data.train)
-  ahead = stacking.compile_fusion_ahead(ctx, dev).result()
+  ahead = ahead.result()
   assert set(ahead) == {'initializer', 'train_step', 'eval_step'}
   assert all(seconds > 0 for seconds in ahead.values()), ahead
   fusion_ctx = dataclasses.replace(

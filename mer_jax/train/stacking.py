@@ -79,12 +79,20 @@ def out_of_fold_train(ctx: stage_lib.Context) -> sources.InMemorySource:
   return sources.InMemorySource(train_records)
 
 
+def placeholder_stacked(source, config) -> sources.InMemorySource:
+  """`source`'s records with all-zero stacked features: the shapes its stacked records will have
+  (one [n, C] array per modality), known before any encoder has trained."""
+  num_classes = len(config.label_names)
+  zeros = [np.zeros((len(source[i].labels), num_classes), np.float32) for i in range(len(source))]
+  return sources.InMemorySource(stacked_records(source, {m: zeros for m in config.data.modalities}))
+
+
 def compile_fusion_ahead(ctx: stage_lib.Context, dev) -> concurrent.futures.Future:
   """Starts compiling the fusion stage's programs in a background thread; the future gives
-  their seconds (StageRunner.compile_programs). Their shapes do not depend on the out-of-fold
-  training features, so a runner on the stacked dev split (as its training data too) compiles
-  the programs fusion's runner will use. XLA compiles outside Python's lock, on a core that the
-  folds' small steps leave mostly idle."""
+  their seconds (StageRunner.compile_programs). Their shapes do not depend on the stacked
+  features' values, so a runner on the stacked dev split (`dev`, as its training data too; a
+  placeholder_stacked one will do) compiles the programs fusion's runner will use. XLA compiles
+  outside Python's lock, on a core that the encoders' small steps leave partly idle."""
   data = dataclasses.replace(ctx.data, train=dev, dev=dev, test=dev)
   ahead = dataclasses.replace(ctx, data=data, records={})
   executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile-ahead')
@@ -94,21 +102,29 @@ def compile_fusion_ahead(ctx: stage_lib.Context, dev) -> concurrent.futures.Futu
     executor.shutdown(wait=False)
 
 
-def stacked_context(ctx: stage_lib.Context, full_models: dict) -> stage_lib.Context:
+def start_fusion_compile(ctx: stage_lib.Context) -> concurrent.futures.Future | None:
+  """At the start of a run: compile_fusion_ahead on the placeholder-stacked dev split, so that
+  fusion's programs compile while the encoders and their folds train. None (fusion compiles when
+  it trains) where the run has no stacked fusion stage, fusion has finished in this workdir, or
+  the run has several processes: every process must launch its computations on the global mesh
+  in the same order, which a second thread's launches would not keep."""
+  config = ctx.config
+  if ('fusion' not in config.train.stages or config.model.fusion.input != 'stacked'
+      or jax.process_count() > 1 or stage_lib.finished(ctx, 'fusion')):
+    return None
+  return compile_fusion_ahead(ctx, placeholder_stacked(ctx.data.dev, config))
+
+
+def stacked_context(ctx: stage_lib.Context, full_models: dict,
+                    ahead: concurrent.futures.Future | None = None) -> stage_lib.Context:
   """The fusion stage's context: training features are out-of-fold log-probabilities, dev and
-  test ones those of the encoders trained on all of the training data. Unless fusion has
-  finished in this workdir (or the run has several processes), its programs compile while the
-  folds train."""
+  test ones those of the encoders trained on all of the training data. `ahead`: fusion's
+  programs being compiled (start_fusion_compile); their seconds go into the context."""
   def stacked(source):
     return sources.InMemorySource(stacked_records(
         source, encoder_log_probs(source, full_models, ctx.config, ctx.mesh)))
 
   dev, test = stacked(ctx.data.dev), stacked(ctx.data.test)
-  # Not with several processes: every process must launch its computations on the global mesh
-  # in the same order, which a second thread's launches would not keep.
-  ahead = None
-  if jax.process_count() == 1 and not stage_lib.finished(ctx, 'fusion'):
-    ahead = compile_fusion_ahead(ctx, dev)
   train = out_of_fold_train(ctx)
   compiled_ahead = {}
   if ahead is not None:

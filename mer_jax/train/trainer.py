@@ -80,13 +80,14 @@ def train_stages(ctx: Context) -> dict[str, Any]:
                 jax.process_index(), list(budget.local_groups))
   inference.check_model_shardings(config, ctx.mesh)
   check_workdir(ctx)
+  fusion_ahead = stacking.start_fusion_compile(ctx)
   trained: dict[str, inference.FrozenModel] = {}
   results = {}
   for stage in config.train.stages:
     started = time.time()
     stage_ctx = ctx
     if stage == 'fusion' and config.model.fusion.input == 'stacked':
-      stage_ctx = stacking.stacked_context(ctx, trained)
+      stage_ctx = stacking.stacked_context(ctx, trained, fusion_ahead)
     runner = StageRunner(stage, stage_ctx, trained)
     trained[stage] = runner.fit()
     pred = inference.predict_stage(stage_ctx.data.test, stage, trained[stage], config, ctx.mesh,
