@@ -153,6 +153,9 @@ def put_batch(batch: jraph.GraphsTuple, shardings: jraph.GraphsTuple, budget) ->
   """Host numpy batch (this process's groups, end to end; with one group, the whole batch) ->
   global arrays."""
   scale = budget.groups // len(budget.local_groups)
+  if scale == 1 and jax.process_count() == 1:
+    # The batch is the whole global batch: one transfer call for all of its arrays.
+    return jax.device_put(batch, shardings)
   return jax.tree.map(
       lambda x, sh: jax.make_array_from_process_local_data(
           sh, x, (x.shape[0] * scale,) + x.shape[1:]), batch, shardings)
