@@ -5,6 +5,8 @@ store each array one level deeper, inside its Variable (`<path>/value`); they mu
 the same numbers.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,4 +113,25 @@ def test_async_saves_write_what_was_saved(tmp_path, states):
   state, data, _ = ckpt.restore_latest(zeros_like(as_dicts))
   assert data == {'epoch': 2} and float(state.lr_scale) == 0.5
   assert best_restores_to(ckpt, as_dicts) == {'epoch': 1}
+  ckpt.close()
+
+
+def test_weights_of_another_parameter_layout_are_refused_naming_the_array(tmp_path, states):
+  """Best weights saved for one parameter tree (here: a fusion block per modality) restored onto
+  another (the block stacked over modalities) stop with the checkpoint and the array named."""
+  _, as_dicts = states
+  per_modality = {'gates': {m: {'kernel': jnp.ones((4, 4))} for m in ('a', 't')}}
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'fusion')
+  ckpt.save_best(3, per_modality, {}, {'epoch': 1})
+  ckpt.close()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'fusion', read_only=True)
+  stacked = {'gates': {'kernel': jnp.zeros((2, 4, 4))}}
+  with pytest.raises(checkpointing.CheckpointMismatch) as raised:
+    ckpt.restore_best(stacked, {})
+  message = str(raised.value)
+  assert os.path.join('fusion', 'best', '3') in message and '\n' not in message
+  assert "lacks the model's params/gates/kernel (1 arrays missing, 2 extra)" in message
+  # The layout it was saved with still restores.
+  params, _, _ = ckpt.restore_best(zeros_like(per_modality), {})
+  assert_same(params, per_modality)
   ckpt.close()

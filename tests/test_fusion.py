@@ -200,26 +200,27 @@ def test_single_modality_and_contrastive_head():
   np.testing.assert_allclose(norms[np.asarray(present['t'])], 1.0, rtol=1e-5)
 
 
-def test_soft_alignment_plan_matches_numpy():
+def test_soft_alignment_plan_matches_numpy_for_each_pair():
   rng = np.random.default_rng(6)
-  aligner = fusion_lib.SoftAlignment(4, rngs=nnx.Rngs(0))
-  aligner.log_temperature[...] = jnp.log(0.7)
-  source, target = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
-  allowed = rng.random((5, 5)) > 0.4
-  allowed[3] = False
-  p = lambda layer: (np.asarray(layer.kernel[...]), np.asarray(layer.bias[...]))
-  (ws, bs), (wt, bt) = p(aligner.source), p(aligner.target)
-  s, t = source @ ws + bs, target @ wt + bt
-  cost = np.linalg.norm(s[:, None] - t[None], axis=-1)
-  plan = np.exp(-cost / 0.7) * allowed
-  sums = plan.sum(axis=1, keepdims=True)
-  plan = np.divide(plan, sums, out=np.zeros_like(plan), where=sums > 0)
+  aligner = fusion_lib.SoftAlignment(2, 4, rngs=nnx.Rngs(0))
+  aligner.log_temperature[...] = jnp.log(jnp.asarray([0.7, 1.3]))
+  source, target = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 4))
+  allowed = rng.random((2, 5, 5)) > 0.4
+  allowed[:, 3] = False
   got = aligner.plan(jnp.asarray(source, jnp.float32), jnp.asarray(target, jnp.float32),
                      jnp.asarray(allowed))
-  np.testing.assert_allclose(got, plan, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(
-      aligner(jnp.asarray(source, jnp.float32), jnp.asarray(target, jnp.float32),
-              jnp.asarray(allowed)), plan @ target, rtol=1e-4, atol=1e-5)
+  means = aligner(jnp.asarray(source, jnp.float32), jnp.asarray(target, jnp.float32),
+                  jnp.asarray(allowed))
+  for pair, tau in enumerate((0.7, 1.3)):
+    p = lambda layer: (np.asarray(layer.kernel[pair]), np.asarray(layer.bias[pair]))
+    (ws, bs), (wt, bt) = p(aligner.source), p(aligner.target)
+    s, t = source[pair] @ ws + bs, target[pair] @ wt + bt
+    cost = np.linalg.norm(s[:, None] - t[None], axis=-1)
+    plan = np.exp(-cost / tau) * allowed[pair]
+    sums = plan.sum(axis=1, keepdims=True)
+    plan = np.divide(plan, sums, out=np.zeros_like(plan), where=sums > 0)
+    np.testing.assert_allclose(got[pair], plan, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(means[pair], plan @ target[pair], rtol=1e-4, atol=1e-5)
 
 
 def test_attention_ignores_masked_keys_and_zeroes_empty_rows():
@@ -232,6 +233,31 @@ def test_attention_ignores_masked_keys_and_zeroes_empty_rows():
   moved = jnp.where(mask[..., None], keys, 9.0)
   np.testing.assert_allclose(attention(queries, moved, mask, train=False), out, atol=1e-6)
   np.testing.assert_array_equal(out[2], np.zeros((2, 8)))
+
+
+def test_stacked_blocks_equal_one_block_per_copy():
+  """A block with copies computes, slice by slice, what one unstacked block with that slice's
+  parameters computes (attention; LayerNorm against nnx.LayerNorm)."""
+  rng = np.random.default_rng(8)
+  stacked = fusion_lib.MultiHeadAttention(8, 2, dropout=0.0, rngs=nnx.Rngs(1), copies=3)
+  single = fusion_lib.MultiHeadAttention(8, 2, dropout=0.0, rngs=nnx.Rngs(2))
+  queries = jnp.asarray(rng.normal(size=(3, 4, 1, 8)), jnp.float32)
+  keys = jnp.asarray(rng.normal(size=(3, 4, 2, 8)), jnp.float32)
+  mask = jnp.asarray(rng.random((3, 4, 2)) > 0.3)
+  out = stacked(queries, keys, mask, train=False)
+  norm = fusion_lib.StackedLayerNorm(3, 8)
+  norm.scale[...] = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  norm.bias[...] = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  normed = norm(keys)
+  plain_norm = nnx.LayerNorm(8, epsilon=1e-5, rngs=nnx.Rngs(0))
+  for copy in range(3):
+    for name in ('query', 'key', 'value', 'out'):
+      getattr(single, name).kernel[...] = getattr(stacked, name).kernel[copy]
+      getattr(single, name).bias[...] = getattr(stacked, name).bias[copy]
+    np.testing.assert_allclose(out[copy], single(queries[copy], keys[copy], mask[copy],
+                                                 train=False), rtol=1e-5, atol=1e-6)
+    plain_norm.scale[...], plain_norm.bias[...] = norm.scale[copy], norm.bias[copy]
+    np.testing.assert_allclose(normed[copy], plain_norm(keys[copy]), rtol=1e-5, atol=1e-5)
 
 
 def test_param_groups_follow_the_authors_optimizer_groups():
@@ -249,7 +275,7 @@ def test_param_groups_follow_the_authors_optimizer_groups():
                jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]]
   assert {models.param_group(path) for path in key_paths} == set(models.PARAM_GROUPS)
   assert models.param_group('model/transformer/0/attention/query/kernel') == 'transformer'
-  assert models.param_group(('aux_classifiers', 't', 'out', 'kernel')) == 'other'
+  assert models.param_group(('aux_classifiers', 'out', 'kernel')) == 'other'
 
 
 def test_jitted_pure_function_compiles_once():

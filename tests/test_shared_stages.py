@@ -12,9 +12,11 @@ import pytest
 
 from configs import ablations
 from configs import default
+from mer_jax import models
 from mer_jax.run import job
 from mer_jax.experiments import runs
 from mer_jax.train import cpu_backend
+from mer_jax.train import fingerprints
 from mer_jax.train import shared_stages
 
 
@@ -170,3 +172,14 @@ def test_reused_stages_equal_retrained_ones(tmp_path):
     a = runs.load_test_predictions(str(tmp_path / 'reused'), stage)
     b = runs.load_test_predictions(str(tmp_path / 'alone'), stage)
     np.testing.assert_array_equal(a['probs'], b['probs'])
+
+
+def test_fusion_records_its_parameter_layout():
+  """A fusion stage trained before its blocks were stacked over modalities (its record has no
+  parameter_layout) counts as trained with other settings, so a rerun is refused or retrains
+  it instead of failing to restore."""
+  settings = fingerprints.stage_settings(variant('full'), 'fusion')
+  assert settings['parameter_layout'] == models.PARAMETER_LAYOUT['fusion'] == 2
+  older = {k: v for k, v in settings.items() if k != 'parameter_layout'}
+  assert fingerprints.changed_keys(older, settings) == {'parameter_layout': ('<absent>', 2)}
+  assert 'parameter_layout' not in fingerprints.stage_settings(variant('full'), 'teacher')

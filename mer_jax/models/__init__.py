@@ -26,6 +26,10 @@ flax.config.update('flax_always_shard_variable', False)
 
 param_group = fusion.param_group
 PARAM_GROUPS = fusion.PARAM_GROUPS
+# Version of a stage's parameter tree, where it has changed since the first release (fusion 2:
+# per-modality blocks stacked on a modality axis). Stage fingerprints record it, so a workdir
+# trained with another layout is refused (or retrained) before anything restores.
+PARAMETER_LAYOUT = {'fusion': 2}
 
 
 def _check_stage(stage: str) -> None:

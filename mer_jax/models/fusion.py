@@ -46,41 +46,83 @@ class ProjectionMLP(nnx.Module):
     return self.dropout(_gelu(self.norm(self.linear(x))), deterministic=not train)
 
 
-class FeatureGate(nnx.Module):
-  """x * sigmoid(MLP(x)): per-feature selection within one modality."""
+class StackedLinear(nnx.Module):
+  """`copies` independent dense layers, one per slice of the leading axis (one per modality or
+  modality pair): kernel [copies, in, out], bias [copies, out], each slice initialised like
+  graph_lib.linear's. One batched matmul instead of one per copy: fewer, larger kernels for XLA
+  to compile and run."""
 
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.down = graph_lib.linear(dim, dim // 2, rngs=rngs)
-    self.norm = nnx.LayerNorm(dim // 2, epsilon=1e-5, rngs=rngs)
-    self.up = graph_lib.linear(dim // 2, dim, axes=('mlp', 'embed'), rngs=rngs)
+  def __init__(self, copies: int, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+               axes: tuple[str | None, str | None] = ('embed', 'mlp')):
+    kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(batch_axis=(0,)),
+                                        (None,) + axes)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (copies, in_features, out_features)))
+    self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), (None,) + axes[-1:])(
+        rngs.params(), (copies, out_features)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x f32[copies, ..., in] -> f32[copies, ..., out]."""
+    bias = self.bias[...].reshape(self.bias.shape[:1] + (1,) * (x.ndim - 2) + self.bias.shape[1:])
+    return jnp.einsum('m...i,mio->m...o', x, self.kernel[...]) + bias
+
+
+class StackedLayerNorm(nnx.Module):
+  """`copies` LayerNorms over the last axis (nnx.LayerNorm's arithmetic), scale and bias
+  [copies, features]."""
+
+  def __init__(self, copies: int, features: int, *, epsilon: float = 1e-5):
+    self.epsilon = epsilon
+    self.scale = nnx.Param(jnp.ones((copies, features)))
+    self.bias = nnx.Param(jnp.zeros((copies, features)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x f32[copies, ..., features]."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+    shape = self.scale.shape[:1] + (1,) * (x.ndim - 2) + self.scale.shape[1:]
+    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...].reshape(shape)
+            + self.bias[...].reshape(shape))
+
+
+class FeatureGate(nnx.Module):
+  """x * sigmoid(MLP(x)): per-feature selection within each modality (one copy per modality)."""
+
+  def __init__(self, copies: int, dim: int, *, rngs: nnx.Rngs):
+    self.down = StackedLinear(copies, dim, dim // 2, rngs=rngs)
+    self.norm = StackedLayerNorm(copies, dim // 2)
+    self.up = StackedLinear(copies, dim // 2, dim, axes=('mlp', 'embed'), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x f32[copies, N, dim]."""
     return x * jax.nn.sigmoid(self.up(jax.nn.relu(self.norm(self.down(x)))))
 
 
 class SoftAlignment(nnx.Module):
-  """Soft transport plan K_ij = exp(-||S x_i - T y_j|| / tau), rows normalised over allowed j.
+  """Per modality pair (one copy each), the soft transport plan
+  K_ij = exp(-||S x_i - T y_j|| / tau), rows normalised over allowed j.
 
   The temperature is learned through its logarithm (initial tau = 1), so it stays positive.
   """
 
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.source = graph_lib.linear(dim, dim, rngs=rngs)
-    self.target = graph_lib.linear(dim, dim, rngs=rngs)
-    self.log_temperature = nnx.Param(jnp.zeros(()))
+  def __init__(self, copies: int, dim: int, *, rngs: nnx.Rngs):
+    self.source = StackedLinear(copies, dim, dim, rngs=rngs)
+    self.target = StackedLinear(copies, dim, dim, rngs=rngs)
+    self.log_temperature = nnx.Param(jnp.zeros((copies,)))
 
   def plan(self, source: jax.Array, target: jax.Array, allowed: jax.Array) -> jax.Array:
-    """f32[N, N] row-stochastic over allowed targets; all-zero rows with none allowed."""
+    """source, target f32[P, N, dim], allowed bool[P, N, N] -> f32[P, N, N], row-stochastic
+    over allowed targets; all-zero rows with none allowed."""
     s, t = self.source(source), self.target(target)
-    squared = (jnp.sum(s * s, -1)[:, None] + jnp.sum(t * t, -1)[None, :] - 2.0 * s @ t.T)
+    squared = (jnp.sum(s * s, -1)[:, :, None] + jnp.sum(t * t, -1)[:, None, :]
+               - 2.0 * jnp.einsum('pid,pjd->pij', s, t))
     distance = jnp.sqrt(jnp.maximum(squared, 1e-12))
-    logits = jnp.where(allowed, -distance / jnp.exp(self.log_temperature[...]),
-                       graph_lib.MASKED_LOGIT)
+    temperature = jnp.exp(self.log_temperature[...])[:, None, None]
+    logits = jnp.where(allowed, -distance / temperature, graph_lib.MASKED_LOGIT)
     return jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
 
   def __call__(self, source: jax.Array, target: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Each source row's plan-weighted mean of the (unprojected) target rows."""
-    return self.plan(source, target, allowed) @ target
+    """Each source row's plan-weighted mean of the (unprojected) target rows: f32[P, N, dim]."""
+    return jnp.einsum('pij,pjd->pid', self.plan(source, target, allowed), target)
 
 
 class AdaptiveFusionGate(nnx.Module):
@@ -104,29 +146,34 @@ class AdaptiveFusionGate(nnx.Module):
 
 
 class InformationGate(nnx.Module):
-  """Scales a modality vector by one sigmoid gate computed from it and the context."""
+  """Scales each modality vector by one sigmoid gate computed from it and the context."""
 
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.hidden = graph_lib.linear(2 * dim, dim, rngs=rngs)
-    self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
-    self.out = graph_lib.linear(dim, 1, axes=('mlp', None), rngs=rngs)
+  def __init__(self, copies: int, dim: int, *, rngs: nnx.Rngs):
+    self.hidden = StackedLinear(copies, 2 * dim, dim, rngs=rngs)
+    self.norm = StackedLayerNorm(copies, dim)
+    self.out = StackedLinear(copies, dim, 1, axes=('mlp', None), rngs=rngs)
 
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    """x f32[copies, N, dim], context f32[N, dim]."""
+    context = jnp.broadcast_to(context, x.shape)
     h = _gelu(self.norm(self.hidden(jnp.concatenate([x, context], axis=-1))))
     return x * jax.nn.sigmoid(self.out(h))
 
 
 class ContextGate(nnx.Module):
-  """x * sigmoid(MLP([x, context])) + residual * x, per feature."""
+  """x * sigmoid(MLP([x, context])) + residual * x, per feature of each modality."""
 
-  def __init__(self, dim: int, *, residual: float, dropout: float, rngs: nnx.Rngs):
+  def __init__(self, copies: int, dim: int, *, residual: float, dropout: float,
+               rngs: nnx.Rngs):
     self.residual = residual
-    self.hidden = graph_lib.linear(2 * dim, dim, rngs=rngs)
-    self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
+    self.hidden = StackedLinear(copies, 2 * dim, dim, rngs=rngs)
+    self.norm = StackedLayerNorm(copies, dim)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.out = graph_lib.linear(dim, dim, axes=('mlp', 'embed'), rngs=rngs)
+    self.out = StackedLinear(copies, dim, dim, axes=('mlp', 'embed'), rngs=rngs)
 
   def __call__(self, x: jax.Array, context: jax.Array, *, train: bool) -> jax.Array:
+    """x f32[copies, N, dim], context f32[N, dim]."""
+    context = jnp.broadcast_to(context, x.shape)
     h = _gelu(self.norm(self.hidden(jnp.concatenate([x, context], axis=-1))))
     gate = jax.nn.sigmoid(self.out(self.dropout(h, deterministic=not train)))
     return x * gate + self.residual * x
@@ -135,35 +182,44 @@ class ContextGate(nnx.Module):
 class MultiHeadAttention(nnx.Module):
   """Batched multi-head attention with a key mask and dropout on the attention weights.
 
-  A query with no valid key gets a zero output (not the mean of masked values).
+  A query with no valid key gets a zero output (not the mean of masked values). With `copies`,
+  independent attentions (one per modality), each over its slice of a leading axis.
   """
 
-  def __init__(self, dim: int, heads: int, *, dropout: float, rngs: nnx.Rngs):
+  def __init__(self, dim: int, heads: int, *, dropout: float, rngs: nnx.Rngs,
+               copies: int | None = None):
     if dim % heads:
       raise ValueError(f'model.fusion.dim={dim} must be divisible by heads={heads}.')
     self.heads = heads
-    self.query = graph_lib.linear(dim, dim, rngs=rngs)
-    self.key = graph_lib.linear(dim, dim, rngs=rngs)
-    self.value = graph_lib.linear(dim, dim, rngs=rngs)
-    self.out = graph_lib.linear(dim, dim, axes=('mlp', 'embed'), rngs=rngs)
+
+    def projection(axes=('embed', 'mlp')):
+      if copies is None:
+        return graph_lib.linear(dim, dim, axes=axes, rngs=rngs)
+      return StackedLinear(copies, dim, dim, axes=axes, rngs=rngs)
+
+    self.query = projection()
+    self.key = projection()
+    self.value = projection()
+    self.out = projection(('mlp', 'embed'))
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, queries: jax.Array, keys: jax.Array, key_mask: jax.Array, *,
                train: bool) -> jax.Array:
-    """queries f32[N, Q, d], keys f32[N, K, d], key_mask bool[N, K] -> f32[N, Q, d]."""
+    """queries f32[..., N, Q, d], keys f32[..., N, K, d], key_mask bool[..., N, K] ->
+    f32[..., N, Q, d] (the leading axis is the copies', where the attention has them)."""
     def split_heads(x):
       return x.reshape(*x.shape[:-1], self.heads, x.shape[-1] // self.heads)
 
     q = split_heads(self.query(queries))
     k = split_heads(self.key(keys))
     v = split_heads(self.value(keys))
-    logits = jnp.einsum('nqhc,nkhc->nhqk', q, k) / math.sqrt(q.shape[-1])
-    mask = key_mask[:, None, None, :]
+    logits = jnp.einsum('...qhc,...khc->...hqk', q, k) / math.sqrt(q.shape[-1])
+    mask = key_mask[..., None, None, :]
     weights = jnp.where(mask, jax.nn.softmax(
         jnp.where(mask, logits, graph_lib.MASKED_LOGIT), axis=-1), 0.0)
     weights = self.dropout(weights, deterministic=not train)
-    out = jnp.einsum('nhqk,nkhc->nqhc', weights, v)
-    return self.out(out.reshape(*queries.shape)) * jnp.any(key_mask, -1)[:, None, None]
+    out = jnp.einsum('...hqk,...khc->...qhc', weights, v)
+    return self.out(out.reshape(*queries.shape)) * jnp.any(key_mask, -1)[..., None, None]
 
 
 class TransformerLayer(nnx.Module):
@@ -205,14 +261,16 @@ class Integrator(nnx.Module):
 
 
 class AuxiliaryClassifier(nnx.Module):
-  """Linear(dim, dim/2) -> GELU -> Dropout(half rate) -> Linear(dim/2, classes)."""
+  """Per modality: Linear(dim, dim/2) -> GELU -> Dropout(half rate) -> Linear(dim/2, classes)."""
 
-  def __init__(self, dim: int, num_classes: int, *, dropout: float, rngs: nnx.Rngs):
-    self.hidden = graph_lib.linear(dim, dim // 2, rngs=rngs)
+  def __init__(self, copies: int, dim: int, num_classes: int, *, dropout: float,
+               rngs: nnx.Rngs):
+    self.hidden = StackedLinear(copies, dim, dim // 2, rngs=rngs)
     self.dropout = nnx.Dropout(dropout * 0.5, rngs=rngs)
-    self.out = graph_lib.linear(dim // 2, num_classes, axes=('mlp', None), rngs=rngs)
+    self.out = StackedLinear(copies, dim // 2, num_classes, axes=('mlp', None), rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """x f32[copies, N, dim] -> f32[copies, N, classes]."""
     return self.out(self.dropout(_gelu(self.hidden(x)), deterministic=not train))
 
 
@@ -275,23 +333,22 @@ class HierarchicalFusion(nnx.Module):
                                         top_k=top_k, dropout=dropout, rngs=rngs)
       return ProjectionMLP(in_dims[m], dim, dropout=dropout, rngs=rngs)
 
+    # Blocks with one copy per modality (or modality pair) hold their copies' parameters
+    # stacked on a leading axis, in the order of `modalities` (`pairs`), and run on [M, N, ...]
+    # tensors. Projections stay one module per modality: their input widths may differ.
     self.projections = nnx.Dict({m: projection(m) for m in modalities})
-    self.feature_gates = nnx.Dict({m: FeatureGate(dim, rngs=rngs) for m in modalities})
+    self.feature_gates = FeatureGate(num_modalities, dim, rngs=rngs)
+    self.pairs = tuple((i, j) for i in range(num_modalities) for j in range(i + 1, num_modalities))
     if self.use_alignment:
-      self.aligners = nnx.Dict({
-          m1 + m2: SoftAlignment(dim, rngs=rngs)
-          for i, m1 in enumerate(modalities) for m2 in modalities[i + 1:]})
+      self.aligners = SoftAlignment(len(self.pairs), dim, rngs=rngs)
     self.fusion_gate = AdaptiveFusionGate(dim, num_modalities, dropout=dropout, rngs=rngs)
-    self.information_gates = nnx.Dict(
-        {m: InformationGate(dim, rngs=rngs) for m in modalities})
+    self.information_gates = InformationGate(num_modalities, dim, rngs=rngs)
     if gates:
-      self.context_gates = nnx.Dict({
-          m: ContextGate(dim, residual=gate_residual, dropout=dropout, rngs=rngs)
-          for m in modalities})
+      self.context_gates = ContextGate(num_modalities, dim, residual=gate_residual,
+                                       dropout=dropout, rngs=rngs)
     if cross_attention and num_modalities > 1:
-      self.cross_attention = nnx.Dict({
-          m: MultiHeadAttention(dim, heads, dropout=dropout, rngs=rngs)
-          for m in modalities})
+      self.cross_attention = MultiHeadAttention(dim, heads, dropout=dropout, rngs=rngs,
+                                                copies=num_modalities)
     self.transformer = nnx.List([
         TransformerLayer(dim, heads, dropout=dropout, rngs=rngs) for _ in range(layers)])
     self.pool_queries = nnx.Param(
@@ -301,9 +358,8 @@ class HierarchicalFusion(nnx.Module):
     self.classifiers = nnx.List([
         graph_lib.linear(dim, num_classes, axes=('embed', None), rngs=rngs)
         for _ in range(classifier_heads)])
-    self.aux_classifiers = nnx.Dict({
-        m: AuxiliaryClassifier(dim, num_classes, dropout=dropout, rngs=rngs)
-        for m in modalities})
+    self.aux_classifiers = AuxiliaryClassifier(num_modalities, dim, num_classes,
+                                               dropout=dropout, rngs=rngs)
     self.contrastive_head = (ContrastiveHead(dim, contrastive_dim, rngs=rngs)
                              if contrastive else None)
     self.skip = (nnx.Dict({m: graph_lib.zero_linear(in_dims[m], num_classes, rngs=rngs)
@@ -312,43 +368,44 @@ class HierarchicalFusion(nnx.Module):
     # model so that the optimizer trains them.
     self.loss_log_vars = nnx.Param(jnp.zeros((1 + num_modalities,)))
 
-  def _align(self, tokens: dict[str, jax.Array], token_mask: dict[str, jax.Array],
-             graph_ids: jax.Array) -> dict[str, jax.Array]:
-    """Mixes each modality with its soft alignment to every later modality, in order."""
+  def _align(self, tokens: jax.Array, token_mask: jax.Array,
+             graph_ids: jax.Array) -> jax.Array:
+    """Mixes each modality with its soft alignment to every later modality, in order.
+    tokens f32[M, N, dim], token_mask bool[M, N]."""
     if self.alignment_scope == 'dialogue':
       same_scope = graph_ids[:, None] == graph_ids[None, :]
     else:
       same_scope = jnp.ones((graph_ids.shape[0],) * 2, bool)
-    aligned = {}
-    for i, m1 in enumerate(self.modalities):
-      mixed = tokens[m1]
-      for m2 in self.modalities[i + 1:]:
-        allowed = same_scope & token_mask[m2][None, :]
-        target_mean = self.aligners[m1 + m2](tokens[m1], tokens[m2], allowed)
-        update = token_mask[m1] & jnp.any(allowed, axis=-1)
-        mixed = jnp.where(update[:, None],
-                          (1.0 - self.alignment_mix) * mixed
-                          + self.alignment_mix * target_mean, mixed)
-      aligned[m1] = mixed
-    return aligned
+    sources, targets = (jnp.asarray([pair[k] for pair in self.pairs]) for k in (0, 1))
+    allowed = same_scope[None] & token_mask[targets][:, None, :]  # [P, N, N]
+    target_means = self.aligners(tokens[sources], tokens[targets], allowed)
+    updates = token_mask[sources] & jnp.any(allowed, axis=-1)  # [P, N]
+    aligned = []
+    for i in range(len(self.modalities)):
+      mixed = tokens[i]
+      for p, (source, _) in enumerate(self.pairs):
+        if source == i:
+          mixed = jnp.where(updates[p][:, None],
+                            (1.0 - self.alignment_mix) * mixed
+                            + self.alignment_mix * target_means[p], mixed)
+      aligned.append(mixed)
+    return jnp.stack(aligned)
 
-  def _cross_attend(self, gated: dict[str, jax.Array],
-                    token_mask: dict[str, jax.Array], *, train: bool) -> jax.Array:
-    """f32[N, M, dim]: each modality token after attending to the other modalities."""
-    if len(self.modalities) == 1:
-      return gated[self.modalities[0]][:, None]
+  def _cross_attend(self, gated: jax.Array, token_mask: jax.Array, *, train: bool) -> jax.Array:
+    """f32[M, N, dim]: each modality token (gated f32[M, N, dim]) after attending to the other
+    modalities."""
+    num_modalities = len(self.modalities)
+    if num_modalities == 1:
+      return gated
     if not self.use_cross_attention:
-      return (1.0 + self.cross_residual) * jnp.stack(
-          [gated[m] for m in self.modalities], axis=1)
-    out = []
-    for m in self.modalities:
-      others = [o for o in self.modalities if o != m]
-      query = gated[m][:, None]
-      attended = self.cross_attention[m](
-          query, jnp.stack([gated[o] for o in others], axis=1),
-          jnp.stack([token_mask[o] for o in others], axis=1), train=train)
-      out.append((attended + self.cross_residual * query)[:, 0])
-    return jnp.stack(out, axis=1)
+      return (1.0 + self.cross_residual) * gated
+    others = jnp.asarray([[o for o in range(num_modalities) if o != m]
+                          for m in range(num_modalities)])  # [M, M-1]
+    queries = gated[:, :, None]  # [M, N, 1, dim]
+    keys = jnp.moveaxis(gated[others], 1, 2)  # [M, N, M-1, dim]
+    key_mask = jnp.moveaxis(token_mask[others], 1, 2)  # [M, N, M-1]
+    attended = self.cross_attention(queries, keys, key_mask, train=train)
+    return (attended + self.cross_residual * queries)[:, :, 0]
 
   def __call__(self, inputs: Mapping[str, jax.Array], present: Mapping[str, jax.Array],
                graph_ids: jax.Array, node_mask: jax.Array, *,
@@ -370,27 +427,24 @@ class HierarchicalFusion(nnx.Module):
       missing = [m for m in self.modalities if m not in mapping]
       if missing:
         raise ValueError(f'HierarchicalFusion: {name} has no entry for modalities {missing}.')
-    token_mask = {m: present[m] & node_mask for m in self.modalities}
+    token_mask = jnp.stack([present[m] & node_mask for m in self.modalities])  # [M, N]
 
-    def zero_absent(m, x):
-      return jnp.where(token_mask[m][:, None], x, 0.0)
+    def zero_absent(x):
+      return jnp.where(token_mask[..., None], x, 0.0)
 
-    tokens = {m: zero_absent(m, self.feature_gates[m](
-        self.projections[m](inputs[m], train=train))) for m in self.modalities}
+    tokens = zero_absent(self.feature_gates(jnp.stack(
+        [self.projections[m](inputs[m], train=train) for m in self.modalities])))
     if self.use_alignment:
       tokens = self._align(tokens, token_mask, graph_ids)
 
-    mask_matrix = jnp.stack([token_mask[m] for m in self.modalities], axis=1)
+    mask_matrix = token_mask.T  # [N, M]
     context, modality_weights = self.fusion_gate(
-        jnp.stack([tokens[m] for m in self.modalities], axis=1), mask_matrix, train=train)
-    gated = {}
-    for m in self.modalities:
-      x = self.information_gates[m](tokens[m], context)
-      if self.use_gates:
-        x = self.context_gates[m](x, context, train=train)
-      gated[m] = x
+        jnp.moveaxis(tokens, 0, 1), mask_matrix, train=train)
+    gated = self.information_gates(tokens, context)
+    if self.use_gates:
+      gated = self.context_gates(gated, context, train=train)
 
-    sequence = self._cross_attend(gated, token_mask, train=train)
+    sequence = jnp.moveaxis(self._cross_attend(gated, token_mask, train=train), 0, 1)
     sequence = jnp.where(mask_matrix[..., None], sequence, 0.0)
     for layer in self.transformer:
       sequence = layer(sequence, mask_matrix, train=train)
@@ -401,9 +455,10 @@ class HierarchicalFusion(nnx.Module):
 
     logits = jnp.mean(jnp.stack([head(fused) for head in self.classifiers]), axis=0)
     if self.skip is not None:
-      logits = logits + sum(zero_absent(m, self.skip[m](inputs[m])) for m in self.modalities)
-    aux_logits = {m: self.aux_classifiers[m](gated[m], train=train)
-                  for m in self.modalities}
+      logits = logits + sum(jnp.where(token_mask[i][:, None], self.skip[m](inputs[m]), 0.0)
+                            for i, m in enumerate(self.modalities))
+    aux = self.aux_classifiers(gated, train=train)
+    aux_logits = {m: aux[i] for i, m in enumerate(self.modalities)}
     contrastive = (None if self.contrastive_head is None
                    else self.contrastive_head(fused))
     return dict(logits=logits, aux_logits=aux_logits, fused=fused,

@@ -30,6 +30,10 @@ class MissingCheckpoint(errors.UserError, FileNotFoundError):
   """A stage the caller needs has no checkpoint (the message names the folder)."""
 
 
+class CheckpointMismatch(errors.UserError, ValueError):
+  """A checkpoint's arrays are not the ones the model being restored has."""
+
+
 def checkpoint_dir(config, workdir: str) -> str:
   """The folder of every stage's checkpoints: train.checkpoint_dir, else workdir/checkpoints."""
   return config.train.get('checkpoint_dir', '') or os.path.join(workdir, 'checkpoints')
@@ -84,6 +88,16 @@ def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: An
     return leaf
 
   target = jax.tree_util.tree_map_with_path(as_stored, _abstract(like))
+  wanted = {models.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+  if wanted != stored_paths:
+    differ = min(wanted - stored_paths or stored_paths - wanted)
+    what = (f"lacks the model's {'/'.join(differ)}" if differ in wanted
+            else f"holds {'/'.join(differ)}, which the model does not have")
+    raise CheckpointMismatch(
+        f'{os.path.join(manager.directory, str(step))}: the {item} {what} '
+        f'({len(wanted - stored_paths)} arrays missing, {len(stored_paths - wanted)} extra); it '
+        'was written for another parameter layout (another mer_jax version or model '
+        'settings); retrain the stage or use the mer_jax version that wrote it')
   out = manager.restore(step, args=ocp.args.Composite(
       **{item: ocp.args.StandardRestore(target)}, **other_items))
   restored = jax.tree.map(lambda _, r: r['value'] if isinstance(r, dict) else r, like, out[item])

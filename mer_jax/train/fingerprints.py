@@ -29,6 +29,7 @@ from etils import epath
 from mer_jax import console
 from mer_jax import errors
 from mer_jax import files
+from mer_jax import models
 from mer_jax import stages
 from mer_jax.data import shards
 from mer_jax.data import staging
@@ -81,6 +82,8 @@ def stage_settings(config, stage: str, *, fold: int | None = None) -> dict[str, 
       if other != stage:
         tree[block].pop(other, None)
   tree['stage'] = stage
+  if stage in models.PARAMETER_LAYOUT:
+    tree['parameter_layout'] = models.PARAMETER_LAYOUT[stage]
   if not stages.is_encoder(stage):
     return tree
   m = stages.MODALITY_OF_STAGE[stage]
