@@ -1,18 +1,12 @@
 """Cross-fitting helpers: folds partition the training dialogues; stacked records keep labels;
-fusion's programs compiled ahead (from the start of a run) are the ones its runner runs."""
-
-import dataclasses
+placeholder stacked records have the stacked shapes."""
 
 import numpy as np
 
 from configs import default
-from mer_jax import stages
 from mer_jax.data import sources
-from mer_jax.run import job
 from mer_jax.train import inference
 from mer_jax.train import stacking
-from mer_jax.train import stage as stage_lib
-from tests._compiles import CompileRequests
 from tests.test_pipeline import make_record
 
 
@@ -71,39 +65,3 @@ def test_placeholder_stacked_records_have_the_stacked_shapes():
     assert {m: (x.shape, x.dtype) for m, x in p.features.items()} == {
         m: (x.shape, x.dtype) for m, x in r.features.items()}
     assert not any(x.any() for x in p.features.values())
-
-
-def test_fusion_compiled_ahead_is_what_its_runner_runs(tmp_path):
-  """stacking.start_fusion_compile compiles fusion's train step and eval program at the start
-  of a run, for the dev split with placeholder features; fusion's runner, on the real stacked
-  features, trains and evaluates without compiling either again, and counts the seconds they
-  took."""
-  config = default.get_config('tiny')
-  config.train.epochs = 1
-  ctx = job.prepare(config, str(tmp_path))
-  ahead = stacking.start_fusion_compile(ctx)
-  full = {}  # untrained encoders: only the features' shapes matter here
-  for stage in stages.ENCODER_STAGES:
-    graphdef, *states = inference.build_sharded_model(stage, config, ctx.mesh, seed=0)
-    full[stage] = inference.FrozenModel(graphdef, tuple(states))
-
-  def stacked(source):
-    return sources.InMemorySource(stacking.stacked_records(
-        source, stacking.encoder_log_probs(source, full, config, ctx.mesh)))
-
-  dev, train = stacked(ctx.data.dev), stacked(ctx.data.train)
-  ahead = ahead.result()
-  assert set(ahead) == {'initializer', 'train_step', 'eval_step'}
-  assert all(seconds > 0 for seconds in ahead.values()), ahead
-  fusion_ctx = dataclasses.replace(
-      ctx, data=dataclasses.replace(ctx.data, train=train, dev=dev, test=dev),
-      compiled_ahead=ahead)
-  runner = stage_lib.StageRunner('fusion', fusion_ctx, full)
-  with CompileRequests() as compiles:
-    runner.fit()
-  assert not {name for name in compiles.by_name if 'train_step' in name
-              or 'predict_program' in name}, compiles.by_name
-  seconds = runner.compile_seconds
-  assert seconds['train_step'] == ahead['train_step'], (seconds, ahead)
-  assert seconds['initializer'] == ahead['initializer'], (seconds, ahead)
-  assert seconds['eval_step'] >= ahead['eval_step'], (seconds, ahead)

@@ -66,6 +66,12 @@ def build_sharded_model_timed(stage: str, config, mesh, seed: int):
   return graphdef, params, batch_stats, rng_state, init.seconds if compiles else 0.0
 
 
+def model_graphdef(stage: str, config, mesh):
+  """The graphdef of a run's stage model (its structure; no parameters are made)."""
+  return _initializer(stage, ml_collections.FrozenConfigDict(config), mesh,
+                      stages.seed_of(stage, config.seed))[0]
+
+
 def check_model_shardings(config, mesh) -> None:
   """Builds the abstract model and parameter shardings of every stage of the run (kept for the
   stages' runners), so that a parameter the mesh cannot split stops the run before any stage

@@ -11,11 +11,9 @@ whatever its initialisation.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 
-import jax
 import numpy as np
 
 from mer_jax import console
@@ -87,52 +85,13 @@ def placeholder_stacked(source, config) -> sources.InMemorySource:
   return sources.InMemorySource(stacked_records(source, {m: zeros for m in config.data.modalities}))
 
 
-def compile_fusion_ahead(ctx: stage_lib.Context, dev) -> concurrent.futures.Future:
-  """Starts compiling the fusion stage's programs in a background thread; the future gives
-  their seconds (StageRunner.compile_programs). Their shapes do not depend on the stacked
-  features' values, so a runner on the stacked dev split (`dev`, as its training data too; a
-  placeholder_stacked one will do) compiles the programs fusion's runner will use. XLA compiles
-  outside Python's lock, on a core that the encoders' small steps leave partly idle."""
-  data = dataclasses.replace(ctx.data, train=dev, dev=dev, test=dev)
-  ahead = dataclasses.replace(ctx, data=data, records={})
-  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile-ahead')
-  try:
-    return executor.submit(lambda: stage_lib.StageRunner('fusion', ahead, {}).compile_programs())
-  finally:
-    executor.shutdown(wait=False)
-
-
-def start_fusion_compile(ctx: stage_lib.Context) -> concurrent.futures.Future | None:
-  """At the start of a run: compile_fusion_ahead on the placeholder-stacked dev split, so that
-  fusion's programs compile while the encoders and their folds train. None (fusion compiles when
-  it trains) where the run has no stacked fusion stage, fusion has finished in this workdir, or
-  the run has several processes: every process must launch its computations on the global mesh
-  in the same order, which a second thread's launches would not keep."""
-  config = ctx.config
-  if ('fusion' not in config.train.stages or config.model.fusion.input != 'stacked'
-      or jax.process_count() > 1 or stage_lib.finished(ctx, 'fusion')):
-    return None
-  return compile_fusion_ahead(ctx, placeholder_stacked(ctx.data.dev, config))
-
-
-def stacked_context(ctx: stage_lib.Context, full_models: dict,
-                    ahead: concurrent.futures.Future | None = None) -> stage_lib.Context:
+def stacked_context(ctx: stage_lib.Context, full_models: dict) -> stage_lib.Context:
   """The fusion stage's context: training features are out-of-fold log-probabilities, dev and
-  test ones those of the encoders trained on all of the training data. `ahead`: fusion's
-  programs being compiled (start_fusion_compile); their seconds go into the context."""
+  test ones those of the encoders trained on all of the training data."""
   def stacked(source):
     return sources.InMemorySource(stacked_records(
         source, encoder_log_probs(source, full_models, ctx.config, ctx.mesh)))
 
-  dev, test = stacked(ctx.data.dev), stacked(ctx.data.test)
-  train = out_of_fold_train(ctx)
-  compiled_ahead = {}
-  if ahead is not None:
-    try:
-      compiled_ahead = ahead.result()
-    except Exception as e:  # pylint: disable=broad-except
-      console.say('stacking: compiling fusion ahead failed (%s: %s); it compiles when it trains',
-                  type(e).__name__, e)
-  return dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, train=train, dev=dev,
-                                                           test=test),
-                             compiled_ahead=compiled_ahead)
+  data = dataclasses.replace(ctx.data, dev=stacked(ctx.data.dev), test=stacked(ctx.data.test),
+                             train=out_of_fold_train(ctx))
+  return dataclasses.replace(ctx, data=data)

@@ -81,7 +81,7 @@ class Context:
   # the benchmark, which trains throwaway stages.
   records: dict[str, fingerprints.StageRecord] = dataclasses.field(default_factory=dict)
   # Lower + compile seconds of the programs of the stage this context is for, where they were
-  # compiled ahead of its runner (StageRunner.compile_programs; stacking does it for fusion).
+  # compiled ahead of its runner (StageRunner.compile_programs, by train/compile_ahead.py).
   compiled_ahead: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -185,7 +185,9 @@ class StageRunner:
     self.frozen_states = {n: frozen[n].states for n in in_step}
     self.frozen_graphdefs = {n: frozen[n].graphdef for n in in_step}
     self._teacher = frozen['teacher'] if self.statics.teacher_in_batch else None
-    self._teacher_log_probs = None
+    # The frozen teacher's log-probabilities per training record (with its targets in the
+    # batch): predicted on the first train_dataset call unless set before.
+    self.teacher_targets = None
     self.fingerprint = None
     deps = {n: frozen[n].fingerprint for n in needed}
     if (config.train.shared_stages_dir and stages.is_encoder(stage)
@@ -312,15 +314,15 @@ class StageRunner:
     """The training batches of `epoch`: only the modalities the step reads, and, with the
     teacher's targets cached, those targets (the frozen teacher predicts them on the first call).
     """
-    if self.statics.teacher_in_batch and self._teacher_log_probs is None:
+    if self.statics.teacher_in_batch and self.teacher_targets is None:
       console.say('stage %s: the frozen teacher predicts its %d training dialogues once',
                   self.name, len(self.ctx.data.train))
-      self._teacher_log_probs = teacher_cache.teacher_log_probs(
+      self.teacher_targets = teacher_cache.teacher_log_probs(
           self.ctx.data.train, self._teacher, self.config, self.ctx.mesh)
     return pipeline.make_dataset(
         self.ctx.data.train, config=self.config, budget=self.budget, train=True, epoch=epoch,
         seed=self.config.seed, modalities=self.modalities, dims=self.dims,
-        augmented=self.augmented, teacher_log_probs=self._teacher_log_probs)
+        augmented=self.augmented, teacher_log_probs=self.teacher_targets)
 
   def evaluate(self, source, params, batch_stats) -> dict:
     first = self.predict_fn.seconds is None

@@ -7,6 +7,7 @@ the reports, the test predictions and results.json. Model selection uses dev onl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from mer_jax import files
 from mer_jax import losses
 from mer_jax.data import sources
 from mer_jax.train import checkpointing
+from mer_jax.train import compile_ahead
 from mer_jax.train import distributed
 from mer_jax.train import fingerprints
 from mer_jax.train import inference
@@ -80,14 +82,17 @@ def train_stages(ctx: Context) -> dict[str, Any]:
                 jax.process_index(), list(budget.local_groups))
   inference.check_model_shardings(config, ctx.mesh)
   check_workdir(ctx)
-  fusion_ahead = stacking.start_fusion_compile(ctx)
+  ahead = compile_ahead.start(ctx)
   trained: dict[str, inference.FrozenModel] = {}
   results = {}
   for stage in config.train.stages:
     started = time.time()
     stage_ctx = ctx
     if stage == 'fusion' and config.model.fusion.input == 'stacked':
-      stage_ctx = stacking.stacked_context(ctx, trained, fusion_ahead)
+      stage_ctx = stacking.stacked_context(ctx, trained)
+    compiled_ahead = compile_ahead.seconds(ahead, stage)
+    if compiled_ahead:
+      stage_ctx = dataclasses.replace(stage_ctx, compiled_ahead=compiled_ahead)
     runner = StageRunner(stage, stage_ctx, trained)
     trained[stage] = runner.fit()
     pred = inference.predict_stage(stage_ctx.data.test, stage, trained[stage], config, ctx.mesh,
