@@ -99,3 +99,10 @@ def seconds(futures: dict[str, concurrent.futures.Future], stage: str) -> dict[s
     console.say('stage %s: compiling ahead failed (%s: %s); it compiles when it trains', stage,
                 type(e).__name__, e)
     return {}
+
+
+def cancel(futures: dict[str, concurrent.futures.Future]) -> None:
+  """Drops the compiles not started yet (the run is over, or stopped early); one in progress
+  finishes (XLA cannot be interrupted) before the process exits."""
+  for future in futures.values():
+    future.cancel()

@@ -72,6 +72,42 @@ def save_results(results: dict, workdir: str, config) -> None:
   files.write_json(os.path.join(workdir, 'results.json'), jsonable(run), indent=2)
 
 
+def train_stage(ctx: Context, stage: str, trained: dict[str, inference.FrozenModel],
+                ahead: dict[str, Any]) -> dict[str, Any]:
+  """Trains (or restores) one stage, adds it to `trained`, scores it on test, writes its report
+  and test predictions, and returns its entry of results.json. `ahead`: the programs being
+  compiled ahead (compile_ahead.start); the stage waits for its own once its inputs are ready."""
+  config, workdir = ctx.config, ctx.workdir
+  started = time.time()
+  stage_ctx = ctx
+  if stage == 'fusion' and config.model.fusion.input == 'stacked':
+    stage_ctx = stacking.stacked_context(ctx, trained)
+  compiled_ahead = compile_ahead.seconds(ahead, stage)
+  if compiled_ahead:
+    stage_ctx = dataclasses.replace(stage_ctx, compiled_ahead=compiled_ahead)
+  runner = StageRunner(stage, stage_ctx, trained)
+  trained[stage] = runner.fit()
+  pred = inference.predict_stage(stage_ctx.data.test, stage, trained[stage], config, ctx.mesh,
+                                 trained)
+  test = inference.split_metrics(pred, config.label_names)
+  if distributed.is_main_process():
+    save_test_predictions(pred, workdir, stage)
+    evaluate.write_report(test, os.path.join(workdir, 'reports'), f'{stage}_test',
+                          png=config.eval.confusion_png)
+    print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
+    if not runner.was_finished:  # a rerun of a finished workdir writes no event files
+      runner.log_test(test)
+  result = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
+            'test_accuracy': test['accuracy'], 'dev_weighted_f1': runner.loop.best_f1,
+            'best_epoch': runner.loop.best_epoch, 'history': runner.loop.history,
+            'seconds': time.time() - started, 'compile_seconds': runner.compile_seconds}
+  record = ctx.records.get(stage)
+  if record is not None:
+    result.update(fingerprint=record.fingerprint, settings=record.settings,
+                  evaluation=record.evaluation)
+  return result
+
+
 def train_stages(ctx: Context) -> dict[str, Any]:
   """Trains every stage in config.train.stages, then reports test metrics of each."""
   config, workdir = ctx.config, ctx.workdir
@@ -85,36 +121,11 @@ def train_stages(ctx: Context) -> dict[str, Any]:
   ahead = compile_ahead.start(ctx)
   trained: dict[str, inference.FrozenModel] = {}
   results = {}
-  for stage in config.train.stages:
-    started = time.time()
-    stage_ctx = ctx
-    if stage == 'fusion' and config.model.fusion.input == 'stacked':
-      stage_ctx = stacking.stacked_context(ctx, trained)
-    compiled_ahead = compile_ahead.seconds(ahead, stage)
-    if compiled_ahead:
-      stage_ctx = dataclasses.replace(stage_ctx, compiled_ahead=compiled_ahead)
-    runner = StageRunner(stage, stage_ctx, trained)
-    trained[stage] = runner.fit()
-    pred = inference.predict_stage(stage_ctx.data.test, stage, trained[stage], config, ctx.mesh,
-                                   trained)
-    test = inference.split_metrics(pred, config.label_names)
-    if distributed.is_main_process():
-      save_test_predictions(pred, workdir, stage)
-      evaluate.write_report(test, os.path.join(workdir, 'reports'), f'{stage}_test',
-                            png=config.eval.confusion_png)
-      print(evaluate.format_report(test, title=f'{stage} - test ({ctx.data.test_name})'))
-      if not runner.was_finished:  # a rerun of a finished workdir writes no event files
-        runner.log_test(test)
-    results[stage] = {'test_weighted_f1': test['weighted_f1'], 'test_macro_f1': test['macro_f1'],
-                      'test_accuracy': test['accuracy'],
-                      'dev_weighted_f1': runner.loop.best_f1,
-                      'best_epoch': runner.loop.best_epoch,
-                      'history': runner.loop.history, 'seconds': time.time() - started,
-                      'compile_seconds': runner.compile_seconds}
-    record = ctx.records.get(stage)
-    if record is not None:
-      results[stage].update(fingerprint=record.fingerprint, settings=record.settings,
-                            evaluation=record.evaluation)
+  try:
+    for stage in config.train.stages:
+      results[stage] = train_stage(ctx, stage, trained, ahead)
+  finally:
+    compile_ahead.cancel(ahead)
   if distributed.is_main_process():
     save_results(results, workdir, config)
     summary = ', '.join(f'{s} {100 * r["test_weighted_f1"]:.2f}' for s, r in results.items())
