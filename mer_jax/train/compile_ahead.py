@@ -20,7 +20,6 @@ import concurrent.futures
 import dataclasses
 
 import jax
-import numpy as np
 
 from mer_jax import console
 from mer_jax import stages
@@ -81,9 +80,7 @@ def compile_stage(ctx: stage_lib.Context, stage: str) -> dict[str, float]:
         inference.model_graphdef('teacher', config, ctx.mesh), states=None)
   runner = stage_lib.StageRunner(stage, ahead, frozen)
   if runner.statics.teacher_in_batch:
-    num_classes = len(config.label_names)
-    runner.teacher_targets = [np.zeros((len(dev[i].labels), num_classes), np.float32)
-                              for i in range(len(dev))]
+    runner.teacher_targets = stacking.zero_log_probs(dev, config)
   return runner.compile_programs()
 
 

@@ -77,11 +77,17 @@ def out_of_fold_train(ctx: stage_lib.Context) -> sources.InMemorySource:
   return sources.InMemorySource(train_records)
 
 
+def zero_log_probs(source, config) -> list[np.ndarray]:
+  """Per record of `source`, all-zero float32 [n, C]: a stand-in of the shape a model's
+  log-probabilities for it have, before the model has trained."""
+  num_classes = len(config.label_names)
+  return [np.zeros((len(source[i].labels), num_classes), np.float32) for i in range(len(source))]
+
+
 def placeholder_stacked(source, config) -> sources.InMemorySource:
   """`source`'s records with all-zero stacked features: the shapes its stacked records will have
   (one [n, C] array per modality), known before any encoder has trained."""
-  num_classes = len(config.label_names)
-  zeros = [np.zeros((len(source[i].labels), num_classes), np.float32) for i in range(len(source))]
+  zeros = zero_log_probs(source, config)
   return sources.InMemorySource(stacked_records(source, {m: zeros for m in config.data.modalities}))
 
 
