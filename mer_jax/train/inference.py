@@ -76,9 +76,8 @@ def check_model_shardings(config, mesh) -> None:
   """Builds the abstract model and parameter shardings of every stage of the run (kept for the
   stages' runners), so that a parameter the mesh cannot split stops the run before any stage
   trains (sharding.state_shardings raises errors.UserError)."""
-  frozen = ml_collections.FrozenConfigDict(config)
   for stage in config.train.stages:
-    _initializer(stage, frozen, mesh, stages.seed_of(stage, config.seed))
+    model_graphdef(stage, config, mesh)
 
 
 @functools.lru_cache(maxsize=32)
