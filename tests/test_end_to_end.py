@@ -150,17 +150,20 @@ def test_steps_trace_once_per_stage_over_the_whole_run(reference):
         late_traces.append((inside, m.group(1)))
   assert set(STAGES) <= set(trainings) and any(t.startswith('fold') for t in trainings), trainings
   assert train_traces == len(STAGES), (train_traces, trainings)
-  # Fusion's programs were compiled while the encoders and their folds trained
-  # (stacking.start_fusion_compile): its train step and eval program are traced once each, maybe
-  # inside some encoder training's epochs, and fusion's runner used them (the one fusion
-  # train-step trace counted above is that compile's).
+  # The students' and fusion's programs were compiled while earlier stages trained
+  # (compile_ahead.start): each one's train step and eval program are traced once, maybe
+  # inside an earlier training's epochs, and the stage's runner used them (the train-step
+  # traces counted above are those compiles').
+  compiled_ahead = ('audio', 'visual', 'fusion')
   ahead = [(where, fn) for where, fn in late_traces if where[0] != 'fusion']
   assert collections.Counter(fn for _, fn in ahead) <= collections.Counter(
-      {'train_step': 1, 'predict_step': 1}), ahead
+      {'train_step': len(compiled_ahead), 'predict_step': len(compiled_ahead)}), ahead
+  for stage in compiled_ahead:
+    [line] = re.findall(rf'stage {stage}: train step lowered and compiled in .*',
+                        reference['stderr'])
+    assert line.endswith(', ahead of the stage'), line
   late_traces = [t for t in late_traces if t not in ahead]
   assert not late_traces, f'traced again after (training, epoch): {late_traces}'
-  [fusion] = re.findall(r'stage fusion: train step lowered and compiled in .*', reference['stderr'])
-  assert fusion.endswith(', ahead of the stage'), fusion
 
 
 def test_teacher_lr_was_reduced_on_plateau(reference, plan):
