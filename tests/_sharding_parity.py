@@ -37,7 +37,7 @@ def run(workdir: str, devices, shape) -> dict:
     runner = stage_lib.StageRunner(stage, ctx, trained)
     batch = runner.train_dataset(0)[0]
     batch_sh = sharding.batch_shardings(batch, mesh, budget)
-    step = runner.jitted_train_step(batch_sh)
+    step = runner.timed_train_step(batch_sh)
     state, metrics = step(runner.state, sharding.put_batch(batch, batch_sh, budget),
                           *runner.step_inputs)
     params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
   batch = pipeline.make_dataset(ctx.data.train, config=config, budget=teacher.budget, train=True,
                                 epoch=0, seed=config.seed)[0]
   sh = sharding.batch_shardings(batch, ctx.mesh, teacher.budget)
-  state, _ = teacher.jitted_train_step(sh)(teacher.state, sharding.put_batch(batch, sh, teacher.budget),
+  state, _ = teacher.timed_train_step(sh)(teacher.state, sharding.put_batch(batch, sh, teacher.budget),
                                           *teacher.step_inputs)
   frozen = {'teacher': inference.FrozenModel(teacher.graphdef,
                                            (state.params, state.model_state, teacher.rng_state))}
@@ -38,7 +38,7 @@ def student_step(ctx, frozen, config, stage):
   run = stage_lib.StageRunner(stage, _with_config(ctx, config), frozen)
   batch = run.train_dataset(1)[0]
   sh = sharding.batch_shardings(batch, ctx.mesh, run.budget)
-  state, metrics = run.jitted_train_step(sh)(run.state, sharding.put_batch(batch, sh, run.budget),
+  state, metrics = run.timed_train_step(sh)(run.state, sharding.put_batch(batch, sh, run.budget),
                                             *run.step_inputs)
   return run, batch, float(metrics['loss']), jax.device_get(state.params)
 

@@ -81,7 +81,7 @@ def runners(tmp_path_factory):
     mp.setattr(steps, 'train_step', counted_train)
     for stage in STAGES:
       runner = stage_lib.StageRunner(stage, ctx, frozen)
-      runner.step_fn = runner.jitted_train_step(batch_sh)
+      runner.step_fn = runner.timed_train_step(batch_sh)
       runner.initial_state = fresh_copy(runner.state, runner.state_shardings)
       out[stage] = runner
       params, batch_stats = runner.initial_state.params, runner.initial_state.model_state

@@ -265,9 +265,14 @@ class StageRunner:
     self._batch_sh = sharding.batch_shardings(batch, self.ctx.mesh, self.budget)
     self._train_step, built = _shared_train_step(
         self._program_key(batch),
-        lambda: compile_timing.TimedCompile(self.jitted_train_step(self._batch_sh),
-                                            fast_compile=self.config.train.cpu_fast_compile))
+        lambda: self.timed_train_step(self._batch_sh))
     return built
+
+  def timed_train_step(self, batch_shardings) -> compile_timing.TimedCompile:
+    """The train step as training compiles and runs it: `jitted_train_step`, compiled on its
+    first call with the stage's compiler options (train.cpu_fast_compile)."""
+    return compile_timing.TimedCompile(self.jitted_train_step(batch_shardings),
+                                       fast_compile=self.config.train.cpu_fast_compile)
 
   @property
   def step_inputs(self) -> tuple:
