@@ -1,10 +1,8 @@
 """Reading a workdir's latest checkpoints in tests, as plain arrays and JSON."""
 
-import json
 import os
 
-import jax
-import orbax.checkpoint as ocp
+from mer_jax.train import checkpointing
 
 
 def latest_steps(workdir, stage) -> list[int]:
@@ -13,13 +11,13 @@ def latest_steps(workdir, stage) -> list[int]:
 
 
 def latest_checkpoint(workdir, stage) -> tuple[dict, dict]:
-  """(train state as arrays, loop metadata) of a stage's newest latest checkpoint."""
-  step_dir = os.path.join(workdir, 'checkpoints', stage, 'latest',
-                          str(latest_steps(workdir, stage)[-1]))
-  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
-  return jax.device_get(state), meta
+  """(train state as nested dicts of host arrays, loop metadata) of a stage's newest latest
+  checkpoint."""
+  ckpt = checkpointing.StageCheckpoints(workdir, stage, read_only=True)
+  try:
+    return ckpt.latest_arrays()
+  finally:
+    ckpt.close()
 
 
 def without_seconds(loop: dict) -> dict:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -134,4 +135,57 @@ def test_weights_of_another_parameter_layout_are_refused_naming_the_array(tmp_pa
   # The layout it was saved with still restores.
   params, _, _ = ckpt.restore_best(zeros_like(per_modality), {})
   assert_same(params, per_modality)
+  ckpt.close()
+
+
+@pytest.mark.parametrize('packed', [True, False])
+def test_latest_state_is_packed_in_one_process_and_both_layouts_restore(tmp_path, states,
+                                                                         monkeypatch, packed):
+  """One process packs the train state into one array per dtype; several processes (where none
+  holds every shard) store one array per leaf. Either restores to the same numbers and reads
+  back as nested host arrays."""
+  _, as_dicts = states
+  if not packed:
+    monkeypatch.setattr(checkpointing, '_packable', lambda: False)
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher')
+  ckpt.save_latest(12, as_dicts, {'epoch': 1}, {'finished': False})
+  ckpt.close()
+  stored = ocp.StandardCheckpointer().metadata(
+      os.path.join(tmp_path, 'checkpoints', 'teacher', 'latest', '12', 'state')).item_metadata
+  n_leaves = len(jax.tree.leaves(as_dicts))
+  if packed:  # step and Adam's counts, the rng key, everything else
+    assert sorted(stored) == ['float32', 'int32', 'uint32']
+    assert stored['float32'].shape == (sum(
+        x.size for x in jax.tree.leaves(as_dicts) if x.dtype == jnp.float32),)
+  else:
+    assert len(jax.tree.leaves(stored)) == n_leaves
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher', read_only=True)
+  state, data, meta = ckpt.restore_latest(zeros_like(as_dicts))
+  assert data == {'epoch': 1} and meta == {'finished': False}
+  assert_same(state, as_dicts)
+  arrays, meta = ckpt.latest_arrays()
+  assert meta == {'finished': False}
+  np.testing.assert_array_equal(arrays['params']['blocks']['1']['kernel'],
+                                as_dicts.params['blocks'][1]['kernel'])
+  assert float(arrays['lr_scale']) == 0.25 and len(jax.tree.leaves(arrays)) == n_leaves
+  ckpt.close()
+
+
+def test_packed_state_of_another_shape_is_refused_naming_the_array(tmp_path, states):
+  _, as_dicts = states
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher')
+  ckpt.save_latest(5, as_dicts, {'epoch': 1}, {'finished': False})
+  ckpt.close()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher', read_only=True)
+  wider = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros((2, 2)) if jax.tree_util.keystr(p).endswith(
+          ".params['value']['bias']") else jnp.zeros_like(x), as_dicts)
+  with pytest.raises(checkpointing.CheckpointMismatch) as raised:
+    ckpt.restore_latest(wider)
+  message = str(raised.value)
+  assert os.path.join('teacher', 'latest', '5') in message and '\n' not in message
+  assert 'params/value/bias as float32[2], the model as float32[2, 2]' in message
+  fewer = as_dicts.replace(ema_params={})
+  with pytest.raises(checkpointing.CheckpointMismatch, match='holds ema_params/'):
+    ckpt.restore_latest(zeros_like(fewer))
   ckpt.close()

@@ -5,6 +5,12 @@ Per stage, two CheckpointManagers under `workdir/checkpoints/<stage>/`:
            lr scale, rng), the data-iterator state and the loop's bookkeeping (for resuming);
   best/    the evaluation weights (EMA where the stage has it) of the best dev weighted F1, with
            the config and label names (for prediction).
+In one process, a latest checkpoint's train state is packed: one flat array per dtype (`state`)
+and the list of arrays it holds, with their paths, shapes and dtypes (`layout`). Orbax pays a few
+milliseconds per array saved, and a stage's state has hundreds of small ones (parameters, two Adam
+moments, EMA), so packing makes these frequent saves about 10x cheaper. Best checkpoints, which
+users restore, keep one Orbax array per parameter; so do latest ones written by several
+processes, where no process holds every shard.
 Orbax writes each step into a temporary folder and renames it when complete, so a crash during a
 save leaves the previous checkpoint usable. With `async_saves` (the stage trainer's), a save
 returns once the arrays are on the host and Orbax writes them in a background thread while
@@ -16,9 +22,10 @@ which Orbax writes directly (tensorstore).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mer_jax import errors
@@ -70,45 +77,108 @@ def _abstract(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
 
 
-def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: Any,
-                  other_items: dict) -> tuple[Any, dict]:
-  """Restores `item` onto the structure and shardings of `like` (plus JSON items).
+def _stored_path_of(stored_paths) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
+  """Where each of the model's arrays (by path names) sits among `stored_paths`.
 
   Checkpoints written while the train state held nnx.State trees (before it became plain dicts
   of arrays, see inference.build_sharded_model) store each array inside its Variable, at
-  `<path>/value`; those arrays are restored from where they are stored and unwrapped.
+  `<path>/value`.
   """
-  stored = manager.item_metadata(step)[item]
-  stored_paths = {models.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
-
-  def as_stored(path, leaf):
-    names = models.path_names(path)
+  def stored(names):
     if names not in stored_paths and names + ('value',) in stored_paths:
-      return {'value': leaf}
-    return leaf
+      return names + ('value',)
+    return names
+  return stored
 
-  target = jax.tree_util.tree_map_with_path(as_stored, _abstract(like))
-  wanted = {models.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+
+def _check_same_arrays(folder: str, item: str, wanted: set, stored_paths: set) -> None:
   if wanted != stored_paths:
     differ = min(wanted - stored_paths or stored_paths - wanted)
     what = (f"lacks the model's {'/'.join(differ)}" if differ in wanted
             else f"holds {'/'.join(differ)}, which the model does not have")
     raise CheckpointMismatch(
-        f'{os.path.join(manager.directory, str(step))}: the {item} {what} '
-        f'({len(wanted - stored_paths)} arrays missing, {len(stored_paths - wanted)} extra); it '
-        'was written for another parameter layout (another mer_jax version or model '
-        'settings); retrain the stage or use the mer_jax version that wrote it')
+        f'{folder}: the {item} {what} ({len(wanted - stored_paths)} arrays missing, '
+        f'{len(stored_paths - wanted)} extra); it was written for another parameter layout '
+        '(another mer_jax version or model settings); retrain the stage or use the mer_jax '
+        'version that wrote it')
+
+
+def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: Any,
+                  other_items: dict) -> tuple[Any, dict]:
+  """Restores `item`, stored one Orbax array per leaf, onto the structure and shardings of
+  `like` (plus JSON items)."""
+  stored = manager.item_metadata(step)[item]
+  stored_paths = {models.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  stored_path = _stored_path_of(stored_paths)
+
+  def as_stored(path, leaf):
+    names = models.path_names(path)
+    return {'value': leaf} if stored_path(names) != names else leaf
+
+  target = jax.tree_util.tree_map_with_path(as_stored, _abstract(like))
+  wanted = {models.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+  _check_same_arrays(os.path.join(manager.directory, str(step)), item, wanted, stored_paths)
   out = manager.restore(step, args=ocp.args.Composite(
       **{item: ocp.args.StandardRestore(target)}, **other_items))
   restored = jax.tree.map(lambda _, r: r['value'] if isinstance(r, dict) else r, like, out[item])
   return restored, out
 
 
+def _packable() -> bool:
+  """Whether latest states are saved packed: in a single process, which holds every array."""
+  return jax.process_count() == 1
+
+
+def _pack(tree: Any) -> tuple[dict[str, np.ndarray], list[dict]]:
+  """`tree`'s arrays on the host, concatenated into one flat array per dtype, and the layout
+  (path names, shape, dtype, in flattening order) that `_unpack` splits them back by."""
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+  parts: dict[str, list[np.ndarray]] = {}
+  layout = []
+  for path, leaf in leaves:
+    leaf = np.asarray(leaf)
+    parts.setdefault(leaf.dtype.name, []).append(leaf.ravel())
+    layout.append({'path': list(models.path_names(path)), 'shape': list(leaf.shape),
+                   'dtype': leaf.dtype.name})
+  return {name: np.concatenate(arrays) for name, arrays in parts.items()}, layout
+
+
+def _split(packed: dict[str, np.ndarray], layout: list[dict]) -> list[np.ndarray]:
+  """The arrays of a packed state, in `layout`'s order."""
+  offsets = dict.fromkeys(packed, 0)
+  arrays = []
+  for entry in layout:
+    size = int(np.prod(entry['shape'], dtype=np.int64))
+    start = offsets[entry['dtype']]
+    offsets[entry['dtype']] = start + size
+    arrays.append(packed[entry['dtype']][start:start + size].reshape(entry['shape']))
+  return arrays
+
+
+def _unpack(packed: dict[str, np.ndarray], layout: list[dict], like: Any, folder: str) -> Any:
+  """The arrays of `like`'s structure, shapes and shardings, taken from a packed state."""
+  stored = {tuple(e['path']): x for e, x in zip(layout, _split(packed, layout))}
+  stored_path = _stored_path_of(set(stored))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  wanted = {stored_path(models.path_names(p)): x for p, x in leaves}
+  _check_same_arrays(folder, 'state', set(wanted), set(stored))
+  for names, x in wanted.items():
+    if (tuple(np.shape(x)), np.dtype(x.dtype)) != (stored[names].shape, stored[names].dtype):
+      raise CheckpointMismatch(
+          f'{folder}: the state holds {"/".join(names)} as {stored[names].dtype.name}'
+          f'{list(stored[names].shape)}, the model as {np.dtype(x.dtype).name}'
+          f'{list(np.shape(x))}; it was written for other model settings; retrain the stage')
+  arrays = [stored[stored_path(models.path_names(p))] for p, _ in leaves]
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = [getattr(x, 'sharding', None) or default for _, x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, jax.device_put(arrays, shardings))
+
+
 class StageCheckpoints:
   """latest-k (resume) and best-by-dev-F1 (predict) checkpoints of one training stage."""
 
   LATEST_ITEMS = {'state': ocp.StandardCheckpointHandler, 'data': ocp.JsonCheckpointHandler,
-                  'meta': ocp.JsonCheckpointHandler}
+                  'meta': ocp.JsonCheckpointHandler, 'layout': ocp.JsonCheckpointHandler}
   BEST_ITEMS = {'weights': ocp.StandardCheckpointHandler, 'meta': ocp.JsonCheckpointHandler}
 
   def __init__(self, workdir: str, stage: str, keep: int = 2, read_only: bool = False,
@@ -133,9 +203,13 @@ class StageCheckpoints:
     # checkpoint, which must therefore be on disk before the latest one can be.
     self._best.wait_until_finished()
     _replace_step(self._latest, step)
-    self._latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    items = {'data': ocp.args.JsonSave(data_state), 'meta': ocp.args.JsonSave(meta)}
+    if _packable():
+      packed, layout = _pack(state)
+      items.update(state=ocp.args.StandardSave(packed), layout=ocp.args.JsonSave(layout))
+    else:
+      items.update(state=ocp.args.StandardSave(state))
+    self._latest.save(step, args=ocp.args.Composite(**items), force=True)
 
   def latest_meta(self) -> dict | None:
     step = self.latest_step()
@@ -148,9 +222,42 @@ class StageCheckpoints:
     step = self.latest_step()
     if step is None:
       return None
-    state, out = _restore_tree(self._latest, step, 'state', like_state,
-                               {'data': ocp.args.JsonRestore(), 'meta': ocp.args.JsonRestore()})
+    json_items = {'data': ocp.args.JsonRestore(), 'meta': ocp.args.JsonRestore()}
+    if 'layout' not in self._latest.item_metadata(step):  # one array per leaf
+      state, out = _restore_tree(self._latest, step, 'state', like_state, json_items)
+      return state, out['data'], out['meta']
+    packed, layout, out = self._read_packed(step, json_items)
+    state = _unpack(packed, layout, like_state,
+                    os.path.join(self._latest.directory, str(step)))
     return state, out['data'], out['meta']
+
+  def latest_arrays(self) -> tuple[dict, dict] | None:
+    """The newest latest checkpoint as stored, for inspection: its train state as nested dicts
+    of host arrays keyed by path names, and its loop metadata; None if there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    json_items = {'meta': ocp.args.JsonRestore()}
+    if 'layout' not in self._latest.item_metadata(step):
+      out = self._latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), **json_items))
+      return jax.device_get(out['state']), out['meta']
+    packed, layout, out = self._read_packed(step, json_items)
+    nested = {}
+    for entry, array in zip(layout, _split(packed, layout)):
+      *parents, name = entry['path']
+      node = nested
+      for parent in parents:
+        node = node.setdefault(parent, {})
+      node[name] = array
+    return nested, out['meta']
+
+  def _read_packed(self, step: int, json_items: dict) -> tuple[dict, list, dict]:
+    stored = self._latest.item_metadata(step)['state']
+    target = {name: np.empty(x.shape, x.dtype) for name, x in stored.items()}
+    out = self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), layout=ocp.args.JsonRestore(), **json_items))
+    return out['state'], out['layout'], out
 
   # --- best (for evaluation and prediction) ---------------------------------------------------
   def save_best(self, step: int, params: Any, batch_stats: Any, meta: dict) -> None:
