@@ -172,6 +172,7 @@ def tiny_front_end(c: ml_collections.ConfigDict) -> None:
   c.loss.contrastive_dim = 8
   c.train.epochs = 1
   c.train.progress_bar = False
+  c.train.cpu_fast_compile = True
   c.eval.confusion_png = False
 
 
@@ -203,6 +204,7 @@ def get_config(arg=None):
     c.lipsync.eval_every = 50
     c.train.epochs = 2
     c.train.progress_bar = False
+    c.train.cpu_fast_compile = True
   elif size == 'tiny':
     tiny_front_end(c)
   elif size:
