@@ -212,7 +212,7 @@ def base_config() -> ml_collections.ConfigDict:
   # workdir/jax_cache; 'off' = none): the cross-fitting folds and resumed runs then compile each
   # step once.
   c.train.compilation_cache_dir = ''
-  # On the CPU backend, compile the stages' programs at LLVM optimisation level 0: shorter
+  # On the CPU backend, compile the stages' and text fine-tuning's programs at LLVM level 0: shorter
   # compiles, slower elementwise code (docs/performance.md). For smoke runs; no effect elsewhere.
   c.train.cpu_fast_compile = False
   c.train.early_stopping_min_delta = 0.001

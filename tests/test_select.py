@@ -149,6 +149,7 @@ def fixture_selected(tiny_text, shared_compilation_cache):
           '--config.text.layers=(1, 2)', '--config.data.dims.t=64',
           '--config.model.teacher.hidden=8', '--config.model.teacher.heads=2',
           '--config.train.epochs=1', '--config.train.progress_bar=False',
+          '--config.train.cpu_fast_compile=True',
           '--config.eval.confusion_png=False', "--config.mesh.shape={'data': 1, 'model': 1}",
           f'--config.train.compilation_cache_dir={shared_compilation_cache}']
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', OMP_NUM_THREADS='1')

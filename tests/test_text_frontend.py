@@ -83,6 +83,7 @@ def tiny_config(checkpoint, csv_dir, variant='utterance'):
   c.text.layers = (-1,)  # the tiny encoder has 2 layers (MELD's utterance variant pools 1-6)
   c.data.dims.t = 32
   c.train.progress_bar = False
+  c.train.cpu_fast_compile = True
   c.mesh.shape = {'data': 1, 'model': 1}
   return c
 

@@ -34,6 +34,7 @@ from mer_jax.data import prompts as prompts_lib
 from mer_jax.data import text_batching
 from mer_jax.models import text_classifier
 from mer_jax.train import checkpointing
+from mer_jax.train import cpu_backend
 from mer_jax.train import distributed
 from mer_jax.train import optim
 from mer_jax.train import preemption
@@ -155,12 +156,15 @@ class TextFinetuner:
     self._train_step, self._predict = _shared_steps(self._program_key(), self._jit_steps)
 
   def _jit_steps(self):
+    options = cpu_backend.compiler_options(self.config.train.cpu_fast_compile)
     train = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, rng_state=self.rng_state,
                           tx=self.tx),
         in_shardings=(self.state_shardings, self.batch_sharding, self.rep, self.rep),
-        out_shardings=(self.state_shardings, self.rep), donate_argnums=(0,))
-    predict = jax.jit(functools.partial(predict_step, graphdef=self.graphdef))
+        out_shardings=(self.state_shardings, self.rep), donate_argnums=(0,),
+        compiler_options=options)
+    predict = jax.jit(functools.partial(predict_step, graphdef=self.graphdef),
+                      compiler_options=options)
     return train, predict
 
   def _program_key(self) -> tuple:
@@ -171,7 +175,7 @@ class TextFinetuner:
     shardings, layout = jax.tree.flatten(self.state_shardings)
     optimizer = json.dumps(self.ft.optim.to_dict(), sort_keys=True, default=str)
     return (self.graphdef, jax.tree.structure(self.rng_state), optimizer, self.mesh, layout,
-            tuple(shardings), self.batch_sharding, self.rep)
+            tuple(shardings), self.batch_sharding, self.rep, self.config.train.cpu_fast_compile)
 
   def epoch_plan(self, epoch: int) -> text_batching.BatchPlan:
     rng = np.random.default_rng([self.config.seed, epoch])
