@@ -141,12 +141,13 @@ def test_weights_of_another_parameter_layout_are_refused_naming_the_array(tmp_pa
 @pytest.mark.parametrize('packed', [True, False])
 def test_latest_state_is_packed_in_one_process_and_both_layouts_restore(tmp_path, states,
                                                                          monkeypatch, packed):
-  """One process packs the train state into one array per dtype; several processes (where none
-  holds every shard) store one array per leaf. Either restores to the same numbers and reads
-  back as nested host arrays."""
+  """One process packs the train state into one array per dtype; larger states (and several
+  processes, where none holds every shard) are stored one array per leaf. Either restores to the
+  same numbers and reads back as nested host arrays."""
   _, as_dicts = states
   if not packed:
-    monkeypatch.setattr(checkpointing, '_packable', lambda: False)
+    monkeypatch.setattr(checkpointing, 'PACK_MAX_BYTES',
+                        sum(x.nbytes for x in jax.tree.leaves(as_dicts)) - 1)
   ckpt = checkpointing.StageCheckpoints(str(tmp_path), 'teacher')
   ckpt.save_latest(12, as_dicts, {'epoch': 1}, {'finished': False})
   ckpt.close()

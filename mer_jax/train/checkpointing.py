@@ -5,12 +5,12 @@ Per stage, two CheckpointManagers under `workdir/checkpoints/<stage>/`:
            lr scale, rng), the data-iterator state and the loop's bookkeeping (for resuming);
   best/    the evaluation weights (EMA where the stage has it) of the best dev weighted F1, with
            the config and label names (for prediction).
-In one process, a latest checkpoint's train state is packed: one flat array per dtype (`state`)
-and the list of arrays it holds, with their paths, shapes and dtypes (`layout`). Orbax pays a few
-milliseconds per array saved, and a stage's state has hundreds of small ones (parameters, two Adam
-moments, EMA), so packing makes these frequent saves about 10x cheaper. Best checkpoints, which
-users restore, keep one Orbax array per parameter; so do latest ones written by several
-processes, where no process holds every shard.
+In one process, a latest checkpoint's train state (up to PACK_MAX_BYTES) is packed: one flat
+array per dtype (`state`) and the list of arrays it holds, with their paths, shapes and dtypes
+(`layout`). Orbax pays a few milliseconds per array saved, and a stage's state has hundreds of
+small ones (parameters, two Adam moments, EMA), so packing makes these frequent saves about 8x
+cheaper. Best checkpoints, which users restore, keep one Orbax array per parameter; so do latest
+ones written by several processes, where no process holds every shard.
 Orbax writes each step into a temporary folder and renames it when complete, so a crash during a
 save leaves the previous checkpoint usable. With `async_saves` (the stage trainer's), a save
 returns once the arrays are on the host and Orbax writes them in a background thread while
@@ -124,9 +124,16 @@ def _restore_tree(manager: ocp.CheckpointManager, step: int, item: str, like: An
   return restored, out
 
 
-def _packable() -> bool:
-  """Whether latest states are saved packed: in a single process, which holds every array."""
-  return jax.process_count() == 1
+# Larger states are saved one array per leaf: there the bytes, not the number of arrays, cost the
+# time, and packing would hold a second host copy of the state.
+PACK_MAX_BYTES = 1 << 30
+
+
+def _packable(state: Any) -> bool:
+  """Whether a latest state is saved packed: in a single process (which holds every array), and
+  up to PACK_MAX_BYTES."""
+  return jax.process_count() == 1 and sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) <= PACK_MAX_BYTES
 
 
 def _pack(tree: Any) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -204,7 +211,7 @@ class StageCheckpoints:
     self._best.wait_until_finished()
     _replace_step(self._latest, step)
     items = {'data': ocp.args.JsonSave(data_state), 'meta': ocp.args.JsonSave(meta)}
-    if _packable():
+    if _packable(state):
       packed, layout = _pack(state)
       items.update(state=ocp.args.StandardSave(packed), layout=ocp.args.JsonSave(layout))
     else:
