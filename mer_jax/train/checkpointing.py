@@ -175,7 +175,7 @@ def _unpack(packed: dict[str, np.ndarray], layout: list[dict], like: Any, folder
           f'{folder}: the state holds {"/".join(names)} as {stored[names].dtype.name}'
           f'{list(stored[names].shape)}, the model as {np.dtype(x.dtype).name}'
           f'{list(np.shape(x))}; it was written for other model settings; retrain the stage')
-  arrays = [stored[stored_path(models.path_names(p))] for p, _ in leaves]
+  arrays = [stored[names] for names in wanted]  # `wanted` is in `leaves`' order
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = [getattr(x, 'sharding', None) or default for _, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, jax.device_put(arrays, shardings))
@@ -230,10 +230,11 @@ class StageCheckpoints:
     if step is None:
       return None
     json_items = {'data': ocp.args.JsonRestore(), 'meta': ocp.args.JsonRestore()}
-    if 'layout' not in self._latest.item_metadata(step):  # one array per leaf
+    stored = self._latest.item_metadata(step)
+    if 'layout' not in stored:  # one array per leaf
       state, out = _restore_tree(self._latest, step, 'state', like_state, json_items)
       return state, out['data'], out['meta']
-    packed, layout, out = self._read_packed(step, json_items)
+    packed, layout, out = self._read_packed(step, stored['state'], json_items)
     state = _unpack(packed, layout, like_state,
                     os.path.join(self._latest.directory, str(step)))
     return state, out['data'], out['meta']
@@ -245,11 +246,12 @@ class StageCheckpoints:
     if step is None:
       return None
     json_items = {'meta': ocp.args.JsonRestore()}
-    if 'layout' not in self._latest.item_metadata(step):
+    stored = self._latest.item_metadata(step)
+    if 'layout' not in stored:
       out = self._latest.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(), **json_items))
       return jax.device_get(out['state']), out['meta']
-    packed, layout, out = self._read_packed(step, json_items)
+    packed, layout, out = self._read_packed(step, stored['state'], json_items)
     nested = {}
     for entry, array in zip(layout, _split(packed, layout)):
       *parents, name = entry['path']
@@ -259,9 +261,11 @@ class StageCheckpoints:
       node[name] = array
     return nested, out['meta']
 
-  def _read_packed(self, step: int, json_items: dict) -> tuple[dict, list, dict]:
-    stored = self._latest.item_metadata(step)['state']
-    target = {name: np.empty(x.shape, x.dtype) for name, x in stored.items()}
+  def _read_packed(self, step: int, stored_state: Any, json_items: dict
+                   ) -> tuple[dict, list, dict]:
+    """(flat arrays by dtype, layout, the other items) of a packed latest checkpoint, given its
+    state item's metadata."""
+    target = {name: np.empty(x.shape, x.dtype) for name, x in stored_state.items()}
     out = self._latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), layout=ocp.args.JsonRestore(), **json_items))
     return out['state'], out['layout'], out
