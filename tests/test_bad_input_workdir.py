@@ -21,6 +21,8 @@ from mer_jax.train import checkpointing
 from mer_jax.train import fingerprints
 from mer_jax.train import trainer
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEAD_PID = 2 ** 22 + 1  # beyond Linux's pid range: never a live process
 

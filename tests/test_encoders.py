@@ -13,6 +13,8 @@ from configs import default
 from mer_jax import models
 from mer_jax.models import encoders
 
+pytestmark = pytest.mark.slow
+
 DIMS = {'t': 12, 'a': 10, 'v': 8}
 STAGE_MODALITY = {'teacher': 't', 'audio': 'a', 'visual': 'v'}
 

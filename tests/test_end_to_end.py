@@ -31,6 +31,8 @@ from tests import _tensorboard_events as tb
 from tests._checkpoints import latest_checkpoint
 from tests._checkpoints import latest_steps
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('teacher', 'audio', 'visual', 'fusion')
 METRICS = ('test_weighted_f1', 'test_macro_f1', 'test_accuracy')

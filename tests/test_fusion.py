@@ -14,6 +14,8 @@ from mer_jax import models
 from mer_jax.models import fusion as fusion_lib
 from mer_jax.models import moe as moe_lib
 
+pytestmark = pytest.mark.slow
+
 DIMS = {'t': 12, 'a': 10, 'v': 8}
 _erf = np.vectorize(math.erf)
 

@@ -9,6 +9,8 @@ import pytest
 
 from mer_jax.models import graph as graph_lib
 
+pytestmark = pytest.mark.slow
+
 
 def dialogue_graph(features, present, speakers):
   """One dialogue as a GraphsTuple: temporal edges both ways, same-speaker edges both ways."""

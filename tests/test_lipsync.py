@@ -14,6 +14,8 @@ from mer_jax.losses import lipsync as lipsync_loss
 from mer_jax.models import lipsync as lipsync_model
 from mer_jax.preprocess import lipsync_training as lipsync
 
+pytestmark = pytest.mark.slow
+
 WINDOW = 8
 CROP = 24
 FRAMES = 24  # frames per synthetic clip: 3 windows of 8

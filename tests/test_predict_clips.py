@@ -27,6 +27,8 @@ from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
 from mer_jax.run import corpus  # pylint: disable=g-import-not-at-top
 from mer_jax.run import job  # pylint: disable=g-import-not-at-top
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -37,6 +37,8 @@ from tests._checkpoints import latest_checkpoint
 from tests._checkpoints import latest_steps
 from tests._checkpoints import without_seconds
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
 LR_REDUCE_FACTOR = 0.5

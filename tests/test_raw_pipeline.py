@@ -17,6 +17,8 @@ from mer_jax.data import talking_heads  # pylint: disable=g-import-not-at-top
 from mer_jax.preprocess import clips  # pylint: disable=g-import-not-at-top
 from mer_jax.preprocess import raw  # pylint: disable=g-import-not-at-top
 
+pytestmark = pytest.mark.slow
+
 
 def tiny_config(workdir):
   """configs/raw_demo.py:tiny (the smallest front end), with two worker processes: the path

@@ -22,6 +22,8 @@ from mer_jax import errors
 from mer_jax.experiments import runs
 from mer_jax.experiments import select
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'i', 'am', 'so', 'happy', 'sad', 'angry',
          'ok', 'the', 'what', 'is', 'it', 'you', 'well', 'yes', 'no', '.']

@@ -16,6 +16,8 @@ from mer_jax.data import shards
 from mer_jax.models import sequence
 from tests import test_encoders
 
+pytestmark = pytest.mark.slow
+
 D, H = 12, 5  # test_encoders' text width, a GRU width
 
 

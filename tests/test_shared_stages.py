@@ -19,6 +19,8 @@ from mer_jax.train import cpu_backend
 from mer_jax.train import fingerprints
 from mer_jax.train import shared_stages
 
+pytestmark = pytest.mark.slow
+
 
 def variant(name: str, **overrides):
   config = ablations.apply_variant(default.get_config('tiny'), name)

@@ -18,6 +18,8 @@ import pytest
 from mer_jax.experiments import compare
 from mer_jax.experiments import runs
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ('--config.train.epochs=1', "--config.train.stages=('teacher',)",
              '--config.train.progress_bar=False', '--config.eval.confusion_png=False')

@@ -16,6 +16,8 @@ from mer_jax.data import pipeline
 from mer_jax.train import sharding
 from mer_jax.train import teacher_cache
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):

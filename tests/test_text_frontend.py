@@ -27,6 +27,8 @@ from mer_jax.preprocess import text_features  # pylint: disable=g-import-not-at-
 from mer_jax.preprocess import text_finetune  # pylint: disable=g-import-not-at-top
 from mer_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
+pytestmark = pytest.mark.slow
+
 WORDS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'now', 'feels', 'i', 'am', 'so', 'happy',
          'sad', 'angry', 'ok', 'the', 'a', '.', '!', '?', 'what', 'is', 'it', 'you', 'we', 'they',
          'well', 'really', 'yes', 'no', 'maybe']

@@ -24,6 +24,8 @@ from mer_jax.train import sharding
 from mer_jax.train import steps
 from tests._compiles import CompileRequests
 
+pytestmark = pytest.mark.slow
+
 STAGES = ('teacher', 'audio', 'visual')  # fusion's loop is counted in test_end_to_end.py
 EMA_DECAY = 0.9
 
