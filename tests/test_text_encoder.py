@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-n
 
 from mer_jax.models import hf_checkpoint
 from mer_jax.models import text_transformer as tt  # pylint: disable=g-import-not-at-top
+from mer_jax.train import cpu_backend  # pylint: disable=g-import-not-at-top
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.1,
@@ -95,6 +96,28 @@ def test_parity_on_offline_minilm():
   got = np.asarray(ours(batch['input_ids'], batch['attention_mask'], batch['token_type_ids']))
   valid = batch['attention_mask'].astype(bool)
   assert np.abs(got[valid] - want[valid]).max() < 1e-4
+
+
+def test_forward_with_dots_alone_keeps_parity(tmp_path, monkeypatch):
+  """Feature extraction compiles with `dots_alone_options` (XLA decides by size whether dots fuse
+  with their neighbours, so a tiny model checks the numbers only)."""
+  options = cpu_backend.dots_alone_options()
+  if options is None:
+    pytest.skip('this backend or XLA has no option for dots on their own')
+  folder, ref = save_tiny(tmp_path, 'bert')
+  _, ours = tt.load_hf_checkpoint(folder)
+  graphdef, state = nnx.split(ours)
+  forward = lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)
+  ids, mask, _ = padded_batch(0, token_types=False)
+  alone = jax.jit(forward, compiler_options=options)
+  got = np.asarray(alone(state, ids, mask))
+  with torch.no_grad():
+    want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+  valid = mask.astype(bool)
+  assert np.abs(got[valid] - want.numpy()[valid]).max() < 1e-4
+  # An XLA without the option: no options, and the programs compile as before.
+  monkeypatch.setattr(cpu_backend, 'DOTS_ALONE_OPTIONS', {'xla_cpu_no_such_option': 'x'})
+  assert cpu_backend.dots_alone_options() is None
 
 
 def test_resize_keeps_old_rows_and_outputs(tmp_path):

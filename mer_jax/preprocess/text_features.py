@@ -20,6 +20,7 @@ concatenated, so the feature has hidden_size * len(layers) dimensions):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from mer_jax.models import hf_checkpoint
 from mer_jax.models import text_classifier
 from mer_jax.models import text_transformer
 from mer_jax.preprocess import text_finetune
+from mer_jax.train import cpu_backend
 
 POOLINGS = text_classifier.POOLINGS
 pool = text_classifier.pool
@@ -86,7 +88,7 @@ def make_encode_fn(model: nnx.Module, pooling: str, normalize: bool,
   indices = hidden_state_indices(layers, model.config.num_layers)
   graphdef, state = nnx.split(model)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=cpu_backend.dots_alone_options())
   def encode(state, input_ids, attention_mask, last_index, target_mask):
     encoder = nnx.merge(graphdef, state)
     hidden = encoder(input_ids, attention_mask, train=False, all_hidden_states=True)

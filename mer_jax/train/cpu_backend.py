@@ -14,6 +14,10 @@
   and a warning says so.
 * Fast compiles (`compiler_options`, `train.cpu_fast_compile`): a stage's programs compiled at
   LLVM optimisation level 0, for smoke runs whose wall time is mostly compiling.
+* Dots on their own (`dots_alone_options`): XLA's CPU backend hands each dot to YNNPACK together
+  with the elementwise ops and reductions around it (bias, residual, LayerNorm, GELU), as one
+  fused graph. For a transformer encoder's forward pass the dots run faster alone; its training
+  step does not (both measured in docs/performance.md), so only feature extraction asks for it.
 
 docs/performance.md has the measurements behind both.
 """
@@ -24,10 +28,12 @@ import contextlib
 import contextvars
 import ctypes
 import ctypes.util
+import functools
 import importlib
 import math
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 from jax.interpreters import mlir
 
@@ -114,6 +120,30 @@ def compiler_options(fast_compile: bool) -> dict | None:
   if fast_compile and jax.default_backend() == 'cpu':
     return dict(FAST_COMPILE_OPTIONS)
   return None
+
+
+# XLA's option for a program whose dots go to YNNPACK alone, not fused with elementwise neighbours.
+DOTS_ALONE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def dots_alone_options() -> dict | None:
+  """DOTS_ALONE_OPTIONS where the default backend is the CPU and its XLA knows the (experimental)
+  option, else None."""
+  return dict(DOTS_ALONE_OPTIONS) if _xla_takes(tuple(DOTS_ALONE_OPTIONS.items())) else None
+
+
+@functools.cache
+def _xla_takes(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether the default backend is the CPU and compiles a trivial program with `options`."""
+  if jax.default_backend() != 'cpu':
+    return False
+  try:
+    jax.jit(lambda x: x @ x, compiler_options=dict(options)).lower(
+        jax.ShapeDtypeStruct((2, 2), jnp.float32)).compile()
+  except Exception as error:  # pylint: disable=broad-except
+    logging.info('XLA does not take the compiler options %s (%s)', dict(options), error)
+    return False
+  return True
 
 
 @contextlib.contextmanager
