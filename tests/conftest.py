@@ -13,7 +13,8 @@ the cache's file lock.
 Modules marked `slow` (15 s or more of tests in all on 2 cores) run first. Under
 `-n 2 --dist loadfile` xdist hands each worker a whole module at a time, by default the modules
 with the most tests first; the few-test modules that train whole runs then came last, and one
-worker finished them alone while the other idled. Longest first, both finish together.
+worker finished them alone while the other idled. With them first, the short modules fill in at
+the end.
 """
 
 import os

@@ -19,7 +19,7 @@
   fused graph. For a transformer encoder's forward pass the dots run faster alone; its training
   step does not (both measured in docs/performance.md), so only feature extraction asks for it.
 
-docs/performance.md has the measurements behind both.
+docs/performance.md has the measurements behind each.
 """
 
 from __future__ import annotations
