@@ -4,7 +4,9 @@ on a 4x2 (data x model) mesh of 8 fake CPU devices; prints both results as JSON.
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+# The suite's XLA_FLAGS (tests/conftest.py) are kept.
+os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
+                           + os.environ.get('XLA_FLAGS', ''))
 
 import json  # pylint: disable=g-import-not-at-top
 

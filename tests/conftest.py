@@ -10,6 +10,13 @@ locking unless the cache has a size limit, and a reader in another process could
 half-written entry; a limit (larger than the suite ever fills) makes every read and write take
 the cache's file lock.
 
+Every program the tests compile, in this process and in subprocesses, is compiled with LLVM at
+optimisation level 0 (TEST_XLA_FLAGS): most of the suite's time is XLA compiling small programs
+that then run a few steps, and level 0 takes about a sixth off the suite on 2 cores
+(docs/performance.md). It changes LLVM's code generation only, not XLA's graph optimisations or
+IEEE arithmetic. An XLA_FLAGS that names its own optimisation level is left as it is, e.g.
+`XLA_FLAGS=--xla_backend_optimization_level=2` for a suite compiled at XLA's default.
+
 Modules marked `slow` (15 s or more of tests in all on 2 cores) run first. Under
 `-n 2 --dist loadfile` xdist hands each worker a whole module at a time, by default the modules
 with the most tests first; the few-test modules that train whole runs then came last, and one
@@ -21,10 +28,14 @@ import os
 import sys
 import types
 
-from absl import app
-from absl import flags
-import jax
-import pytest
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 CACHE_LIMIT_BYTES = 8 << 30
 
