@@ -17,6 +17,8 @@ over seeds is configs/sweeps/embedded_ablations.py. Variants:
   scope_batch         graphs over the authors' shuffled minibatches of 16 utterances
   fusion_graph        fusion reads the frozen encoders' graph representations
   fusion_raw          fusion reads the raw features (the authors' choice)
+  two_folds           stacked fusion's encoders cross-fitted on 2 folds of the training
+                      dialogues (default 3): each encoder trains three times instead of four
   loss_ce             plain cross-entropy everywhere (no class weights, poly, focal, smoothing,
                       auxiliary heads or uncertainty weights)
   loss_poly_focal     class-weighted poly-focal loss everywhere, without the fusion loss's
@@ -78,6 +80,8 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     fusion.input = 'graph'
   elif variant == 'fusion_raw':
     fusion.input = 'raw'
+  elif variant == 'two_folds':
+    fusion.stacking_folds = 2
   elif variant == 'loss_ce':
     plain_cross_entropy(c)
   elif variant == 'loss_poly_focal':
@@ -88,7 +92,8 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
 
 
 VARIANTS = ('full', 'no_distill', 'no_cross_attention', 'no_gates', 'moe', *MODALITY_SUBSETS,
-            'scope_batch', 'fusion_graph', 'fusion_raw', 'loss_ce', 'loss_poly_focal')
+            'scope_batch', 'fusion_graph', 'fusion_raw', 'two_folds', 'loss_ce',
+            'loss_poly_focal')
 
 
 def split_arg(arg) -> tuple[str, str | None]:

@@ -175,6 +175,7 @@ def test_every_ablation_is_a_valid_config_that_changes_what_it_names():
       't+v': {'data.modalities': ('t', 'v'), 'train.stages': ('teacher', 'visual', 'fusion')},
       'scope_batch': {'graph.scope': 'batch'},
       'fusion_raw': {'model.fusion.input': 'raw'},
+      'two_folds': {'model.fusion.stacking_folds': 2},
       'loss_ce': {'loss.class_weights': 'none', 'loss.poly_alpha': 0.0,
                   'loss.main_focal_share': 0.0, 'loss.use_uncertainty': False},
   }
