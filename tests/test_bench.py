@@ -79,12 +79,13 @@ def test_projected_minutes_by_hand():
       {'stage': 'visual', 'moe': False, 'utterances_per_step': 40.0, 'step_ms': 5.0},
       {'stage': 'fusion', 'moe': False, 'utterances_per_step': 40.0, 'step_ms': 10.0},
       {'stage': 'fusion(graph)', 'moe': False, 'utterances_per_step': 40.0, 'step_ms': 30.0},
+      {'stage': 'fusion(raw)', 'moe': False, 'utterances_per_step': 40.0, 'step_ms': 12.0},
       {'stage': 'fusion', 'moe': True, 'utterances_per_step': 40.0, 'step_ms': 99.0},
   ]
   steps = 30 * 9989 / 40  # 30 epochs of MELD's training utterances at 40 a step
   minutes = lambda ms: steps * ms / 1e3 / 60
   got = bench.projected_minutes(rows, use_moe=False, folds=3)
-  assert got['authors'] == pytest.approx(minutes(20 + 5 + 5 + 30))
+  assert got['authors'] == pytest.approx(minutes(20 + 5 + 5 + 12))
   assert got['default'] == pytest.approx(minutes(3 * (20 + 5 + 5) + 10))
 
 
