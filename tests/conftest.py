@@ -14,8 +14,8 @@ Every program the tests compile, in this process and in subprocesses, is compile
 optimisation level 0 (TEST_XLA_FLAGS): most of the suite's time is XLA compiling small programs
 that then run a few steps, and level 0 takes about a sixth off the suite on 2 cores
 (docs/performance.md). It changes LLVM's code generation only, not XLA's graph optimisations or
-IEEE arithmetic. An XLA_FLAGS that names its own optimisation level is left as it is, e.g.
-`XLA_FLAGS=--xla_backend_optimization_level=2` for a suite compiled at XLA's default.
+IEEE arithmetic. An XLA_FLAGS that names its own `--xla_backend_optimization_level` is left as it
+is: that is how to run the suite at another level.
 
 Modules marked `slow` (15 s or more of tests in all on 2 cores) run first. Under
 `-n 2 --dist loadfile` xdist hands each worker a whole module at a time, by default the modules

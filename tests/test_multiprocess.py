@@ -27,7 +27,8 @@ def free_port() -> int:
 
 def env(cache, devices: int):
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', OMP_NUM_THREADS='1',
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {os.environ.get('XLA_FLAGS', '')}",
+              XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
+                         + os.environ.get('XLA_FLAGS', '')),  # keeps the suite's (conftest.py)
               JAX_COMPILATION_CACHE_DIR=str(cache))
 
 
