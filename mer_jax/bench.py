@@ -312,12 +312,11 @@ def parameter_update(run) -> dict:
 
 def stacked_context(ctx, trained):
   """The fusion stage's context under stacking, from the benchmark's (briefly trained) encoders."""
-  config = ctx.config.copy_and_resolve_references()
-  config.model.fusion.input = 'stacked'
+  ctx = with_fusion_input(ctx, 'stacked')
   train = sources.InMemorySource(stacking.stacked_records(
-      ctx.data.train, stacking.encoder_log_probs(ctx.data.train, trained, config, ctx.mesh)))
-  data = dataclasses.replace(ctx.data, train=train, dev=train, test=train)
-  return dataclasses.replace(ctx, config=config, data=data)
+      ctx.data.train, stacking.encoder_log_probs(ctx.data.train, trained, ctx.config, ctx.mesh)))
+  return dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, train=train, dev=train,
+                                                           test=train))
 
 
 def equal_batch_budget(lengths, utterances: float, max_nodes: int, max_graphs: int, *,
@@ -449,18 +448,15 @@ def main(argv):
       # Fusion as it trains by default (stacked: inputs are the encoders' log-probabilities),
       # with the frozen encoders run inside every step (input 'graph') and on the raw features
       # (input 'raw', as the authors' fusion reads them).
-      stacked = stacked_context(ctx, trained)
-      raw = with_fusion_input(ctx, 'raw')
-      benches.append(prepare_stage('fusion', stacked, {}, steps, 'fusion', use_moe))
-      benches.append(prepare_stage('fusion', ctx, trained, steps, 'fusion(graph)', use_moe))
-      benches.append(prepare_stage('fusion', raw, {}, steps, 'fusion(raw)', use_moe))
-      if equal is not None:
-        benches.append(prepare_stage('fusion', equal.apply(stacked), {}, steps, 'fusion', use_moe,
-                                     batch=equal.tag))
-        benches.append(prepare_stage('fusion', equal.apply(ctx), dict(trained), steps,
-                                     'fusion(graph)', use_moe, batch=equal.tag))
-        benches.append(prepare_stage('fusion', equal.apply(raw), {}, steps, 'fusion(raw)',
-                                     use_moe, batch=equal.tag))
+      fusions = ((stacked_context(ctx, trained), {}, 'fusion'),
+                 (ctx, trained, 'fusion(graph)'),
+                 (with_fusion_input(ctx, 'raw'), {}, 'fusion(raw)'))
+      for fusion_ctx, frozen, label in fusions:
+        # A copy of the frozen models: prepare_stage adds the fusion's own to what it is given.
+        benches.append(prepare_stage('fusion', fusion_ctx, dict(frozen), steps, label, use_moe))
+        if equal is not None:
+          benches.append(prepare_stage('fusion', equal.apply(fusion_ctx), dict(frozen), steps,
+                                       label, use_moe, batch=equal.tag))
     folds = config.model.fusion.stacking_folds
     # Rounds over every stage in turn, so that a slow spell of this shared machine falls on all
     # of them rather than on one; each number below is a median over all rounds.

@@ -4,9 +4,9 @@ on a 4x2 (data x model) mesh of 8 fake CPU devices; prints both results as JSON.
 import os
 import sys
 
-# The suite's XLA_FLAGS (tests/conftest.py) are kept.
-os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
-                           + os.environ.get('XLA_FLAGS', ''))
+from tests import _xla_flags
+
+os.environ['XLA_FLAGS'] = _xla_flags.with_host_devices(8)
 
 import json  # pylint: disable=g-import-not-at-top
 

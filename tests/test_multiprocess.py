@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mer_jax.experiments import runs
+from tests import _xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +28,7 @@ def free_port() -> int:
 
 def env(cache, devices: int):
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', OMP_NUM_THREADS='1',
-              XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
-                         + os.environ.get('XLA_FLAGS', '')),  # keeps the suite's (conftest.py)
+              XLA_FLAGS=_xla_flags.with_host_devices(devices),
               JAX_COMPILATION_CACHE_DIR=str(cache))
 
 
